@@ -1,0 +1,22 @@
+# One entry point per job; each script installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+DJANGO ?= Django>=5.2,<6.0
+export PYTHON VENV DJANGO
+
+.PHONY: test demo bench lint reliability
+
+test:            ## install memcached + deps, then run the whole suite
+	bash scripts/test.sh $(PYTEST_ARGS)
+
+demo:            ## run the example site against real memcached and print what it shows
+	bash scripts/demo.sh
+
+bench:           ## benchmarks side by side with Django's PyMemcacheCache
+	bash scripts/bench.sh $(BENCH_ARGS)
+
+lint:            ## ruff + mypy on the package
+	bash scripts/setup-env.sh >/dev/null
+	$(VENV)/bin/ruff check django_ocmemcache tests bench example_project
+	$(VENV)/bin/ruff format --check django_ocmemcache
+	$(VENV)/bin/mypy django_ocmemcache

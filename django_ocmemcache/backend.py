@@ -1,0 +1,462 @@
+"""``OCMemcacheCache``: Django's cache API over pymemcache, observable and safe.
+
+Configured like Django's ``PyMemcacheCache`` (``LOCATION``, ``TIMEOUT``,
+``KEY_PREFIX``, ``VERSION``, ``KEY_FUNCTION``, lowercase ``OPTIONS`` passed to
+pymemcache) and storing values byte for byte the same way, so a site can switch
+``BACKEND`` either way and keep its warm cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.exceptions import ImproperlyConfigured
+from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
+
+from . import keys
+from .client import ClientPool, get_pool, parse_location
+from .conf import BackendOptions
+from .errors import ErrorPolicy
+from .serializers import load_serde
+
+logger = logging.getLogger("django_ocmemcache")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: memcached reads an ``exptime`` over 30 days as a Unix timestamp
+#: (protocol.txt, "Expiration times").
+MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
+
+_MISSING = object()
+
+
+class _CallState(threading.local):
+    """What the outermost cache call on this thread has seen so far."""
+
+    depth = 0
+    hits = 0
+    misses = 0
+    error: BaseException | None = None
+
+
+_state = _CallState()
+
+
+def operation(
+    name: str, on_failure: Callable[..., Any] | None = None
+) -> Callable[[F], F]:
+    """Mark a public cache method: one telemetry span for the outermost call,
+    and the ``IGNORE_EXCEPTIONS`` policy at every depth.
+
+    ``on_failure(self, *args, **kwargs)`` gives the method's result when an I/O
+    failure is ignored (``None`` when the method has nothing to return).
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
+            st = _state
+            if st.depth:
+                st.depth += 1
+                try:
+                    return fn(self, *args, **kwargs)
+                except Exception as exc:
+                    return self._errors.handle(
+                        name, exc, on_failure, self, args, kwargs
+                    )
+                finally:
+                    st.depth -= 1
+            st.depth = 1
+            st.hits = st.misses = 0
+            st.error = None
+            call = self._telemetry.start(self, name) if self._telemetry else None
+            try:
+                try:
+                    result = fn(self, *args, **kwargs)
+                except Exception as exc:
+                    result = self._errors.handle(
+                        name, exc, on_failure, self, args, kwargs
+                    )
+            except BaseException as exc:
+                if call is not None:
+                    call.finish(st, exc)
+                raise
+            else:
+                if call is not None:
+                    call.finish(st, st.error)
+                return result
+            finally:
+                st.depth = 0
+
+        wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _default_arg(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
+    return kw.get("default", default)
+
+
+def _false(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def _empty_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    return {}
+
+
+def _all_keys_failed(self: Any, data: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    return list(data)
+
+
+def _missing_key(self: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+    raise ValueError(f"Key {key!r} not found (memcached unavailable)")
+
+
+def _gets_miss(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
+    return (kw.get("default", default), None)
+
+
+def _get_or_set_miss(self: Any, key: Any, default: Any, *a: Any, **kw: Any) -> Any:
+    return default() if callable(default) else default
+
+
+def _is_too_large(exc: MemcacheServerError) -> bool:
+    # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
+    return "too large" in str(exc)
+
+
+class OCMemcacheCache(BaseCache):
+    """A Django cache backend for memcached with tracing, metrics and failure policy.
+
+    ``server`` is Django's ``LOCATION``: a string of servers joined by ``;`` or
+    ``,`` (``"127.0.0.1:11211"``, ``"unix:/path"``, ``"[::1]:11211"``) or a list.
+    ``params`` is the rest of the ``CACHES`` entry. Raises
+    ``ImproperlyConfigured`` naming the setting at fault.
+    """
+
+    def __init__(self, server: Any, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        self._options = BackendOptions.from_params(params)
+        self._servers = parse_location(server)
+        kwargs = dict(self._options.client_kwargs)
+        if "serde" in kwargs and self._options.serializer is not None:
+            raise ImproperlyConfigured(
+                "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
+            )
+        kwargs.setdefault("serde", load_serde(self._options.serializer))
+        self._pool: ClientPool = get_pool(self._servers, kwargs)
+        self._errors = ErrorPolicy(self._options.ignore_exceptions)
+        self._telemetry = self._load_telemetry()
+
+    def _load_telemetry(self) -> Any:
+        """The telemetry hook (``start(cache, method) -> call``), or ``None``."""
+        return None
+
+    # -- helpers -----------------------------------------------------------
+
+    @property
+    def client_servers(self) -> list[Any]:
+        """The parsed servers of ``LOCATION`` (tuples, or unix socket paths)."""
+        return list(self._servers)
+
+    def _client(self) -> Any:
+        return self._pool.client()
+
+    def _key(self, key: Any, version: int | None) -> bytes:
+        return keys.encode_key(self.make_key(key, version=version))
+
+    def _lookups(self, hits: int, misses: int) -> None:
+        st = _state
+        st.hits += hits
+        st.misses += misses
+        pool = self._pool
+        pool.hits += hits
+        pool.misses += misses
+
+    def validate_key(self, key: Any) -> None:
+        """Raise ``InvalidCacheKey`` unless ``key`` is a valid memcached key.
+
+        Stricter than Django: the 250 limit counts UTF-8 bytes, not characters.
+        """
+        keys.validate_key(key)
+
+    def get_backend_timeout(self, timeout: Any = DEFAULT_TIMEOUT) -> int:
+        """Translate a Django timeout (seconds) into memcached's ``exptime``.
+
+        ``None`` never expires (0), ``0`` expires at once (-1), and anything over
+        30 days becomes an absolute Unix time, as memcached requires.
+        """
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return 0  # memcached: 0 means never expire
+        if int(timeout) == 0:
+            return -1  # Django: 0 means expire now; memcached needs a negative
+        if timeout > MAX_RELATIVE_EXPTIME:
+            timeout += int(time.time())
+        return int(timeout)
+
+    # -- Django's BaseCache API --------------------------------------------
+
+    @operation("add", _false)
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        """Store ``value`` only if ``key`` is absent; return True if stored."""
+        key = self._key(key, version)
+        try:
+            return bool(
+                self._client().add(key, value, self.get_backend_timeout(timeout))
+            )
+        except MemcacheServerError as exc:
+            if _is_too_large(exc):
+                return False
+            raise
+
+    @operation("get", _default_arg)
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        """Return the value for ``key``, or ``default`` on a miss (None is a value)."""
+        value = self._client().get(self._key(key, version), _MISSING)
+        if value is _MISSING:
+            self._lookups(0, 1)
+            return default
+        self._lookups(1, 0)
+        return value
+
+    @operation("set")
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> None:
+        """Store ``value``; if the server refuses it, the old value is deleted."""
+        key = self._key(key, version)
+        client = self._client()
+        try:
+            stored = client.set(key, value, self.get_backend_timeout(timeout))
+        except MemcacheServerError as exc:
+            if not _is_too_large(exc):
+                raise
+            stored = False
+        if not stored:
+            # Make sure the key doesn't keep its old value when the server refuses
+            # the new one (memcached's 1 MB item size limit).
+            client.delete(key)
+
+    @operation("touch", _false)
+    def touch(
+        self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> bool:
+        """Set a new expiration for ``key``; return True if the key existed."""
+        key = self._key(key, version)
+        return bool(self._client().touch(key, self.get_backend_timeout(timeout)))
+
+    @operation("delete", _false)
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        """Delete ``key``; return True if it existed."""
+        return bool(self._client().delete(self._key(key, version)))
+
+    @operation("get_many", _empty_dict)
+    def get_many(
+        self, keys: Iterable[Any], version: int | None = None
+    ) -> dict[Any, Any]:
+        """Return ``{key: value}`` for the keys found; missing keys are left out."""
+        key_map = {self._key(k, version): k for k in keys}
+        found = self._client().get_many(list(key_map)) if key_map else {}
+        self._lookups(len(found), len(key_map) - len(found))
+        return {key_map[k]: v for k, v in found.items()}
+
+    @operation("set_many", _all_keys_failed)
+    def set_many(
+        self,
+        data: dict[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> list[Any]:
+        """Store every item; return the list of keys that could not be stored."""
+        safe = {self._key(k, version): (k, v) for k, v in data.items()}
+        if not safe:
+            return []
+        exptime = self.get_backend_timeout(timeout)
+        values = {k: v for k, (_, v) in safe.items()}
+        try:
+            failed = self._client().set_many(values, exptime)
+        except MemcacheServerError as exc:
+            if not _is_too_large(exc):
+                raise
+            failed = [k for k, v in values.items() if not self._set_one(k, v, exptime)]
+        return [safe[k][0] for k in failed]
+
+    def _set_one(self, key: bytes, value: Any, exptime: int) -> bool:
+        client = self._client()
+        try:
+            if client.set(key, value, exptime):
+                return True
+        except MemcacheServerError as exc:
+            if not _is_too_large(exc):
+                raise
+        client.delete(key)
+        return False
+
+    @operation("delete_many")
+    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        """Delete every key in ``keys``."""
+        wire_keys = [self._key(k, version) for k in keys]
+        if wire_keys:
+            self._client().delete_many(wire_keys)
+
+    @operation("incr", _missing_key)
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Add ``delta`` atomically on the server; return the new value.
+
+        Raises ``ValueError`` if the key does not exist or does not hold a number.
+        memcached does not go below 0: ``decr`` past zero gives 0.
+        """
+        wire_key = self._key(key, version)
+        client = self._client()
+        try:
+            if delta < 0:
+                value = client.decr(wire_key, -delta)  # memcached has no negative delta
+            else:
+                value = client.incr(wire_key, delta)
+        except MemcacheClientError as exc:
+            raise ValueError(f"Cannot increment key {key!r}: {exc}") from None
+        if value is None:
+            raise ValueError(f"Key {key!r} not found")
+        return int(value)
+
+    @operation("decr", _missing_key)
+    def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Subtract ``delta`` atomically on the server; see ``incr``."""
+        return self.incr(key, -delta, version=version)
+
+    @operation("get_or_set", _get_or_set_miss)
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Any:
+        """Return the cached value, or store and return ``default`` (or its result)."""
+        return super().get_or_set(key, default, timeout=timeout, version=version)
+
+    @operation("has_key", _false)
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        """Return True if ``key`` is in the cache (a cached None counts)."""
+        return self.get(key, _MISSING, version=version) is not _MISSING
+
+    @operation("incr_version")
+    def incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Move ``key`` to ``version + delta``; raise ValueError if it is missing."""
+        return super().incr_version(key, delta, version)
+
+    @operation("decr_version")
+    def decr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Move ``key`` to ``version - delta``; raise ValueError if it is missing."""
+        return super().decr_version(key, delta, version)
+
+    @operation("clear")
+    def clear(self) -> None:
+        """Flush every item on every server (memcached ``flush_all``), all prefixes."""
+        self._client().flush_all()
+
+    def close(self, **kwargs: Any) -> None:
+        """Django calls this on ``request_finished``.
+
+        Connections persist across requests by default; with
+        ``OPTIONS["PERSISTENT_CONNECTIONS"] = False`` this thread's connections
+        are closed, as Django's ``PyMemcacheCache`` does.
+        """
+        if not self._options.persistent_connections:
+            self._pool.disconnect()
+
+    def disconnect_all(self) -> None:
+        """Close this thread's connections now (they reopen on next use)."""
+        self._pool.disconnect()
+
+    # -- beyond Django's API ------------------------------------------------
+
+    @operation("gets", _gets_miss)
+    def gets(
+        self, key: Any, default: Any = None, version: int | None = None
+    ) -> tuple[Any, Any]:
+        """Return ``(value, cas_token)``, or ``(default, None)`` on a miss.
+
+        Pass the token to ``cas()`` to store only if nobody changed the key since.
+        """
+        value, token = self._client().gets(self._key(key, version), _MISSING, None)
+        if value is _MISSING:
+            self._lookups(0, 1)
+            return default, None
+        self._lookups(1, 0)
+        return value, token
+
+    @operation("cas", _false)
+    def cas(
+        self,
+        key: Any,
+        value: Any,
+        cas_token: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        """Store ``value`` only if ``key`` is unchanged since ``gets`` gave the token.
+
+        Return True if stored; False if the key changed or vanished meanwhile
+        (memcached ``EXISTS`` / ``NOT_FOUND``), or if ``cas_token`` is None.
+        """
+        if cas_token is None:
+            return False
+        key = self._key(key, version)
+        exptime = self.get_backend_timeout(timeout)
+        return bool(self._client().cas(key, value, cas_token, exptime))
+
+    def get_stats(self) -> dict[str, Any]:
+        """Return memcached statistics per server plus this process's lookups.
+
+        Shape: ``{"servers": {"host:port": {stat: value, ...} | {"error": str}},
+        "totals": {stat: sum}, "process": {"hits": int, "misses": int}}``.
+        Per-server stats are memcached's ``stats`` (``get_hits``,
+        ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
+        """
+        servers: dict[str, dict[str, Any]] = {}
+        for name, client in self._pool.server_clients().items():
+            try:
+                raw = client.stats()
+            except Exception as exc:  # one dead server must not hide the others
+                servers[name] = {"error": type(exc).__name__}
+                continue
+            servers[name] = {
+                (k.decode() if isinstance(k, bytes) else k): (
+                    v.decode() if isinstance(v, bytes) else v
+                )
+                for k, v in raw.items()
+            }
+        totals: dict[str, Any] = {}
+        for field in ("get_hits", "get_misses", "curr_items", "bytes", "evictions",
+                      "cmd_get", "cmd_set", "curr_connections"):  # fmt: skip
+            values = [
+                s[field] for s in servers.values() if isinstance(s.get(field), int)
+            ]
+            totals[field] = sum(values)
+        pool = self._pool
+        return {
+            "servers": servers,
+            "totals": totals,
+            "process": {"hits": pool.hits, "misses": pool.misses},
+        }

@@ -1,0 +1,211 @@
+"""Building pymemcache clients from ``LOCATION`` and keeping them per process.
+
+Django's ``PyMemcacheCache`` builds a ``HashClient`` per backend instance (one
+per thread) and disconnects it on every ``request_finished``, so each request
+opens new sockets. Here a process-wide registry holds one ``ClientPool`` per
+(servers, client arguments); each pool keeps one pymemcache client per thread
+(pymemcache clients are not thread-safe, ``HashClient`` included), reused
+across requests. After ``os.fork()`` (gunicorn ``--preload``) the child drops
+every client it inherited without touching its sockets, so parent and child
+never share a connection.
+
+A single server gets a plain ``pymemcache.Client``: no rendezvous hashing per
+key, which Django pays for even with one server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from pymemcache.client.base import Client
+from pymemcache.client.hash import HashClient
+
+#: ``(host, port)`` for TCP, a filesystem path for a unix socket.
+ServerSpec = tuple[str, int] | str
+
+#: ``HashClient`` arguments a plain ``Client`` does not take.
+HASH_ONLY_KWARGS = frozenset(
+    {
+        "hasher",
+        "max_pool_size",
+        "pool_idle_timeout",
+        "lock_generator",
+        "retry_attempts",
+        "retry_timeout",
+        "dead_timeout",
+        "use_pooling",
+    }
+)
+
+_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>\d+))?$")
+
+
+def parse_server(spec: Any) -> ServerSpec:
+    """Parse one server of ``LOCATION``.
+
+    Accepts ``"host:port"``, ``"host"`` (port 11211), ``"[::1]:11211"``,
+    ``"unix:/path"``, ``"/path"`` or a ``(host, port)`` tuple. Raises
+    ``ImproperlyConfigured`` naming the entry when it cannot be parsed.
+    """
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        host, port = spec
+        return (str(host), _port(port, spec))
+    if not isinstance(spec, str) or not spec.strip():
+        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
+    text = spec.strip()
+    if text.startswith("unix:"):
+        return text[5:]
+    if text.startswith("/"):
+        return text
+    m = _IPV6.match(text)
+    if m:
+        return (m["host"], _port(m["port"] or 11211, spec))
+    if text.count(":") > 1:
+        raise ImproperlyConfigured(
+            f"Invalid memcached server in LOCATION: {spec!r} "
+            "(write IPv6 addresses as [::1]:11211)"
+        )
+    host, _, port = text.partition(":")
+    if not host:
+        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
+    return (host, _port(port or 11211, spec))
+
+
+def _port(value: Any, spec: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 < port < 65536:
+        raise ImproperlyConfigured(
+            f"Invalid port in memcached LOCATION entry {spec!r}: {value!r}"
+        )
+    return port
+
+
+def parse_location(location: Any) -> list[ServerSpec]:
+    """Parse ``LOCATION``: a string (servers joined by ``;`` or ``,``) or a list.
+
+    Raises ``ImproperlyConfigured`` when no server is given or one is invalid.
+    """
+    if isinstance(location, str):
+        entries: Iterable[Any] = [p for p in re.split("[;,]", location) if p.strip()]
+    elif isinstance(location, (list, tuple)):
+        entries = location
+    else:
+        raise ImproperlyConfigured(
+            f"memcached LOCATION must be a string or a list, not {location!r}"
+        )
+    servers = [parse_server(entry) for entry in entries]
+    if not servers:
+        raise ImproperlyConfigured("memcached LOCATION names no server")
+    return servers
+
+
+def server_name(server: ServerSpec) -> str:
+    """``"host:port"`` (``"[v6]:port"``) or ``"unix:/path"`` for display and stats."""
+    if isinstance(server, tuple):
+        host, port = server
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{server}"
+
+
+class ClientPool:
+    """Per-thread pymemcache clients for one set of servers, shared process-wide.
+
+    ``client()`` returns this thread's client, creating it on first use. The
+    counters (``hits``, ``misses``) are this process's lookups through the pool.
+    """
+
+    def __init__(self, servers: Sequence[ServerSpec], client_kwargs: dict[str, Any]):
+        self.servers = list(servers)
+        self.client_kwargs = dict(client_kwargs)
+        self.hits = 0
+        self.misses = 0
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    def client(self) -> Any:
+        """Return this thread's client (``Client`` or ``HashClient``)."""
+        try:
+            return self._local.client
+        except AttributeError:
+            client = self._local.client = self._build()
+            return client
+
+    def _build(self) -> Any:
+        kwargs = self.client_kwargs
+        if len(self.servers) == 1:
+            single = {k: v for k, v in kwargs.items() if k not in HASH_ONLY_KWARGS}
+            return Client(self.servers[0], **single)
+        return HashClient(self.servers, **kwargs)
+
+    def server_clients(self) -> dict[str, Client]:
+        """This thread's per-server ``Client`` objects, by ``server_name``."""
+        client = self.client()
+        if isinstance(client, HashClient):
+            # HashClient keys its clients "host:port" (or the socket path).
+            by_key = {client._make_client_key(s): s for s in self.servers}
+            return {server_name(by_key[k]): c for k, c in client.clients.items()}
+        return {server_name(self.servers[0]): client}
+
+    def disconnect(self) -> None:
+        """Close this thread's connections (they reopen on next use)."""
+        client = self._local.__dict__.pop("client", None)
+        if client is not None:
+            client.close()
+
+    def _after_fork_in_child(self) -> None:
+        # Drop inherited clients without closing or writing to their sockets:
+        # the parent still owns those connections.
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self.hits = self.misses = 0
+
+
+_registry: dict[Any, ClientPool] = {}
+_registry_lock = threading.Lock()
+_all_pools: weakref.WeakSet[ClientPool] = weakref.WeakSet()
+
+
+def _freeze(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def get_pool(
+    servers: Sequence[ServerSpec], client_kwargs: dict[str, Any]
+) -> ClientPool:
+    """Return the process-wide pool for these servers and arguments."""
+    key = (
+        tuple(servers),
+        tuple(sorted((k, _freeze(v)) for k, v in client_kwargs.items())),
+    )
+    pool = _registry.get(key)
+    if pool is None:
+        with _registry_lock:
+            pool = _registry.get(key)
+            if pool is None:
+                pool = _registry[key] = ClientPool(servers, client_kwargs)
+                _all_pools.add(pool)
+    return pool
+
+
+def _reset_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()  # another parent thread may have held it
+    for pool in list(_all_pools):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,19 @@
+"""The few exception classes of django-ocmemcache.
+
+Bad keys raise Django's own ``InvalidCacheKey`` (re-exported here), so code that
+catches it keeps working when switching from Django's memcached backend.
+"""
+
+from __future__ import annotations
+
+from django.core.cache.backends.base import InvalidCacheKey
+
+__all__ = ["InvalidCacheKey", "OCMemcacheError", "ServerUnavailable"]
+
+
+class OCMemcacheError(Exception):
+    """Raised when django-ocmemcache itself fails (base of the classes below)."""
+
+
+class ServerUnavailable(OCMemcacheError, ConnectionError):
+    """Raised when no memcached server can be reached for an operation."""

@@ -1,0 +1,67 @@
+"""Wire-key rules for memcached's text protocol.
+
+A key is at most 250 bytes and has no control characters or spaces (memcached
+``protocol.txt``: "the key must not include control characters or whitespace",
+``KEY_MAX_LENGTH 250``). Django checks the length in *characters*, so a key of
+200 x "é" (400 bytes) passes Django's check and then fails inside pymemcache
+with another exception type; here the length is counted in UTF-8 bytes after
+``KEY_PREFIX`` and version are applied, and every bad key raises Django's
+``InvalidCacheKey`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import re
+
+from django.core.cache.backends.base import InvalidCacheKey
+
+#: memcached's limit on a key, in bytes (``KEY_MAX_LENGTH`` in memcached.h).
+MEMCACHE_MAX_KEY_BYTES = 250
+
+# Bytes memcached's text protocol cannot carry inside a key: C0 controls, space,
+# DEL. (UTF-8 continuation bytes are >= 0x80, so multibyte characters are fine.)
+_BAD_BYTE = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def encode_key(key: object) -> bytes:
+    """Return ``key`` as the bytes memcached will see, or raise ``InvalidCacheKey``.
+
+    ``key`` is the full key (after ``make_key``): a ``str`` (UTF-8 encoded) or
+    ``bytes``. Raises ``InvalidCacheKey`` (a ``ValueError``) naming the problem
+    for a key of another type, one that cannot be encoded (lone surrogates), one
+    longer than 250 bytes, or one containing a control character or space.
+    """
+    if type(key) is str:
+        try:
+            raw = key.encode()
+        except UnicodeEncodeError:
+            raise InvalidCacheKey(
+                f"Cache key {key!r} cannot be encoded as UTF-8 for memcached"
+            ) from None
+    elif isinstance(key, bytes):
+        raw = key
+    elif isinstance(key, str):
+        return encode_key(str(key))
+    else:
+        raise InvalidCacheKey(
+            f"Cache key must be str or bytes, not {type(key).__name__}: {key!r}"
+        )
+    if not raw:
+        raise InvalidCacheKey("Cache key is empty; memcached needs at least one byte")
+    if len(raw) > MEMCACHE_MAX_KEY_BYTES:
+        raise InvalidCacheKey(
+            f"Cache key will cause errors if used with memcached: {key!r} is "
+            f"{len(raw)} bytes in UTF-8 (max {MEMCACHE_MAX_KEY_BYTES})"
+        )
+    bad = _BAD_BYTE.search(raw)
+    if bad is not None:
+        raise InvalidCacheKey(
+            "Cache key contains characters that will cause errors if used with "
+            f"memcached: {key!r} (byte {bad.group()!r} at offset {bad.start()})"
+        )
+    return raw
+
+
+def validate_key(key: object) -> None:
+    """Raise ``InvalidCacheKey`` if ``key`` is not a valid memcached key."""
+    encode_key(key)

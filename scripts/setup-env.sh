@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Make the machine ready to run the project: memcached (from apt when missing and
+# we are root), a virtualenv at $VENV with $PYTHON, and the package + test deps.
+# Idempotent: a second run only checks. Prints the venv's python path last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+DJANGO=${DJANGO:-Django>=5.2,<6.0}
+
+if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing memcached from apt" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends memcached >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends memcached >/dev/null; }
+  else
+    echo "setup: memcached is not installed; run: sudo apt-get install memcached" >&2
+  fi
+fi
+
+stamp="$VENV/.ocmemcache-installed"
+want="$($PYTHON --version 2>&1) | $DJANGO | $(cat setup.cfg | md5sum | cut -c1-12)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating $VENV with $($PYTHON --version 2>&1) and $DJANGO" >&2
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install -q -e ".[test,dev,zipkin]" "$DJANGO" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+  "$VENV/bin/python" -c "import django, pymemcache, pytest" \
+    || { echo "setup: dependency install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+echo "$VENV/bin/python"
