@@ -170,8 +170,12 @@ class OCMemcacheCache(BaseCache):
     def _client(self) -> Any:
         return self._pool.client()
 
-    def _key(self, key: Any, version: int | None) -> bytes:
-        return keys.encode_key(self.make_key(key, version=version))
+    def _key(self, key: Any, version: int | None) -> Any:
+        full = self.make_key(key, version=version)
+        keys.encode_key(full)  # raises InvalidCacheKey
+        # The key as Django's backend passes it: HashClient hashes the key
+        # object (f"{node}-{key}"), so bytes would pick other servers.
+        return full
 
     def _lookups(self, hits: int, misses: int) -> None:
         st = _state
