@@ -1,0 +1,161 @@
+"""The contenders: what a Django site could put behind ``caches["default"]``.
+
+Each contender is measured on the same servers, keys and values in the same run:
+
+- ``raw``: a bare pymemcache ``Client`` (``HashClient`` on several servers),
+  with the options Django passes (pickle serde, replies on); no Django on the
+  path. The floor for a Python client.
+- ``django``: Django's ``PyMemcacheCache`` as configured by default.
+- ``ours``: ``OCMemcacheCache`` with telemetry off.
+- ``ours+metrics``: metrics recorded on every call, spans not sampled.
+- ``ours+spans``: metrics, and every span sampled into an in-memory exporter.
+
+The two telemetry contenders exist only when ``django_ocmemcache.telemetry``
+does; without it they are left out with a note (see ``telemetry_specs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+OUR_BACKEND = "django_ocmemcache.backend.OCMemcacheCache"
+DJANGO_BACKEND = "django.core.cache.backends.memcached.PyMemcacheCache"
+
+#: Server counts every contender gets a cache for.
+SERVER_COUNTS = (1, 3)
+
+
+@dataclass
+class Contender:
+    """One column of the table.
+
+    ``options`` go into the alias' ``CACHES[...]["OPTIONS"]``; ``middleware``
+    is the ``MIDDLEWARE`` of this contender's WSGI handler; ``context()`` is
+    entered around every timed batch (for example to put a tracer in place).
+    """
+
+    name: str
+    kind: str  # "raw" | "django" | "ours"
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+    middleware: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = (
+        contextlib.nullcontext
+    )
+    #: Cache objects (or raw clients) by server count, filled by ``resolve``.
+    caches: dict[int, Any] = field(default_factory=dict)
+
+    def alias(self, servers: int) -> str:
+        return f"{self.name}-{servers}"
+
+    def cache(self, servers: int = 1) -> Any:
+        return self.caches[servers]
+
+
+def telemetry_available() -> bool:
+    return importlib.util.find_spec("django_ocmemcache.telemetry") is not None
+
+
+def warmup_available() -> bool:
+    return importlib.util.find_spec("django_ocmemcache.warmup") is not None
+
+
+def base_specs() -> list[Contender]:
+    return [
+        Contender("raw", "raw", "raw Client"),
+        Contender("django", "django", "Django PyMemcacheCache"),
+        Contender("ours", "ours", "ours, telemetry off"),
+    ]
+
+
+def telemetry_specs() -> tuple[list[Contender], str | None]:
+    """The telemetry contenders, or ``([], why they are missing)``."""
+    if not telemetry_available():
+        return [], (
+            "django_ocmemcache.telemetry is not on this branch: the 'metrics on, "
+            "spans unsampled' and 'every span sampled' contenders are skipped"
+        )
+    from bench import telemetry_setup
+
+    return telemetry_setup.contenders(), None
+
+
+def all_specs(with_telemetry: bool = True) -> tuple[list[Contender], list[str]]:
+    specs = base_specs()
+    notes: list[str] = []
+    if with_telemetry:
+        extra, note = telemetry_specs()
+        specs += extra
+        if note:
+            notes.append(note)
+    return specs, notes
+
+
+def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
+    """``CACHES`` with one alias per (Django-backed contender, server count)."""
+    caches: dict[str, Any] = {
+        "default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}
+    }
+    for spec in specs:
+        if spec.kind == "raw":
+            continue
+        backend = DJANGO_BACKEND if spec.kind == "django" else OUR_BACKEND
+        for n in SERVER_COUNTS:
+            caches[spec.alias(n)] = {
+                "BACKEND": backend,
+                "LOCATION": locations[n],
+                "TIMEOUT": 300,
+                "OPTIONS": dict(spec.options),
+            }
+    return caches
+
+
+def raw_client(location: str) -> Any:
+    """pymemcache's own client for ``location``, as a user would build it."""
+    from pymemcache.client.base import Client
+    from pymemcache.client.hash import HashClient
+    from pymemcache.serde import pickle_serde
+
+    # The options Django's PyMemcacheCache passes (pymemcache's own default
+    # is noreply for writes, which would not wait for the server at all).
+    kwargs = {
+        "allow_unicode_keys": True,
+        "default_noreply": False,
+        "serde": pickle_serde,
+    }
+    hosts = [
+        (s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in location.split(";")
+    ]
+    if len(hosts) == 1:
+        return Client(hosts[0], **kwargs)
+    return HashClient(hosts, **kwargs)
+
+
+def resolve(specs: list[Contender], locations: dict[int, str]) -> None:
+    """Fill each contender's ``caches`` (Django must be set up)."""
+    from django.core.cache import caches
+
+    for spec in specs:
+        for n in SERVER_COUNTS:
+            if spec.kind == "raw":
+                spec.caches[n] = raw_client(locations[n])
+            else:
+                spec.caches[n] = caches[spec.alias(n)]
+
+
+def close_all(specs: list[Contender]) -> None:
+    for spec in specs:
+        for cache in spec.caches.values():
+            with contextlib.suppress(Exception):
+                (getattr(cache, "disconnect_all", None) or cache.close)()
+
+
+@contextlib.contextmanager
+def entered(spec: Contender) -> Iterator[None]:
+    with spec.context():
+        yield

@@ -1,0 +1,311 @@
+"""``python -m bench``: run every case, print the tables, write JSON.
+
+Starts its own memcached servers on free 127.0.0.1 ports (three for the cases,
+two more for ``warm-cache``), runs every case with all contenders interleaved,
+measures memory in subprocesses, prints Markdown tables and writes
+``bench/results/bench-<UTC time>.json`` (and ``latest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smoke mode: a few seconds")
+    p.add_argument("--repeats", type=int, help="timed batches per contender and case")
+    p.add_argument("--batch", type=float, help="seconds per batch (slowest contender)")
+    p.add_argument("--cases", help="only cases whose name contains this (regex)")
+    p.add_argument("--warm-keys", type=int, help="keys for the warm-cache case")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument(
+        "--no-telemetry", action="store_true", help="skip telemetry contenders"
+    )
+    p.add_argument("--json", type=Path, help="also write the JSON results here")
+    p.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="put the tables into bench/README.md and README.md (between markers)",
+    )
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.repeats = args.repeats or (3 if quick else 11)
+    args.batch = args.batch or (0.01 if quick else 0.2)
+    args.warm_keys = args.warm_keys or (5_000 if quick else 100_000)
+    args.warm_repeats = 1 if quick else 3
+    args.memory_calls = 300 if quick else 3000
+    return args
+
+
+def machine() -> dict[str, Any]:
+    import django
+    import pymemcache
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    from tests.memcached import MEMCACHED
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "pymemcache": pymemcache.__version__,
+        "memcached": _memcached_version(MEMCACHED),
+        "platform": platform.platform(),
+    }
+
+
+def _memcached_version(binary: str | None) -> str:
+    import subprocess
+
+    if not binary:
+        return "?"
+    out = subprocess.run([binary, "-V"], capture_output=True, text=True).stdout
+    return out.strip().removeprefix("memcached ")
+
+
+# -- tables --------------------------------------------------------------------
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1000:,.1f}k" if x >= 10_000 else f"{x:,.0f}"
+
+
+def tables(report: dict[str, Any]) -> str:
+    """The Markdown tables: throughput with ratios, then CPU per unit, memory."""
+    names = report["contenders"]
+    labels = report["labels"]
+    out = [
+        "Median throughput; in brackets the paired ratio to Django's "
+        "`PyMemcacheCache` in the same run (higher is better).",
+        "",
+        "| case | unit | " + " | ".join(labels[n] for n in names) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for case in report["cases"]:
+        cells = []
+        for n in names:
+            r = case["results"].get(n)
+            if r is None:
+                cells.append("–")
+                continue
+            ratio = case["vs_django"].get(n)
+            suffix = f" ({ratio:.2f}×)" if ratio is not None and n != "django" else ""
+            cells.append(_fmt_rate(r["median_per_s"]) + suffix)
+        out.append(f"| {case['name']} | {case['unit']} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Client CPU per unit (µs of `time.process_time`, median; lower is better).",
+        "",
+        "| case | " + " | ".join(labels[n] for n in names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for case in report["cases"]:
+        cells = [
+            f"{case['results'][n]['cpu_us_per_unit']:.1f}"
+            if n in case["results"]
+            else "–"
+            for n in names
+        ]
+        out.append(f"| {case['name']} | " + " | ".join(cells) + " |")
+    warm = report.get("warm_cache")
+    if warm:
+        out += [
+            "",
+            f"Copying {warm['keys']:,} keys of 100 B from an old server to a new one "
+            f"(median of {warm['repeats']}).",
+            "",
+            "| copier | keys/s | CPU µs/key | note |",
+            "| --- | ---: | ---: | --- |",
+        ]
+        for name, r in warm["copiers"].items():
+            out.append(
+                f"| {name} | {_fmt_rate(r['median_per_s'])} | "
+                f"{r['cpu_us_per_unit']:.1f} | {r.get('note', '')} |"
+            )
+    mem = report.get("memory")
+    if mem:
+        base = mem["rss"].get("none", {}).get("maxrss_kib")
+        out += [
+            "",
+            f"Peak RSS of a fresh process doing the same work per contender "
+            f"({mem['calls']} calls per case; baseline = setup only).",
+            "",
+            "| contender | peak RSS MiB | over baseline MiB | telemetry state KiB |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for n, r in mem["rss"].items():
+            if "maxrss_kib" not in r:
+                out.append(f"| {labels.get(n, n)} | error: {r.get('error')} | | |")
+                continue
+            over = f"{(r['maxrss_kib'] - base) / 1024:.1f}" if base else "?"
+            tel = mem.get("telemetry", {}).get(n, {}).get("telemetry_bytes")
+            tel_s = f"{tel / 1024:.0f}" if tel is not None else "–"
+            rss = r["maxrss_kib"] / 1024
+            out.append(f"| {labels.get(n, n)} | {rss:.1f} | {over} | {tel_s} |")
+    if report["notes"]:
+        out += [""] + [f"- Note: {note}" for note in report["notes"]]
+    return "\n".join(out)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, Django {m['django']}, "
+        f"pymemcache {m['pymemcache']}, memcached {m['memcached']}"
+    )
+
+
+def write_readmes(text: str) -> None:
+    """Replace the table between ``<!-- bench-table -->`` markers in both READMEs."""
+    pattern = re.compile(
+        r"(<!-- bench-table -->\n).*?(\n<!-- end bench-table -->)", re.DOTALL
+    )
+    for path in (ROOT / "bench" / "README.md", ROOT / "README.md"):
+        if path.exists():
+            old = path.read_text()
+            new = pattern.sub(lambda m: m.group(1) + text + m.group(2), old)
+            if new != old:
+                path.write_text(new)
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    from tests.memcached import MEMCACHED, MemcachedServer
+
+    if MEMCACHED is None:
+        print(
+            "bench: memcached is not installed (apt-get install memcached)",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.monotonic()
+    servers: list[Any] = []
+    try:
+        servers = [MemcachedServer().start() for _ in range(3)]
+        warm_servers = [MemcachedServer(memory_mb=256).start() for _ in range(2)]
+        servers += warm_servers
+        report = run(args, servers[:3], warm_servers)
+    finally:
+        for s in servers:
+            s.stop()
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    text = tables(report)
+    print()
+    print(f"Machine: {machine_line(report['machine'])}")
+    print()
+    print(text)
+    print(f"\nbench: {report['elapsed_s']} s", file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    payload = json.dumps(report, indent=2)
+    (RESULTS / f"bench-{stamp}{'-quick' if args.quick else ''}.json").write_text(
+        payload
+    )
+    (RESULTS / "latest.json").write_text(payload)
+    if args.json:
+        args.json.write_text(payload)
+    if args.write_readme:
+        write_readmes(f"Machine: {machine_line(report['machine'])}.\n\n{text}")
+    return 0
+
+
+def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -> dict:
+    from bench import cases, contenders, harness, memory, settings, warm
+
+    locations = {1: servers[0].location, 3: ";".join(s.location for s in servers)}
+    specs, notes = contenders.all_specs(with_telemetry=not args.no_telemetry)
+    settings.configure(specs, locations)
+    contenders.resolve(specs, locations)
+    env = cases.Env({n: contenders.raw_client(loc) for n, loc in locations.items()})
+    report: dict[str, Any] = {
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": machine(),
+        "settings": {"repeats": args.repeats, "batch_s": args.batch},
+        "contenders": [s.name for s in specs],
+        "labels": {s.name: s.label for s in specs},
+        "notes": notes,
+        "cases": [],
+    }
+    chosen = [
+        c for c in cases.all_cases() if not args.cases or re.search(args.cases, c.name)
+    ]
+    for case in chosen:
+        t0 = time.monotonic()
+        if case.setup:
+            case.setup(env)
+        fns = {s.name: case.build(s, env) for s in specs}
+        results = harness.measure(
+            case, specs, fns, batch_s=args.batch, repeats=args.repeats
+        )
+        django = results.get("django")
+        report["cases"].append(
+            {
+                "name": case.name,
+                "unit": case.unit,
+                "servers": case.servers,
+                "results": {n: r.to_json() for n, r in results.items()},
+                "vs_django": {
+                    n: round(harness.paired_ratio(r, django), 3)
+                    for n, r in results.items()
+                    if django is not None
+                },
+                "vs_raw": {
+                    n: round(harness.paired_ratio(r, results["raw"]), 3)
+                    for n, r in results.items()
+                    if "raw" in results
+                },
+            }
+        )
+        print(f"bench: {case.name}: {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    contenders.close_all(specs)
+    if not args.cases or re.search(args.cases, "warm-cache"):
+        with_command = contenders.warmup_available()
+        if not with_command:
+            notes.append(
+                "django_ocmemcache.warmup is not on this branch: only the bare "
+                "reference copy is timed for warm-cache"
+            )
+        t0 = time.monotonic()
+        report["warm_cache"] = warm.run(
+            *warm_servers, args.warm_keys, args.warm_repeats, with_command
+        )
+        print(f"bench: warm-cache: {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    if not args.no_memory:
+        t0 = time.monotonic()
+        names = ["none"] + [s.name for s in specs]
+        mem: dict[str, Any] = {"calls": args.memory_calls}
+        mem["rss"] = memory.measure(names, locations, args.memory_calls, cwd=ROOT)
+        tel = [s.name for s in specs if s.name.startswith("ours")]
+        if contenders.telemetry_available():
+            mem["telemetry"] = memory.measure(
+                tel, locations, args.memory_calls, trace=True, cwd=ROOT
+            )
+        report["memory"] = mem
+        print(f"bench: memory: {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return report
