@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +85,17 @@ def telemetry_specs() -> tuple[list[Contender], str | None]:
     return telemetry_setup.contenders(), None
 
 
-def all_specs(with_telemetry: bool = True) -> tuple[list[Contender], list[str]]:
+def base_with_telemetry_off() -> list[Contender]:
     specs = base_specs()
+    if telemetry_available():
+        from bench.telemetry_setup import OFF
+
+        specs[2].settings = dict(OFF)
+    return specs
+
+
+def all_specs(with_telemetry: bool = True) -> tuple[list[Contender], list[str]]:
+    specs = base_with_telemetry_off()
     notes: list[str] = []
     if with_telemetry:
         extra, note = telemetry_specs()
@@ -139,12 +148,14 @@ def raw_client(location: str) -> Any:
 def resolve(specs: list[Contender], locations: dict[int, str]) -> None:
     """Fill each contender's ``caches`` (Django must be set up)."""
     from django.core.cache import caches
+    from django.test.utils import override_settings
 
     for spec in specs:
         for n in SERVER_COUNTS:
             if spec.kind == "raw":
                 spec.caches[n] = raw_client(locations[n])
-            else:
+                continue
+            with override_settings(**spec.settings):  # telemetry reads them here
                 spec.caches[n] = caches[spec.alias(n)]
 
 
@@ -153,9 +164,3 @@ def close_all(specs: list[Contender]) -> None:
         for cache in spec.caches.values():
             with contextlib.suppress(Exception):
                 (getattr(cache, "disconnect_all", None) or cache.close)()
-
-
-@contextlib.contextmanager
-def entered(spec: Contender) -> Iterator[None]:
-    with spec.context():
-        yield

@@ -1,12 +1,14 @@
 """Memory per contender: each runs the same work in a fresh subprocess.
 
 ``python -m bench.memory CONTENDER LOCATIONS_JSON CALLS [--tracemalloc]``
-prints one JSON object: ``maxrss_kib`` (``resource.getrusage(...).ru_maxrss``,
-KiB on Linux) after every case ran ``CALLS`` calls (a tenth for batch cases,
-a fifth for requests), and with ``--tracemalloc`` the bytes still held by
-allocations made in OpenCensus, prometheus_client and our telemetry module
-(the per-process telemetry state). ``CONTENDER`` ``none`` does the setup only:
-the baseline (interpreter, Django, the bench itself).
+prints one JSON object: ``maxrss_kib``, the process' peak resident set
+(``VmHWM`` from ``/proc/self/status``; ``ru_maxrss`` elsewhere, which on Linux
+also counts the parent's size at fork) after every case ran ``CALLS`` calls
+(a tenth for batch cases, a fifth for requests). With ``--tracemalloc`` it
+adds the bytes still held by allocations made in OpenCensus,
+prometheus_client and our telemetry module: the per-process telemetry state.
+``CONTENDER`` ``none`` does the setup only: the baseline (interpreter,
+Django, the bench itself).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 TELEMETRY_FILES = (
@@ -33,6 +36,17 @@ def _telemetry_bytes(snapshot: tracemalloc.Snapshot) -> int:
         if any(fnmatch.fnmatch(name, p) for p in TELEMETRY_FILES):
             total += stat.size
     return total
+
+
+def peak_rss_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def child(name: str, locations: dict[int, str], calls: int, trace: bool) -> dict:
@@ -59,7 +73,7 @@ def child(name: str, locations: dict[int, str], calls: int, trace: bool) -> dict
                 case.build(spec, env)(max(1, n))
     if trace:
         out["telemetry_bytes"] = _telemetry_bytes(tracemalloc.take_snapshot())
-    out["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["maxrss_kib"] = peak_rss_kib()
     return out
 
 
@@ -70,19 +84,20 @@ def measure(
     trace: bool = False,
     cwd: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run each contender's subprocess in turn; ``{name: child's JSON}``."""
-    results = {}
-    for name in names:
+    """Run each contender's subprocess (two at a time); ``{name: child's JSON}``."""
+
+    def one(name: str) -> dict[str, Any]:
         args = [sys.executable, "-m", "bench.memory", name, json.dumps(locations)]
         args += [str(calls)] + (["--tracemalloc"] if trace else [])
         proc = subprocess.run(
             args, capture_output=True, text=True, timeout=300, cwd=cwd
         )
         if proc.returncode != 0:
-            results[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
+            return {"error": proc.stderr.strip().splitlines()[-1:]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
 
 
 if __name__ == "__main__":

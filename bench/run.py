@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
         mem: dict[str, Any] = {"calls": args.memory_calls}
         mem["rss"] = memory.measure(names, locations, args.memory_calls, cwd=ROOT)
         tel = [s.name for s in specs if s.name.startswith("ours")]
-        if contenders.telemetry_available():
+        if contenders.telemetry_available() and not args.quick:
             mem["telemetry"] = memory.measure(
                 tel, locations, args.memory_calls, trace=True, cwd=ROOT
             )

@@ -26,8 +26,6 @@ def configure(specs: list[Contender], locations: dict[int, str], **extra: Any) -
         "ROOT_URLCONF": "bench.webapp",
         "LOGGING_CONFIG": None,
     }
-    for spec in specs:
-        opts.update({k: v for k, v in spec.settings.items() if k not in opts})
     opts.update(extra)
     settings.configure(**opts)
     django.setup()
