@@ -172,7 +172,7 @@ class OCMemcacheCache(BaseCache):
 
     def _key(self, key: Any, version: int | None) -> Any:
         full = self.make_key(key, version=version)
-        keys.encode_key(full)  # raises InvalidCacheKey
+        keys.validate_key(full)  # raises InvalidCacheKey
         # The key as Django's backend passes it: HashClient hashes the key
         # object (f"{node}-{key}"), so bytes would pick other servers.
         return full
