@@ -61,6 +61,13 @@ def operation(
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
+            if self._telemetry is None:  # no call state to keep for telemetry
+                try:
+                    return fn(self, *args, **kwargs)
+                except Exception as exc:
+                    return self._errors.handle(
+                        name, exc, on_failure, self, args, kwargs
+                    )
             st = _state
             if st.depth:
                 st.depth += 1
