@@ -185,12 +185,13 @@ class OCMemcacheCache(BaseCache):
         return full
 
     def _lookups(self, hits: int, misses: int) -> None:
-        st = _state
-        st.hits += hits
-        st.misses += misses
         pool = self._pool
         pool.hits += hits
         pool.misses += misses
+        if self._telemetry is not None:  # the call state only feeds telemetry
+            st = _state
+            st.hits += hits
+            st.misses += misses
 
     def validate_key(self, key: Any) -> None:
         """Raise ``InvalidCacheKey`` unless ``key`` is a valid memcached key.
