@@ -66,7 +66,12 @@ def validate_key(key: object) -> None:
     """Raise ``InvalidCacheKey`` if ``key`` is not a valid memcached key."""
     # Fast path for the usual key: printable ASCII (no control byte, no DEL),
     # one byte per character, so the length needs no encoding.
-    if type(key) is str and 0 < len(key) <= MEMCACHE_MAX_KEY_BYTES:
-        if key.isascii() and key.isprintable() and " " not in key:
-            return
+    if (
+        type(key) is str
+        and 0 < len(key) <= MEMCACHE_MAX_KEY_BYTES
+        and key.isascii()
+        and key.isprintable()
+        and " " not in key
+    ):
+        return
     encode_key(key)
