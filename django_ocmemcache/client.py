@@ -25,6 +25,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
+from pymemcache.client.rendezvous import RendezvousHash
 
 #: ``(host, port)`` for TCP, a filesystem path for a unix socket.
 ServerSpec = tuple[str, int] | str
@@ -44,6 +45,43 @@ HASH_ONLY_KWARGS = frozenset(
 )
 
 _IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>\d+))?$")
+
+
+class MemoRendezvousHash(RendezvousHash):
+    """pymemcache's rendezvous hashing, remembering each key's server.
+
+    ``RendezvousHash.get_node`` runs pure-Python murmur3 once per server for
+    every key (about 3.5 us per server and key); the same key always picks the
+    same node until the node set changes, so the answer is kept (up to
+    ``MEMO_SIZE`` keys per client, then started afresh) and forgotten whenever
+    ``HashClient`` adds or removes a node.
+    """
+
+    MEMO_SIZE = 4096
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._memo: dict[Any, Any] = {}
+
+    def get_node(self, key: Any) -> Any:
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        node = super().get_node(key)
+        memo = self._memo
+        if len(memo) >= self.MEMO_SIZE:
+            memo.clear()
+        memo[key] = node
+        return node
+
+    def add_node(self, node: Any) -> None:
+        self._memo = {}
+        super().add_node(node)
+
+    def remove_node(self, node: Any) -> None:
+        self._memo = {}
+        super().remove_node(node)
 
 
 def parse_server(spec: Any) -> ServerSpec:
@@ -144,7 +182,7 @@ class ClientPool:
         if len(self.servers) == 1:
             single = {k: v for k, v in kwargs.items() if k not in HASH_ONLY_KWARGS}
             return Client(self.servers[0], **single)
-        return HashClient(self.servers, **kwargs)
+        return HashClient(self.servers, **{"hasher": MemoRendezvousHash, **kwargs})
 
     def server_clients(self) -> dict[str, Client]:
         """This thread's per-server ``Client`` objects, by ``server_name``."""
