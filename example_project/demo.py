@@ -72,9 +72,14 @@ def stop(proc: subprocess.Popen[Any], name: str) -> None:
     print(f"  stopped {name} (pid {proc.pid})")
 
 
+#: Where Debian's package puts memcached, when ``/usr/bin`` is not on ``PATH``.
+MEMCACHED_FALLBACK = "/usr/bin/memcached"
+
+
 def memcached_binary() -> str:
+    """Return the memcached executable, or raise DemoError saying how to get one."""
     found = shutil.which("memcached") or (
-        "/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None
+        MEMCACHED_FALLBACK if os.path.exists(MEMCACHED_FALLBACK) else None
     )
     if found is None:
         raise DemoError(
