@@ -211,10 +211,10 @@ def clock(iso: str) -> str:
 def run_squares(url: str, args: argparse.Namespace) -> list[float]:
     """Ten (``--runs``) batches of random numbers from one range, timed."""
     print(
-        f"\n1. Slow squares, cached per number: {args.runs} runs, each "
-        f"squaring {args.draws} random numbers from 0..{args.range - 1} "
-        f"({args.cost:g} s per square not in the cache; a number drawn twice in "
-        "one run counts once), GET /squares/?n=..."
+        f"\n1. Slow squares, cached per number, GET /squares/?n=...: {args.runs} "
+        f"runs, each squaring\n   {args.draws} random numbers from "
+        f"0..{args.range - 1}; {args.cost:g} s per square not in the cache "
+        "(repeats in a run count once)"
     )
     rng = random.Random(args.seed)
     opener = urllib.request.build_opener()
