@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
@@ -102,7 +103,9 @@ def start_memcached(stack: ExitStack) -> str:
         args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
         if os.geteuid() == 0:
             args += ["-u", "root"]  # memcached refuses to run as root otherwise
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C reaches only this script, which then stops
+        # the servers in order (a server killed mid-request would fail the demo).
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and proc.poll() is None:
             if port_open("127.0.0.1", port):
@@ -163,7 +166,9 @@ def start_gunicorn(
         ]  # fmt: skip
         if args.preload:
             cmd.append("--preload")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -191,8 +196,14 @@ def fetch(
     """GET (or POST ``data``) ``url``; return ``(seconds, body)``."""
     body = urllib.parse.urlencode(data).encode() if data is not None else None
     start = time.perf_counter()
-    with opener.open(url, data=body, timeout=60) as response:
-        text = response.read().decode()
+    try:
+        with opener.open(url, data=body, timeout=60) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        raise DemoError(f"{url} answered {exc.code} {exc.reason}: {detail}") from None
+    except OSError as exc:  # URLError, reset connections, timeouts
+        raise DemoError(f"{url} failed: {exc}") from None
     return time.perf_counter() - start, text
 
 
