@@ -408,8 +408,8 @@ def demo(args: argparse.Namespace) -> int:
             ok = False
         print(f"\nDone in {time.monotonic() - started:.1f}s.")
         if args.serve:
-            print(f"The site stays up at {url}/ until Ctrl-C.")
-            try:
+            try:  # Ctrl-C from here on is the normal way out
+                print(f"The site stays up at {url}/ until Ctrl-C.")
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:

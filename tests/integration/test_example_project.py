@@ -93,8 +93,14 @@ def test_demo_quick_run_prints_warm_up_and_hit_figures(demo_env):
     assert not _alive(stopped["memcached"], "memcached")
 
 
-def test_demo_uses_a_given_server_and_stops_on_sigterm(demo_env, memcached):
-    """With OCMEMCACHE_LOCATION the demo starts no memcached; SIGTERM stops gunicorn."""
+@pytest.mark.parametrize(
+    ("signum", "returncode"), [(signal.SIGTERM, 143), (signal.SIGINT, 0)]
+)
+def test_demo_uses_a_given_server_and_stops_on_a_signal(
+    demo_env, memcached, signum, returncode
+):
+    """With OCMEMCACHE_LOCATION the demo starts no memcached; SIGTERM, or Ctrl-C
+    while it serves (``--serve``), stops the gunicorn it started."""
     env = {**demo_env, "OCMEMCACHE_LOCATION": memcached.location}
     proc = subprocess.Popen(
         [*DEMO, "--quick", "--runs", "2", "--serve"],
@@ -111,14 +117,14 @@ def test_demo_uses_a_given_server_and_stops_on_sigterm(demo_env, memcached):
                 break
         url = re.search(r"stays up at (\S+)/", "".join(lines))
         assert url, "".join(lines)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         rest, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     out = "".join(lines) + rest
-    assert proc.returncode == 143, out
+    assert proc.returncode == returncode, out
     assert f"using memcached at {memcached.location}" in out
     assert "memcached started" not in out
     assert "Two successive runs:" in out
