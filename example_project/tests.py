@@ -69,7 +69,7 @@ class PageTests(TestCase):
     def test_squares_rejects_bad_input_naming_it(self) -> None:
         for query, words in (
             ({"n": "3,x"}, "'3,x'"),
-            ({}, "1 to 1000"),
+            ({}, "1 to 200"),
             ({"n": "-1"}, "0.."),
         ):
             response = self.client.get("/squares/", query)

@@ -18,7 +18,7 @@ from .forms import EntryForm
 from .models import Entry
 
 #: Most numbers one /squares/ request may ask for, and the largest number.
-MAX_NUMBERS = 1000
+MAX_NUMBERS = 200  # at 0.1 s a square, within gunicorn's 30 s worker timeout
 MAX_VALUE = 10**9
 SIDEBAR_COST = 0.3  # seconds the sidebar takes to render without the cache
 CACHED_PAGE_COST = 0.3  # seconds the cache_page view takes without the cache
