@@ -4,8 +4,8 @@ The old server is filled with ``nkeys`` keys of 100 bytes (Django's key
 format, no prefix, with a TTL); the new one is restarted empty before every
 run. Two rows: the real ``manage.py warm-cache`` end to end (enumeration,
 remaining TTLs, ``add``, re-check), once ``django_ocmemcache.warmup`` exists,
-and a bare reference copy that already knows the keys (``get_many`` + ``set_many`` in
-batches of 100, no enumeration, no TTL handling).
+and a bare reference copy that already knows the keys (``get_many`` +
+``set_many`` in batches of 100, no enumeration, no TTL handling).
 """
 
 from __future__ import annotations
