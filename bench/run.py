@@ -140,8 +140,7 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1000:,.1f}k" if x >= 10_000 else f"{x:,.0f}"
 
 
-def tables(report: dict[str, Any]) -> str:
-    """The Markdown tables: throughput with ratios, then CPU per unit, memory."""
+def _throughput(report: dict[str, Any]) -> list[str]:
     names = report["contenders"]
     labels = report["labels"]
     out = [
@@ -162,6 +161,12 @@ def tables(report: dict[str, Any]) -> str:
             suffix = f" ({ratio:.2f}×)" if ratio is not None and n != "django" else ""
             cells.append(_fmt_rate(r["median_per_s"]) + suffix)
         out.append(f"| {case['name']} | {case['unit']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _cpu(report: dict[str, Any]) -> list[str]:
+    names, labels = report["contenders"], report["labels"]
+    out: list[str] = []
     out += [
         "",
         "Client CPU per unit (µs of `time.process_time`, median; lower is better).",
@@ -177,6 +182,11 @@ def tables(report: dict[str, Any]) -> str:
             for n in names
         ]
         out.append(f"| {case['name']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _warm(report: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     warm = report.get("warm_cache")
     if warm:
         out += [
@@ -192,6 +202,16 @@ def tables(report: dict[str, Any]) -> str:
                 f"| {name} | {_fmt_rate(r['median_per_s'])} | "
                 f"{r['cpu_us_per_unit']:.1f} | {r.get('note', '')} |"
             )
+    return out
+
+
+def _mem_label(labels: dict[str, str], name: str) -> str:
+    return "baseline (setup only)" if name == "none" else labels.get(name, name)
+
+
+def _memory(report: dict[str, Any]) -> list[str]:
+    labels = report["labels"]
+    out: list[str] = []
     mem = report.get("memory")
     if mem:
         base = mem["rss"].get("none", {}).get("maxrss_kib")
@@ -205,13 +225,18 @@ def tables(report: dict[str, Any]) -> str:
         ]
         for n, r in mem["rss"].items():
             if "maxrss_kib" not in r:
-                out.append(f"| {labels.get(n, n)} | error: {r.get('error')} | | |")
+                out.append(f"| {_mem_label(labels, n)} | error: {r.get('error')} | | |")
                 continue
             over = f"{(r['maxrss_kib'] - base) / 1024:.1f}" if base else "?"
             tel = mem.get("telemetry", {}).get(n, {}).get("telemetry_bytes")
             tel_s = f"{tel / 1024:.0f}" if tel is not None else "–"
             rss = r["maxrss_kib"] / 1024
-            out.append(f"| {labels.get(n, n)} | {rss:.1f} | {over} | {tel_s} |")
+            out.append(f"| {_mem_label(labels, n)} | {rss:.1f} | {over} | {tel_s} |")
+    return out
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     if report.get("targets"):
         out += [
             "",
@@ -231,6 +256,19 @@ def tables(report: dict[str, Any]) -> str:
             out.append(
                 f"| {t['target']} | {min_s} | {value} | {'yes' if t['met'] else 'NO'} |"
             )
+    return out
+
+
+def tables(report: dict[str, Any], short: bool = False) -> str:
+    """The Markdown tables; ``short``: throughput, warm-cache and targets only."""
+    parts = (
+        [_throughput, _warm, _targets]
+        if short
+        else [_throughput, _cpu, _warm, _memory, _targets]
+    )
+    out: list[str] = []
+    for part in parts:
+        out += part(report)
     if report["notes"]:
         out += [""] + [f"- Note: {note}" for note in report["notes"]]
     return "\n".join(out)
@@ -243,15 +281,19 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
-def write_readmes(text: str) -> None:
-    """Replace the table between ``<!-- bench-table -->`` markers in both READMEs."""
+def write_readmes(full: str, short: str) -> None:
+    """Replace the text between ``<!-- bench-table -->`` markers: ``full`` in
+    bench/README.md, ``short`` in README.md."""
     pattern = re.compile(
         r"(<!-- bench-table -->\n).*?(\n<!-- end bench-table -->)", re.DOTALL
     )
-    for path in (ROOT / "bench" / "README.md", ROOT / "README.md"):
+    for path, text in (
+        (ROOT / "bench" / "README.md", full),
+        (ROOT / "README.md", short),
+    ):
         if path.exists():
             old = path.read_text()
-            new = pattern.sub(lambda m: m.group(1) + text + m.group(2), old)
+            new = pattern.sub(lambda m, t=text: m.group(1) + t + m.group(2), old)
             if new != old:
                 path.write_text(new)
 
@@ -298,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(payload)
     if args.write_readme:
-        write_readmes(f"Machine: {machine_line(report['machine'])}.\n\n{text}")
+        head = f"Machine: {machine_line(report['machine'])}; {report['when']}.\n\n"
+        write_readmes(head + text, head + tables(report, short=True))
     return 0
 
 
