@@ -31,17 +31,16 @@ def encode_key(key: object) -> bytes:
     for a key of another type, one that cannot be encoded (lone surrogates), one
     longer than 250 bytes, or one containing a control character or space.
     """
-    if type(key) is str:
+    if isinstance(key, str):
         try:
-            raw = key.encode()
+            # str.encode, not key.encode: subclasses (SafeString) are plain text.
+            raw = str.encode(key)
         except UnicodeEncodeError:
             raise InvalidCacheKey(
                 f"Cache key {key!r} cannot be encoded as UTF-8 for memcached"
             ) from None
     elif isinstance(key, bytes):
         raw = key
-    elif isinstance(key, str):
-        return encode_key(str(key))
     else:
         raise InvalidCacheKey(
             f"Cache key must be str or bytes, not {type(key).__name__}: {key!r}"
