@@ -43,7 +43,7 @@ HASH_ONLY_KWARGS = frozenset(
     }
 )
 
-_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>\d+))?$")
+_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?$")
 
 
 def parse_server(spec: Any) -> ServerSpec:
@@ -65,16 +65,17 @@ def parse_server(spec: Any) -> ServerSpec:
         return text
     m = _IPV6.match(text)
     if m:
-        return (m["host"], _port(m["port"] or 11211, spec))
+        port = m["port"]
+        return (m["host"], _port(11211 if port is None else port, spec))
     if text.count(":") > 1:
         raise ImproperlyConfigured(
             f"Invalid memcached server in LOCATION: {spec!r} "
             "(write IPv6 addresses as [::1]:11211)"
         )
-    host, _, port = text.partition(":")
+    host, colon, port = text.partition(":")
     if not host:
         raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
-    return (host, _port(port or 11211, spec))
+    return (host, _port(port if colon else 11211, spec))  # "host:" is no port
 
 
 def _port(value: Any, spec: Any) -> int:
