@@ -20,12 +20,19 @@ from django.core.cache import caches
 from django.core.signals import request_finished, request_started
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
+from pymemcache.client.rendezvous import RendezvousHash
 
 from tests.conftest import DJANGO_BACKEND, OUR_BACKEND
 
 pytestmark = [pytest.mark.integration, pytest.mark.extra]
 
 REQUESTS = 15
+
+
+def local_addresses(cache) -> list[tuple[str, int]]:
+    """This thread's open connections of ``cache`` (local address of each)."""
+    clients = cache._pool.server_clients().values()
+    return [c.sock.getsockname() for c in clients if c.sock is not None]
 
 
 def _requests(alias: str, n: int = REQUESTS) -> list[tuple[str, int]]:
@@ -36,9 +43,8 @@ def _requests(alias: str, n: int = REQUESTS) -> list[tuple[str, int]]:
         cache = caches[alias]
         cache.set("k", i)
         assert cache.get("k") == i
-        client = getattr(cache, "_client", None)
-        if client is not None:
-            addresses.append(client().sock.getsockname())
+        if hasattr(cache, "_pool"):  # ours
+            addresses.append(tuple(local_addresses(cache)))
         request_finished.send(sender=None)  # Django calls close() on every cache
     return addresses
 
@@ -86,11 +92,13 @@ def test_disconnect_per_request_when_not_persistent(
 def test_disconnect_all_reconnects(memcached, make_cache):
     cache = make_cache(memcached.location)
     cache.set("k", 1)
-    first = cache._client()
+    (first,) = cache._pool.server_clients().values()
+    before = local_addresses(cache)
     cache.disconnect_all()
     assert first.sock is None
     assert cache.get("k") == 1
-    assert cache._client() is not first
+    after = local_addresses(cache)
+    assert len(after) == 1 and after != before
 
 
 def test_one_client_per_thread(memcached, make_cache):
@@ -100,6 +108,7 @@ def test_one_client_per_thread(memcached, make_cache):
     n_threads, rounds = 16, 25
     barrier = threading.Barrier(n_threads, timeout=10)
     clients: dict[int, object] = {}
+    addresses: dict[int, tuple[str, int]] = {}
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
@@ -111,6 +120,7 @@ def test_one_client_per_thread(memcached, make_cache):
                 assert cache.set_many(mine) == []
                 assert cache.get_many(list(mine)) == mine
                 assert cache.get(f"t{i}:k{r % 8}") == mine[f"t{i}:k{r % 8}"]
+            (addresses[i],) = local_addresses(cache)
             barrier.wait()  # keep every client alive until all are recorded
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -123,8 +133,7 @@ def test_one_client_per_thread(memcached, make_cache):
         t.join(timeout=30)
     assert not errors, errors[0]
     assert len({id(c) for c in clients.values()}) == n_threads
-    ports = {c.sock.getsockname() for c in clients.values()}
-    assert len(ports) == n_threads  # and its own socket
+    assert len(set(addresses.values())) == n_threads  # and its own socket
 
 
 def _wait_child(pid: int, timeout: float = 15.0) -> int:
@@ -144,7 +153,7 @@ def test_fork_child_gets_its_own_connection(memcached, make_cache):
     cache = make_cache(memcached.location)
     cache.set("shared", "parent")
     parent_client = cache._client()
-    parent_addr = parent_client.sock.getsockname()
+    parent_addr = local_addresses(cache)
     read_fd, write_fd = os.pipe()
     go_r, go_w = os.pipe()
     with warnings.catch_warnings():
@@ -163,7 +172,7 @@ def test_fork_child_gets_its_own_connection(memcached, make_cache):
                 assert cache.get("shared") == "parent"
             client = cache._client()
             report["new_client"] = client is not parent_client
-            report["addr"] = list(client.sock.getsockname())
+            report["addr"] = [list(a) for a in local_addresses(cache)]
             os.write(write_fd, json.dumps(report).encode())
             code = 0
         finally:
@@ -181,18 +190,33 @@ def test_fork_child_gets_its_own_connection(memcached, make_cache):
         os.close(fd)
     assert report["shared"] == "parent"
     assert report["new_client"] is True
-    assert tuple(report["addr"]) != parent_addr
+    assert len(report["addr"]) == 1
+    assert tuple(report["addr"][0]) != parent_addr[0]
+    assert local_addresses(cache) == parent_addr
     assert cache._client() is parent_client  # the parent kept its connection
     assert cache.get("child199") == 199
 
 
-def test_single_server_uses_plain_client(memcached_servers, make_cache):
+def test_single_server_hashes_no_key(memcached_servers, make_cache, monkeypatch):
+    """One server: no rendezvous hashing per key (Django always pays for it)."""
+    hashed = []
+    get_node = RendezvousHash.get_node
+
+    def counting(self, key):
+        hashed.append(key)
+        return get_node(self, key)
+
+    monkeypatch.setattr(RendezvousHash, "get_node", counting)
     one = make_cache(memcached_servers[0].location, OPTIONS={"dead_timeout": 5})
-    assert type(one._client()) is Client  # no rendezvous hashing per key
-    one.set("k", 1)
-    assert one.get("k") == 1
+    assert not isinstance(one._client(), HashClient)
+    (client,) = one._pool.server_clients().values()
+    assert isinstance(client, Client)  # a plain pymemcache Client underneath
+    one.set_many({"a": 1, "b": 2})
+    assert one.get_many(["a", "b"]) == {"a": 1, "b": 2}
+    assert hashed == []
     many = make_cache([s.location for s in memcached_servers])
-    assert type(many._client()) is HashClient
+    many.set_many({"a": 1, "b": 2})
+    assert len(hashed) >= 2  # several servers: keys are hashed
 
 
 def test_default_timeout_is_finite(make_cache):
