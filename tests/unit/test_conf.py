@@ -8,7 +8,7 @@ from pymemcache.serde import pickle_serde
 
 from django_ocmemcache.backend import OCMemcacheCache
 from django_ocmemcache.conf import CLIENT_DEFAULTS, BackendOptions
-from django_ocmemcache.serializers import raw_serde
+from django_ocmemcache.serializers import DEFAULT_SERDE, raw_serde
 
 
 def parse(**options):
@@ -137,7 +137,9 @@ def test_backend_rejects_serde_and_serializer_together():
 
 def test_backend_serde_choice():
     default = OCMemcacheCache("127.0.0.1:11211", {})
-    assert default._pool.client_kwargs["serde"] is pickle_serde  # Django's serde
+    # Byte-for-byte parity with Django's serde is checked on a real server
+    # (test_contract.test_values_cross_read_and_bytes_identical).
+    assert default._pool.client_kwargs["serde"] is DEFAULT_SERDE
     raw = OCMemcacheCache("127.0.0.1:11211", {"OPTIONS": {"SERIALIZER": "raw"}})
     assert raw._pool.client_kwargs["serde"] is raw_serde
     with pytest.raises(ImproperlyConfigured, match="'no.such.serde'"):

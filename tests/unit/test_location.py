@@ -84,18 +84,19 @@ def test_client_servers_are_parsed():
     assert cache.client_servers == [("a", 1), "/s"]
 
 
-def test_one_server_builds_a_plain_client_without_hash_options():
-    # Building a pymemcache client opens no socket.
+def test_one_server_builds_one_plain_client_without_hash_options():
+    # Building pymemcache clients opens no socket.
     pool = ClientPool([("127.0.0.1", 1)], {"dead_timeout": 5, "timeout": 0.5})
     client = pool.client()
-    assert type(client) is Client
-    assert client.timeout == 0.5
+    assert not isinstance(client, HashClient)
+    (plain,) = pool.server_clients().values()
+    assert isinstance(plain, Client)
+    assert plain.timeout == 0.5
     assert pool.client() is client  # the same one on this thread
 
 
-def test_several_servers_build_a_hash_client():
+def test_several_servers_get_a_client_each():
     pool = ClientPool([("127.0.0.1", 1), "/tmp/x.sock"], {"dead_timeout": 5})
-    client = pool.client()
-    assert type(client) is HashClient
-    assert client.dead_timeout == 5
-    assert set(pool.server_clients()) == {"127.0.0.1:1", "unix:/tmp/x.sock"}
+    clients = pool.server_clients()
+    assert set(clients) == {"127.0.0.1:1", "unix:/tmp/x.sock"}
+    assert all(isinstance(c, Client) for c in clients.values())
