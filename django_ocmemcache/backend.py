@@ -178,11 +178,17 @@ class OCMemcacheCache(BaseCache):
 
     def _key(self, key: Any, version: int | None) -> str | bytes:
         full = self.make_key(key, version=version)
-        keys.validate_key(full)
+        keys.encode_key(full, self._key_prefix)
         # Hand pymemcache the key as Django does (str, not our UTF-8 bytes):
         # HashClient hashes the key's repr, so bytes would put keys on other
         # servers than Django's backend and lose a warm cache on a switch.
         return full
+
+    @functools.cached_property
+    def _key_prefix(self) -> bytes:
+        """pymemcache's ``key_prefix`` option: on the wire before every key."""
+        prefix = self._options.client_kwargs.get("key_prefix") or b""
+        return prefix.encode() if isinstance(prefix, str) else prefix
 
     def _lookups(self, hits: int, misses: int) -> None:
         st = _state

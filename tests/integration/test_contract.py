@@ -453,6 +453,18 @@ class CacheContract:
     def test_surrogate_key(self):
         self._assert_every_method_refuses("bad\ud800key")
 
+    @pytest.mark.difference(
+        django_raises=MemcacheIllegalInputError,
+        reason="pymemcache's own key_prefix option is not in Django's length "
+        "check; ours counts it",
+    )
+    def test_pymemcache_key_prefix_counts_toward_the_limit(self):
+        cache = self.make(OPTIONS={"key_prefix": b"x" * 10})
+        cache.set("a" * 237, "fits")  # 10 + ":1:" + 237 = 250 bytes
+        assert raw_get(self.server, b"x" * 10 + b":1:" + b"a" * 237) is not None
+        with pytest.raises(InvalidCacheKey):
+            cache.set("a" * 238, 1)
+
     # -- values over the item size ----------------------------------------------
 
     @pytest.mark.difference(

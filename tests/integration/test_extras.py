@@ -7,6 +7,7 @@ a plain ``Client`` for a single server, finite default timeouts, and
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -134,6 +135,21 @@ def test_one_client_per_thread(memcached, make_cache):
     assert not errors, errors[0]
     assert len({id(c) for c in clients.values()}) == n_threads
     assert len(set(addresses.values())) == n_threads  # and its own socket
+
+
+def test_finished_threads_do_not_keep_connections(memcached_factory, make_cache):
+    # A thread-per-request server (runserver) starts a thread for every request:
+    # each thread's connection must go away with the thread.
+    server = memcached_factory()
+    cache = make_cache(server.location)
+    cache.set("k", 1)
+    before = int(server.stats()["curr_connections"])
+    for _ in range(20):
+        t = threading.Thread(target=cache.get, args=("k",))
+        t.start()
+        t.join(timeout=10)
+    gc.collect()
+    assert int(server.stats()["curr_connections"]) <= before + 1
 
 
 def _wait_child(pid: int, timeout: float = 15.0) -> int:

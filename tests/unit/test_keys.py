@@ -149,3 +149,20 @@ def test_custom_key_function_result_is_checked():
     )
     with pytest.raises(InvalidCacheKey, match="offset"):
         cache.get("k")
+
+
+def test_pymemcache_key_prefix_counts_toward_the_limit():
+    assert encode_key("a" * 240, prefix=b"x" * 10) == b"a" * 240
+    with pytest.raises(InvalidCacheKey, match="251 bytes.*key_prefix"):
+        encode_key("a" * 241, prefix=b"x" * 10)
+    with pytest.raises(InvalidCacheKey, match="offset 1"):
+        encode_key("a", prefix=b"x ")
+
+
+@pytest.mark.parametrize("prefix", [b"x" * 10, "x" * 10])
+def test_backend_counts_pymemcache_key_prefix(prefix):
+    cache = OCMemcacheCache(
+        f"127.0.0.1:{free_port()}", {"OPTIONS": {"key_prefix": prefix}}
+    )
+    with pytest.raises(InvalidCacheKey, match="251 bytes"):
+        cache.get("a" * 238)  # 10 + ":1:" + 238
