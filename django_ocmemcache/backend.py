@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from . import keys
-from .client import ClientPool, get_pool, parse_location
+from .client import ClientPool, drop_closed_connections, get_pool, parse_location
 from .conf import BackendOptions
 from .errors import ErrorPolicy
 from .serializers import load_serde
@@ -137,6 +138,16 @@ def _reason(exc: Exception) -> str:
 def _is_too_large(exc: MemcacheServerError) -> bool:
     # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
     return "too large" in str(exc)
+
+
+def _drop_closed_connections(**kwargs: Any) -> None:
+    # A kept connection outlives the memcached process it was opened to; after
+    # a restart between requests, drop it before this request's first call
+    # instead of failing that call (Django's backend reconnects every request).
+    drop_closed_connections()
+
+
+request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
 class OCMemcacheCache(BaseCache):

@@ -90,6 +90,27 @@ def test_disconnect_per_request_when_not_persistent(
         assert len(set(addresses)) == REQUESTS
 
 
+@pytest.mark.parametrize(
+    "backend", [OUR_BACKEND, DJANGO_BACKEND], ids=["ours", "django"]
+)
+def test_memcached_restart_between_requests_is_invisible(
+    settings, memcached_factory, backend
+):
+    # Django reconnects every request, so a memcached restart between requests
+    # never shows. A kept connection is dead after the restart: it must be
+    # dropped when the next request starts, not fail that request's first call.
+    server = memcached_factory()
+    _configure(settings, server, backend)
+    _requests("mc", 2)
+    server.restart()
+    request_started.send(sender=None)
+    assert caches["mc"].get("k", "miss") == "miss"  # empty, and no error
+    caches["mc"].set("k", "new")
+    assert caches["mc"].get("k") == "new"
+    request_finished.send(sender=None)
+    _requests("mc", 2)
+
+
 def test_disconnect_all_reconnects(memcached, make_cache):
     cache = make_cache(memcached.location)
     cache.set("k", 1)
