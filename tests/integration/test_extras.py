@@ -64,11 +64,12 @@ def _total_connections(server) -> int:
 def test_connections_persist_across_requests(settings, memcached_factory):
     server = memcached_factory()
     _configure(settings, server)
+    first = _requests("mc", 1)  # connects; memcached has settled its counters
     before = _total_connections(server)
     addresses = _requests("mc")
     opened = _total_connections(server) - before - 1  # -1: the stats socket
-    assert opened == 1
-    assert len(set(addresses)) == 1  # the same socket every request
+    assert opened == 0
+    assert set(addresses) == set(first)  # the same socket every request
 
 
 @pytest.mark.parametrize(
@@ -83,6 +84,7 @@ def test_disconnect_per_request_when_not_persistent(
     # connection for every request.
     server = memcached_factory()
     _configure(settings, server, backend, **options)
+    _requests("mc", 1)
     before = _total_connections(server)
     addresses = _requests("mc")
     assert _total_connections(server) - before - 1 >= REQUESTS
@@ -170,7 +172,10 @@ def test_finished_threads_do_not_keep_connections(memcached_factory, make_cache)
         t.start()
         t.join(timeout=10)
     gc.collect()
-    assert int(server.stats()["curr_connections"]) <= before + 1
+    deadline = time.monotonic() + 3  # memcached's workers see closes a bit later
+    while int(server.stats()["curr_connections"]) > before + 1:
+        assert time.monotonic() < deadline, "finished threads kept connections"
+        time.sleep(0.02)
 
 
 def _wait_child(pid: int, timeout: float = 15.0) -> int:
