@@ -27,6 +27,8 @@ from django.http import HttpResponse
 from django.template import Context, Engine
 from django.test import RequestFactory
 from django.views.decorators.cache import cache_page
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheIllegalInputError,
@@ -814,3 +816,26 @@ def test_cross_backend_many_incr_and_delete(both):
     ours.delete("b")
     assert django.get("b", "gone") == "gone"
     assert ours.make_key("a") == django.make_key("a") == "site:3:a"
+
+
+# -- every key: InvalidCacheKey or a working round trip (ours) -----------------
+
+
+@pytest.mark.difference
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(key=st.text(st.characters(exclude_categories=()), max_size=130))
+def test_any_key_is_refused_cleanly_or_works(memcached, make_cache, key):
+    """Invariant: a bad key raises InvalidCacheKey and nothing else leaks out
+    (no MemcacheIllegalInputError, UnicodeEncodeError, …); a good key works and
+    is stored under exactly its UTF-8 bytes."""
+    cache = make_cache(memcached.location, KEY_PREFIX="p")
+    try:
+        cache.set(key, key)
+    except InvalidCacheKey:
+        return
+    assert cache.get(key) == key
+    assert raw_get(memcached, cache.make_key(key).encode()) is not None
