@@ -8,7 +8,7 @@ from pymemcache.serde import pickle_serde
 
 from django_ocmemcache.backend import OCMemcacheCache
 from django_ocmemcache.conf import CLIENT_DEFAULTS, BackendOptions
-from django_ocmemcache.serializers import DEFAULT_SERDE, raw_serde
+from django_ocmemcache.serializers import DEFAULT_SERDE, RawSerde, raw_serde
 
 
 def parse(**options):
@@ -159,3 +159,17 @@ def test_backend_takes_djangos_settings():
     assert cache.get_backend_timeout(0.4) == -1
     assert cache.get_backend_timeout(-5) == -5
     assert cache.get_backend_timeout(12.9) == 12
+
+
+@pytest.mark.parametrize(
+    "serializer",
+    ["django_ocmemcache.serializers.RawSerde", RawSerde, "raw", None],
+    ids=["class-path", "class", "alias", "default"],
+)
+def test_same_settings_share_one_client_pool(serializer):
+    # Django builds one backend per thread: they must share the process's pool
+    # (and its connections registry), whatever SERIALIZER names.
+    params = {"OPTIONS": {"SERIALIZER": serializer}}
+    first = OCMemcacheCache("127.0.0.1:11211", params)
+    second = OCMemcacheCache("127.0.0.1:11211", params)
+    assert first._pool is second._pool
