@@ -10,6 +10,7 @@ serde, which stores bytes unchanged with flags 0) costs nothing either.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,35 @@ def get_many_case(servers: int) -> Case:
 
     return Case(
         f"get_many x{BATCH}, {servers} srv", "keys/s", servers, build, setup, BATCH
+    )
+
+
+def get_many_cold_case(servers: int) -> Case:
+    """``get_many`` of 100 keys never asked for before (all misses).
+
+    Our client remembers each key's server on several servers; this case shows
+    the cost when it has nothing to remember yet.
+    """
+
+    def build(c: Contender, env: Env) -> Callable[[int], None]:
+        call = c.cache(servers).get_many
+        head = ":1:" if c.kind == "raw" else ""
+        counter = itertools.count()
+
+        def fn(n: int) -> None:
+            for _ in range(n):
+                i = next(counter)
+                call([f"{head}cold{i}_{j}" for j in range(BATCH)])
+
+        return fn
+
+    return Case(
+        f"get_many x{BATCH}, {servers} srv, new keys",
+        "keys/s",
+        servers,
+        build,
+        None,
+        BATCH,
     )
 
 
@@ -255,6 +285,7 @@ def all_cases() -> list[Case]:
         set_case(10 * 1024),
         get_many_case(1),
         get_many_case(3),
+        get_many_cold_case(3),
         set_many_case(1),
         set_many_case(3),
         incr_case(),
