@@ -62,7 +62,9 @@ def operation(
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
-            if self._telemetry is None:  # no call state to keep for telemetry
+            # Without telemetry nobody reads the call state below: skip it.
+            # Per-call setup needed for other reasons belongs in both paths.
+            if self._telemetry is None:
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
