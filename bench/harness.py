@@ -60,16 +60,23 @@ def paired_ratio(a: Result, b: Result) -> float:
     return statistics.median(x / y for x, y in zip(a.rates, b.rates, strict=True))
 
 
+def _timed(fn: Callable[[int], None], calls: int) -> float:
+    t0 = time.perf_counter()
+    fn(calls)
+    return time.perf_counter() - t0
+
+
 def calibrate(fn: Callable[[int], None], target_s: float) -> int:
-    """Calls per batch so that ``fn`` takes about ``target_s`` seconds."""
+    """Calls per batch so that ``fn`` takes about ``target_s`` seconds.
+
+    Grows the count until a run takes a tenth of the target, then takes the
+    fastest of three runs at that count (the least disturbed by the machine).
+    """
     calls = 1
-    while True:
-        t0 = time.perf_counter()
-        fn(calls)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= target_s / 4 or calls >= 1_000_000:
-            return max(1, int(calls * target_s / max(elapsed, 1e-9)))
+    while _timed(fn, calls) < target_s / 10 and calls < 1_000_000:
         calls *= 4
+    per_call = min(_timed(fn, calls) / calls for _ in range(3))
+    return max(1, int(target_s / max(per_call, 1e-9)))
 
 
 def measure(
