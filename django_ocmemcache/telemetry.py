@@ -642,7 +642,9 @@ class CacheTelemetry:
         if summary is not None:
             summary.add(elapsed, hits, misses, err is not None)
         if call.span is not None:
-            self._close(call, hits, misses, err, exc is None)
+            # The backend passes an error IGNORE_EXCEPTIONS turned into a miss
+            # as both `exc` and `state.error`.
+            self._close(call, hits, misses, err, err is state.error)
 
     def _close(self, call: _Call, hits: int, misses: int,
                err: BaseException | None, ignored: bool) -> None:  # fmt: skip
@@ -651,7 +653,7 @@ class CacheTelemetry:
         span, name = call.span, call.name
         attrs: dict[str, Any] = {}
         if name in _SINGLE_READS and err is None:
-            attrs[ATTR_HIT] = hits > 0
+            attrs[ATTR_HIT] = hits > 0 and misses == 0  # get_or_set re-reads
         elif name == "get_many":
             attrs[ATTR_HITS] = hits
             attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
