@@ -91,14 +91,15 @@ class _RequestTrace:
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
         self.done = False
-        config = mw.config
-        if config.is_excluded(request.path):
-            return
         outer = execution_context.get_opencensus_attr(EXT_DJANGO_SPAN_KEY)
         if outer is not None and outer is execution_context.get_current_span():
             self.span, self.outer = outer, True  # opencensus-ext-django's span
             return
-        self._open(config, request)
+        # Whatever an earlier request left in this thread's context is stale:
+        # cache calls must not join that trace.
+        execution_context.clean()
+        if not mw.config.is_excluded(request.path):
+            self._open(mw.config, request)
 
     def _open(self, config: TraceConfig, request: Any) -> None:
         from opencensus.trace import span as span_module
