@@ -104,3 +104,22 @@ def test_metrics_off(site, make_cache, memcached):
 
 def test_metrics_view_only_answers_get(site):
     assert Client().post("/metrics").status_code == 405
+
+
+def test_prometheus_register_adds_the_collector_to_the_default_registry(
+    site, make_cache, memcached, monkeypatch
+):
+    from prometheus_client import REGISTRY, generate_latest
+
+    site.OCMEMCACHE = {"PROMETHEUS_REGISTER": True}
+    monkeypatch.setattr(telemetry, "_default_registered", False)
+    before = set(REGISTRY._collector_to_names)
+    telemetry.install()
+    added = set(REGISTRY._collector_to_names) - before
+    try:
+        make_cache(memcached.location, OPTIONS={"LABEL": "global"}).get("a")
+        assert 'cache="global"' in generate_latest(REGISTRY).decode()
+    finally:
+        for collector in added:
+            REGISTRY.unregister(collector)
+    assert len(added) == 1
