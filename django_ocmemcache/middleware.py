@@ -242,6 +242,7 @@ class RequestSpanMiddleware:
             trace = _RequestTrace(self, request)
         except Exception:
             logger.warning("request span not opened", exc_info=True)
+            current_summary.set(None)
             return None
         request._ocmemcache_trace = trace
         return trace
