@@ -194,3 +194,85 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_zipkin(stack: Any) -> ZipkinReceiver:
+    """Start the receiver (stopped by ``stack``); return it."""
+    receiver = ZipkinReceiver().start()
+    stack.callback(receiver.stop)
+    print(f"  Zipkin v2 receiver on 127.0.0.1:{receiver.port} (a thread of this demo)")
+    return receiver
+
+
+def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
+    """Print the span tree of the first ``GET <route>`` request; True if it has
+    cache spans under the request span."""
+    print(
+        f"\n5. Traces: OpenCensus' ZipkinExporter -> the receiver; the first "
+        f"GET /{route} request"
+    )
+    name = f"GET {route}"
+
+    def first_request(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
+        for s in sorted(spans, key=lambda s: s["timestamp"]):
+            if s.get("kind") == "SERVER" and s["name"] == name:
+                children = [c for c in spans if c.get("parentId") == s["id"]]
+                if children:
+                    return s
+        return None
+
+    request = receiver.wait_for(first_request)
+    if request is None:
+        print(f"   UNEXPECTED: no {name!r} span with cache spans arrived")
+        return False
+    with receiver._lock:
+        spans = list(receiver.spans)
+    for line in span_tree(spans, request["traceId"]):
+        print(f"   {line}")
+    traces = len({s["traceId"] for s in spans})
+    print(f"   ({len(spans)} spans in {traces} traces received so far)")
+    return True
+
+
+def show_metrics(stack: Any, site: str) -> bool:
+    """Start Prometheus scraping ``site`` (``http://host:port``); print the get hit
+    ratio and p95 latency from its API. True if it answered (or is not installed)."""
+    target = site.split("://", 1)[-1]
+    print(f"\n6. Metrics: a real Prometheus scraping {site}/metrics every 0.5 s")
+    binary = prometheus_binary()
+    if binary is None:
+        print(
+            "   skipped: prometheus is not installed "
+            "(sudo apt-get install --no-install-recommends prometheus)"
+        )
+        return True
+    prom = Prometheus(binary, target, _free_port())
+
+    def stop() -> None:
+        prom.stop()
+        print(f"  stopped prometheus (pid {prom.proc.pid})")
+
+    stack.callback(stop)
+    if not prom.ready():
+        print("   UNEXPECTED: prometheus did not start")
+        return False
+    print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
+    ratio = prom.value(HIT_RATIO)
+    p95 = prom.value(P95_GET_MS)
+    if ratio is None or p95 is None:
+        print("   UNEXPECTED: prometheus has no figures for pymemcache_* yet")
+        return False
+    print(f"   hit ratio of get:   {ratio:.2f}   <- {HIT_RATIO}")
+    print(f"   p95 latency of get: {p95:.3f} ms <- {P95_GET_MS}")
+    print(
+        "   (each gunicorn worker serves its own figures; a scrape is answered by one)"
+    )
+    return True
