@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.core.exceptions import ImproperlyConfigured
 
 from .telemetry import RequestSummary, current_summary, project_settings, queued
 
@@ -176,6 +177,28 @@ class _RequestTrace:
             current_summary.set(None)
 
 
+EXT_DJANGO_MIDDLEWARE = "opencensus.ext.django.middleware.OpencensusMiddleware"
+THIS_MIDDLEWARE = "django_ocmemcache.middleware.RequestSpanMiddleware"
+
+
+def _check_order() -> None:
+    """Raise ``ImproperlyConfigured`` when opencensus-ext-django's middleware comes
+    after this one: each would open its own request span."""
+    from django.conf import settings
+
+    names = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if (
+        THIS_MIDDLEWARE in names
+        and EXT_DJANGO_MIDDLEWARE in names
+        and names.index(EXT_DJANGO_MIDDLEWARE) > names.index(THIS_MIDDLEWARE)
+    ):
+        raise ImproperlyConfigured(
+            f"MIDDLEWARE lists {THIS_MIDDLEWARE!r} before {EXT_DJANGO_MIDDLEWARE!r}; "
+            "list it after, so that it annotates that middleware's request span "
+            "instead of opening a second one"
+        )
+
+
 def _on_close(response: Any, callback: Callable[[], None]) -> None:
     closers = getattr(response, "_resource_closers", None)
     if closers is not None:
@@ -208,6 +231,7 @@ class RequestSpanMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[..., Any]) -> None:
+        _check_order()
         self.get_response = get_response
         self.config = TraceConfig()
         self.server_timing = project_settings()["SERVER_TIMING"]

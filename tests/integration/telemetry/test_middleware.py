@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client
 from opencensus.trace import samplers
 from opencensus.trace.span import SpanKind
@@ -120,3 +121,12 @@ def test_beside_opencensus_ext_django(site, exporter):
     cache_spans = [s for s in exporter.collected() if s is not request]
     assert len(cache_spans) == 3
     assert {s.parent_span_id for s in cache_spans} == {request.span_id}
+
+
+def test_listed_before_opencensus_ext_django_is_an_error(site):
+    site.MIDDLEWARE = [
+        "django_ocmemcache.middleware.RequestSpanMiddleware",
+        "opencensus.ext.django.middleware.OpencensusMiddleware",
+    ]
+    with pytest.raises(ImproperlyConfigured, match="list it after"):
+        Client().get("/squares/1")
