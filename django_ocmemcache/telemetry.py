@@ -550,15 +550,21 @@ class CacheTelemetry:
         self.multi_server = len(servers) > 1
 
     def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Any:
-        """Begin one outermost call; return the object whose ``finish`` ends it."""
-        if self.alias is None:
-            self.alias = self._find_alias(cache)
+        """Begin one outermost call; return the object whose ``finish`` ends it.
+
+        Never raises: a failure here costs the call its span, nothing else.
+        """
         span = None
-        tracing = self.tracing
-        if tracing is not None:
-            parent = tracing.parent()
-            if parent is not None:
-                span = self._open(tracing, parent, cache, name, args, kwargs)
+        try:
+            if self.alias is None:
+                self.alias = self._find_alias(cache)
+            tracing = self.tracing
+            if tracing is not None:
+                parent = tracing.parent()
+                if parent is not None:
+                    span = self._open(tracing, parent, cache, name, args, kwargs)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
         return _Call(self, name, span)
 
     def _open(self, tracing: Tracing, parent: Any, cache: Any, name: str,
@@ -572,7 +578,10 @@ class CacheTelemetry:
             if name in _BATCH and args and hasattr(args[0], "__len__"):
                 attrs[ATTR_BATCH_SIZE] = len(args[0])
             if name in _VERSION_ARG and (args or "key" in kwargs):
-                self._key_attributes(attrs, cache, name, args, kwargs)
+                try:
+                    self._key_attributes(attrs, cache, name, args, kwargs)
+                except Exception:  # a bad key: the call itself will say so
+                    attrs.update(self.server)
             elif self.server:
                 attrs.update(self.server)
             return tracing.open_span(parent, SPAN_PREFIX + name, attrs)

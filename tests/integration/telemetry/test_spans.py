@@ -199,3 +199,16 @@ def test_trace_keys_records_a_truncated_hashed_key(site, exporter):
     a = attrs(exporter.by_name("cache.get")[0])
     assert a["cache.key"] == ":1:sq:1234567890…"
     assert len(a["cache.key.hash"]) == 16
+
+
+def test_bad_key_with_trace_keys_still_gets_an_error_span(
+    make_cache, memcached, exporter
+):
+    cache = make_cache(memcached.location, OPTIONS={"TRACE_KEYS": True})
+    tracer = Tracer(sampler=samplers.AlwaysOnSampler(), exporter=exporter)
+    with tracer.span("p"), pytest.raises(ValueError):
+        cache.get("bad key")
+    span = exporter.collected()[0]
+    assert span.name == "cache.get"
+    assert attrs(span)["error.type"] == "InvalidCacheKey"
+    assert "cache.key" not in attrs(span)
