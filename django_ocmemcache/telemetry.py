@@ -597,15 +597,13 @@ class CacheTelemetry:
         key = args[0] if args else kwargs["key"]
         pos = _VERSION_ARG[name]
         version = args[pos] if len(args) > pos else kwargs.get("version")
-        from .keys import encode_key
-
-        wire = encode_key(cache.make_key(key, version=version))
+        full = cache._key(key, version)  # what the backend hands pymemcache
         if self.trace_keys:
-            text = wire.decode("utf-8", "replace")
+            text = full.decode("utf-8", "replace") if isinstance(full, bytes) else full
             attrs[ATTR_KEY] = text if len(text) <= 16 else text[:16] + "…"
-            attrs[ATTR_KEY_HASH] = hashlib.sha256(wire).hexdigest()[:16]
+            attrs[ATTR_KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self.multi_server:
-            node = cache._client().hasher.get_node(wire)
+            node = cache._client().hasher.get_node(full)
             for spec in cache._servers:
                 if _node_name(spec) == node:
                     attrs.update(_server_attributes(spec))
