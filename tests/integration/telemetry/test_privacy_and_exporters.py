@@ -137,3 +137,20 @@ def test_process_exits_promptly_with_a_hanging_exporter(memcached):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "done"
     assert time.monotonic() - start < 8
+
+
+def test_dead_collector_changes_nothing(site):
+    from opencensus.ext.zipkin.trace_exporter import ZipkinExporter
+
+    from tests.memcached import free_port
+
+    dead = ZipkinExporter(service_name="t", host_name="127.0.0.1", port=free_port())
+    site.OPENCENSUS = {
+        "TRACE": {"SAMPLER": samplers.AlwaysOnSampler(), "EXPORTER": dead}
+    }
+    start = time.perf_counter()
+    for n in range(20):
+        assert Client().get(f"/squares/{n}").status_code == 200
+    assert time.perf_counter() - start < 2.0
+    assert telemetry.queued(dead).flush(timeout=10)  # tried, failed, moved on
+    assert telemetry.queued(dead).exported > 0
