@@ -381,11 +381,13 @@ class SpanQueue:
     the batch is dropped and counted (``dropped`` spans). The wrapped exporter
     runs on a daemon thread; its exceptions are counted (``failures``) and
     logged at most once a minute, so a raising, hanging or unreachable exporter
-    changes nothing for requests, and the process still exits.
+    changes nothing for requests, and the process still exits. The worker ends
+    after ``idle`` seconds without spans and starts again on the next export.
     """
 
-    def __init__(self, exporter: Any, maxsize: int = 1000) -> None:
+    def __init__(self, exporter: Any, maxsize: int = 1000, idle: float = 30.0):
         self.exporter = exporter
+        self.idle = idle
         self.dropped = 0
         self.failures = 0
         self.exported = 0
@@ -400,25 +402,33 @@ class SpanQueue:
         except queue.Full:
             self.dropped += len(span_datas)
             return
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            self._start()
-
-    def emit(self, span_datas: list[Any]) -> None:
-        self.export(span_datas)
-
-    def _start(self) -> None:
-        with self._lock:
+        with self._lock:  # the worker decides to stop under this lock too
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="ocmemcache-span-export", daemon=True
                 )
                 self._thread.start()
 
+    def emit(self, span_datas: list[Any]) -> None:
+        self.export(span_datas)
+
+    @property
+    def running(self) -> bool:
+        """True while the worker thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def _run(self) -> None:
         q = self._queue
         while True:
-            batches = [q.get()]
+            try:
+                batches = [q.get(timeout=self.idle)]
+            except queue.Empty:
+                with self._lock:
+                    if q.empty():
+                        self._thread = None
+                        return
+                continue
             while len(batches) < 64:
                 try:
                     batches.append(q.get_nowait())
@@ -475,6 +485,10 @@ def queued(exporter: Any) -> SpanQueue:
                 size = project_settings()["SPAN_QUEUE_SIZE"]
             except Exception:
                 size = DEFAULTS["SPAN_QUEUE_SIZE"]
+            if len(_queues) >= 64:  # exporters made per request: forget idle ones
+                for key, q in list(_queues.items()):
+                    if not q.running and q._queue.empty():
+                        del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size)
         return found
 

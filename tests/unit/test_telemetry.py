@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -107,3 +108,22 @@ def test_server_timing_entry():
     s.add(0.0005, 0, 2, True)
     assert s.server_timing() == 'cache;dur=2.000;desc="2 calls, 1 hits, 2 misses"'
     assert s.errors == 1
+
+
+def test_span_queue_worker_stops_when_idle_and_restarts():
+    exported = []
+
+    class Sink:
+        def export(self, spans):
+            exported.extend(spans)
+
+    q = telemetry.SpanQueue(Sink(), idle=0.05)
+    q.export([1])
+    assert q.flush(timeout=5)
+    deadline = time.monotonic() + 5
+    while q.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not q.running
+    q.export([2])
+    assert q.flush(timeout=5)
+    assert exported == [1, 2]
