@@ -172,8 +172,9 @@ def _parse_set(reader: _Reader) -> int | str:
         return 0
     if line[:2] == b"NS":
         return NOT_STORED
-    if line.startswith(b"SERVER_ERROR") and b"too large" in line:
-        return TOO_LARGE
+    if line.startswith(b"SERVER_ERROR"):
+        # memcached has read (and dropped) the value: the stream is in sync.
+        return TOO_LARGE if b"too large" in line else line.decode(errors="replace")
     _raise_error(line)
     raise AssertionError  # pragma: no cover
 
@@ -184,8 +185,10 @@ def add_many(
     """``add`` raw items ``(key, data, flags, exptime)``; one result per item.
 
     A result is the stored item's CAS (int), ``NOT_STORED`` if the key already
-    exists, or ``TOO_LARGE`` if the server refuses the size. ``exptime`` is
-    memcached's: 0 never expires, up to 30 days relative, beyond that a Unix time.
+    exists, ``TOO_LARGE`` if the server refuses the size, or the server's
+    other ``SERVER_ERROR ...`` line (str; e.g. out of memory with ``-M``).
+    ``exptime`` is memcached's: 0 never expires, up to 30 days relative, beyond
+    that a Unix time.
     """
     commands = [
         b"ms %b %d F%d T%d ME c\r\n%b\r\n" % (key, len(data), flags, exptime, data)
