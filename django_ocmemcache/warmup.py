@@ -107,7 +107,8 @@ class WarmupReport:
     elapsed: float = 0.0
     dry_run: bool = False
     interrupted: bool = False
-    #: Items the source servers reported holding at the start (``curr_items``).
+    #: Keys to scan: the listed keys of the sources listed so far, plus the
+    #: ``curr_items`` of those not listed yet.
     estimated_total: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -478,7 +479,8 @@ def warm(
     dest_client = ClientPool(dests, kwargs)._build()
     nodes = list(dest_client.clients.values()) if len(dests) > 1 else [dest_client]
     offsets = {node: meta.server_time(node) - time.time() for node in nodes}
-    report.estimated_total = sum(_curr_items(s, kwargs) for s in sources)
+    items = {server: _curr_items(server, kwargs) for server in sources}
+    report.estimated_total = sum(items.values())
     started = time.monotonic()
     try:
         for server in sources:
@@ -490,7 +492,7 @@ def warm(
             )
             try:
                 _copy_server(copier, server, kwargs, batch_size, rate, started,
-                             progress, stop)  # fmt: skip
+                             progress, stop, items[server])  # fmt: skip
             finally:
                 copier.close()
     finally:
@@ -508,6 +510,7 @@ def _copy_server(
     started: float,
     progress: Callable[[WarmupReport], None] | None,
     stop: threading.Event | None,
+    curr_items: int,
 ) -> None:
     report = copier.report
     try:
@@ -516,6 +519,8 @@ def _copy_server(
         report.error(f"listing keys of {server_name(server)}: {exc!r}")
         report.failed += 1
         return
+    # The listing is exact; curr_items also counts flushed, unreclaimed items.
+    report.estimated_total += listing.count(b"key=") - curr_items
     for batch in _batches(_key_lines(listing), batch_size):
         if stop is not None and stop.is_set():
             report.interrupted = True

@@ -153,6 +153,28 @@ def test_old_pool_stopped_mid_test(memcached_factory, make_cache, monkeypatch):
     assert pair.get("d") == 4
 
 
+def test_multi_server_old_pool_and_key_prefix(memcached_servers, make_cache):
+    *old, new = memcached_servers
+    for server in memcached_servers:
+        server.flush()
+    options = {"key_prefix": b"kp."}
+    old_cache = make_cache(
+        [s.location for s in old], KEY_PREFIX=PREFIX, OPTIONS=options
+    )
+    pair = make_cache(
+        new.location,
+        KEY_PREFIX=PREFIX,
+        OPTIONS={**options, "FALLBACK_LOCATION": [s.location for s in old]},
+    )
+    data = {f"k{i}": i for i in range(40)}
+    old_cache.set_many(data)
+    assert all(int(s.stats()["curr_items"]) > 0 for s in old)
+    assert pair.get_many(list(data)) == data
+    assert raw_item(new, "kp.site:1:k3").value == b"3"
+    pair.delete_many(list(data))
+    assert old_cache.get_many(list(data)) == {}
+
+
 def test_without_fallback_location_nothing_changes(memcached, make_cache):
     cache = make_cache(memcached.location)
     assert type(cache._pool) is ClientPool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import random
 import signal
@@ -101,15 +102,18 @@ def test_copies_bytes_flags_and_remaining_ttl(configured, old_cache):
     assert counters(old) == before  # never writes, deletes, touches or flushes old
 
 
-def test_second_run_copies_nothing_and_never_overwrites(configured, old_cache, pair):
+def test_second_run_copies_nothing_and_never_overwrites(
+    configured, old_cache, new_cache, pair
+):
     old, new = configured
     old_cache.set_many({f"k{i}": i for i in range(50)})
-    pair.set("k0", "newer")  # the site wrote it on the new server meanwhile
+    new_cache.set("k0", "newer")  # already on the new server
     first, code, _ = run()
-    assert code == 0 and first["copied"] == 49
+    assert code == 0
+    assert (first["copied"], first["already_present"]) == (49, 1)
     second, code, _ = run()
     assert code == 0
-    assert second["copied"] == 0 and second["already_present"] == 49
+    assert second["copied"] == 0 and second["already_present"] == 50
     assert pair.get("k0") == "newer"
 
 
@@ -211,23 +215,72 @@ def test_failed_keys_exit_3(settings, memcached_factory, make_cache):
     assert "out of memory" in summary["errors"][0]
 
 
-def test_sigint_stops_after_batch_and_rerun_finishes(configured, old_cache):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_after_batch_and_rerun_finishes(configured, old_cache, signum):
     old, new = configured
     old_cache.set_many({f"k{i}": i for i in range(300)})
-    previous = signal.signal(signal.SIGINT, lambda *a: None)  # a late signal: no-op
+    previous = signal.signal(signum, lambda *a: None)  # a late signal: no-op
     try:
-        timer = threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,))
+        timer = threading.Timer(0.3, signal.raise_signal, (signum,))
         timer.start()
-        summary, code, _ = run("--batch-size", "10", "--rate", "100")
+        summary, code, err = run("--batch-size", "10", "--rate", "100")
         timer.join()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
     assert code == 4 and summary["interrupted"] is True
     assert 0 < summary["scanned"] < 300 and summary["scanned"] % 10 == 0
     summary, code, _ = run()
     assert code == 0 and summary["copied"] == 300 - summary["already_present"]
     assert summary["already_present"] > 0
     assert int(new.stats()["curr_items"]) == 300
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(
+    configured, old_cache, monkeypatch
+):
+    old_cache.set_many({f"k{i}": i for i in range(50)})
+
+    class Terminal(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    call_command("warm-cache", "--batch-size", "10", stdout=StringIO(), stderr=err)
+    assert "50/50" in err.getvalue() and "key" in err.getvalue()  # tqdm's bar
+    module = importlib.import_module("django_ocmemcache.management.commands.warm-cache")
+    monkeypatch.setattr(module, "PLAIN_PROGRESS_EVERY", 0.0)
+    err = StringIO()
+    call_command("warm-cache", "--batch-size", "10", stdout=StringIO(), stderr=err)
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("scanned 10/50 copied 0") and len(lines) == 5
+
+
+def test_multi_server_destination_and_key_prefix(
+    settings, memcached_servers, make_cache
+):
+    old, *new = memcached_servers
+    for server in memcached_servers:
+        server.flush()
+    options = {"key_prefix": b"kp."}
+    old_cache = make_cache(old.location, KEY_PREFIX=PREFIX, OPTIONS=options)
+    old_cache.set_many({f"k{i}": i for i in range(60)})
+    settings.CACHES = {
+        "default": {
+            "BACKEND": BACKEND,
+            "LOCATION": [s.location for s in new],
+            "KEY_PREFIX": PREFIX,
+            "OPTIONS": {**options, "FALLBACK_LOCATION": old.location},
+        }
+    }
+    summary, code, _ = run()
+    assert code == 0 and summary["copied"] == 60
+    new_cache = make_cache(
+        [s.location for s in new], KEY_PREFIX=PREFIX, OPTIONS=options
+    )
+    assert new_cache.get_many([f"k{i}" for i in range(60)]) == {
+        f"k{i}": i for i in range(60)
+    }  # every key is on the server the site's hashing picks
+    assert all(raw_item(s, "kp.site:1:k0") or raw_item(s, "kp.site:1:k1") for s in new)
 
 
 def test_stop_event_and_resume_through_the_api(old_new, old_cache):
