@@ -10,6 +10,7 @@ both sides, a server unreachable, bad settings); 2 bad arguments (argparse);
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import signal
 import threading
@@ -260,7 +261,7 @@ def _root_span(name: str, attributes: dict[str, Any]) -> Any:
     context manager) when the telemetry module offers it.
     """
     try:
-        from django_ocmemcache import telemetry
+        telemetry = importlib.import_module("django_ocmemcache.telemetry")
     except ImportError:
         return contextlib.nullcontext()
     helper = getattr(telemetry, "root_span", None)
