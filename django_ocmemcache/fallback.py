@@ -85,16 +85,32 @@ OLD_RETRY_AFTER = 5.0
 
 _MISSING = object()
 
+#: Methods of the new servers' client the pair passes through unchanged.
+_DELEGATED_METHODS = frozenset(
+    {"node_for", "version", "check_key", "_get_client", "disconnect_all"}
+)
+
 
 def node_for(client: Any, key: bytes) -> Any:
     """The per-server pymemcache ``Client`` that holds ``key`` (None: none alive).
 
-    ``HashClient`` routes by the key without pymemcache's ``key_prefix``, as
-    its own commands do.
+    ``client`` is what a ``ClientPool`` hands out: a plain ``Client``, a
+    pymemcache ``HashClient``, or a client with ``node_for(key)`` and a
+    ``clients`` dict by node. The key is routed exactly as that client routes
+    its own commands (without pymemcache's ``key_prefix``).
     """
     if isinstance(client, HashClient):
         return client._get_client(key)
+    pick = getattr(client, "node_for", None)
+    if pick is not None:
+        return client.clients[pick(key)]
     return client
+
+
+def node_clients(client: Any) -> list[Any]:
+    """Every per-server ``Client`` of a pool's client (see ``node_for``)."""
+    clients = getattr(client, "clients", None)
+    return list(clients.values()) if isinstance(clients, dict) else [client]
 
 
 def wire_key(node: Any, key: bytes) -> bytes:
@@ -181,6 +197,12 @@ class FallbackPool:
         self.hits = self.misses = 0
         self._down_until = {}
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a pool offers (health, settings) is the new servers'.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.new, name)
+
 
 class FallbackPair:
     """pymemcache client methods over the new servers, falling back to the old.
@@ -192,6 +214,19 @@ class FallbackPair:
 
     def __init__(self, pool: FallbackPool) -> None:
         self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes of the new servers' client (``hasher``, ``clients``) and its
+        # routing helpers; any other method would bypass the old servers.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = getattr(self._new(), name)
+        if callable(value) and name not in _DELEGATED_METHODS:
+            raise AttributeError(
+                f"FallbackPair does not offer {name!r}: it would skip the old "
+                "servers (FALLBACK_LOCATION)"
+            )
+        return value
 
     def _new(self) -> Any:
         return self._pool.new.client()

@@ -51,7 +51,7 @@ from . import meta
 from .client import ClientPool, ServerSpec, parse_server, server_name
 from .conf import CLIENT_DEFAULTS
 from .exceptions import OCMemcacheError
-from .fallback import exptime_for, node_for
+from .fallback import exptime_for, node_clients, node_for
 from .keys import MEMCACHE_MAX_KEY_BYTES
 
 #: Keys per round trip when ``batch_size`` is not given.
@@ -477,8 +477,9 @@ def warm(
     check_servers(sources, dests, kwargs)
     report = WarmupReport(dry_run=dry_run)
     dest_client = ClientPool(dests, kwargs)._build()
-    nodes = list(dest_client.clients.values()) if len(dests) > 1 else [dest_client]
-    offsets = {node: meta.server_time(node) - time.time() for node in nodes}
+    offsets = {
+        node: meta.server_time(node) - time.time() for node in node_clients(dest_client)
+    }
     items = {server: _curr_items(server, kwargs) for server in sources}
     report.estimated_total = sum(items.values())
     started = time.monotonic()

@@ -187,6 +187,15 @@ def test_fallback_equal_to_location_is_refused(memcached, make_cache):
         )
 
 
+def test_pair_refuses_methods_that_would_skip_old(pair):
+    client = pair._client()
+    with pytest.raises(AttributeError, match="skip the old servers"):
+        client.replace(b"k", 1)
+    assert client.stats() is not None  # the new server's stats
+    assert pair._pool.servers == pair._pool.new.servers
+    assert pair._pool.client_kwargs is pair._pool.new.client_kwargs
+
+
 def test_pool_is_shared_per_process(old_new, pair, make_cache):
     old, new = old_new
     other = make_cache(
