@@ -17,6 +17,6 @@ bench:           ## benchmarks side by side with Django's PyMemcacheCache
 
 lint:            ## ruff + mypy on the package
 	bash scripts/setup-env.sh >/dev/null
-	$(VENV)/bin/ruff check django_ocmemcache tests bench example_project
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check django_ocmemcache
 	$(VENV)/bin/mypy django_ocmemcache
