@@ -402,3 +402,26 @@ def test_api_rejects_bad_arguments(old_new):
     with pytest.raises(warmup.WarmupError, match="Cannot reach"):
         warmup.warm([f"127.0.0.1:{free_port()}"], [new.location])
     assert time.monotonic() - t < 2
+
+
+def test_command_line_exit_codes(configured):
+    """From the shell: 2 for bad arguments, 1 for a refusal, 0 when done."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    old, new = configured
+
+    def shell(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "django", "warm-cache", "--settings=tests.settings",
+             "--to", new.location, *args],
+            capture_output=True, text=True, cwd=root, timeout=60,
+            env={**os.environ, "PYTHONPATH": root},
+        )  # fmt: skip
+
+    assert shell("--from", old.location, "--batch-size", "0").returncode == 2
+    refused = shell("--from", new.location)
+    assert refused.returncode == 1 and "same server" in refused.stderr
+    assert shell("--from", old.location, "--all-keys").returncode == 0
