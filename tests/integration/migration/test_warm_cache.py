@@ -425,3 +425,21 @@ def test_command_line_exit_codes(configured):
     refused = shell("--from", new.location)
     assert refused.returncode == 1 and "same server" in refused.stderr
     assert shell("--from", old.location, "--all-keys").returncode == 0
+
+
+def test_source_without_lru_crawler_is_refused(settings, memcached_factory):
+    old = memcached_factory(extra_args=["-o", "no_lru_crawler"])
+    new = memcached_factory()
+    settings.CACHES = {"default": {"BACKEND": BACKEND, "LOCATION": new.location}}
+    with pytest.raises(CommandError, match="cannot list its keys") as info:
+        call_command("warm-cache", "--from", old.location, stdout=StringIO())
+    assert info.value.returncode == 1
+
+
+def test_rate_bounds_keys_per_second(old_new, old_cache):
+    old, new = old_new
+    old_cache.set_many({f"k{i}": i for i in range(200)})
+    report = warmup.warm([old.location], [new.location], batch_size=20, rate=500)
+    assert report.copied == 200
+    assert report.elapsed >= 0.35  # 200 keys at 500 keys/s; the last batch is free
+    assert report.keys_per_s <= 600
