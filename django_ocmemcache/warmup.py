@@ -297,7 +297,8 @@ class _Copier:
         self.dest = dest_client
         self.offsets = clock_offsets
         self.namespace = namespace
-        self.key_prefix: bytes = client_kwargs.get("key_prefix") or b""
+        prefix = client_kwargs.get("key_prefix") or b""
+        self.key_prefix = prefix.encode() if isinstance(prefix, str) else prefix
         self.report = report
         self.dry_run = dry_run
         self.source_offset = meta.server_time(self.source) - time.time()
@@ -521,17 +522,19 @@ def _copy_server(
         report.failed += 1
         return
     # The listing is exact; curr_items also counts flushed, unreclaimed items.
-    report.estimated_total += listing.count(b"key=") - curr_items
+    left = listing.count(b"key=")
+    report.estimated_total += left - curr_items
     for batch in _batches(_key_lines(listing), batch_size):
         if stop is not None and stop.is_set():
             report.interrupted = True
             return
         report.scanned += len(batch)
+        left -= len(batch)
         keys = copier.keys_of(batch)
         try:
             copier.copy(keys)
-        except Exception as exc:  # the source failed mid-batch
-            report.failed += len(keys)
+        except Exception as exc:  # the source failed: this batch and the rest
+            report.failed += len(keys) + left
             report.error(f"reading {server_name(server)}: {exc!r}")
             return
         report.elapsed = time.monotonic() - started

@@ -443,3 +443,18 @@ def test_rate_bounds_keys_per_second(old_new, old_cache):
     assert report.copied == 200
     assert report.elapsed >= 0.35  # 200 keys at 500 keys/s; the last batch is free
     assert report.keys_per_s <= 600
+
+
+def test_source_stopped_mid_run_counts_the_rest_as_failed(
+    memcached_factory, make_cache
+):
+    old, new = memcached_factory(), memcached_factory()
+    make_cache(old.location, KEY_PREFIX=PREFIX).set_many(
+        {f"k{i}": i for i in range(100)}
+    )
+    report = warmup.warm(
+        [old.location], [new.location], batch_size=30,
+        progress=lambda r: old.stop(),
+    )  # fmt: skip
+    assert (report.copied, report.failed) == (30, 70)
+    assert "reading" in report.errors[0]
