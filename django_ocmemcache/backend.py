@@ -155,8 +155,8 @@ class OCMemcacheCache(BaseCache):
         kwargs.setdefault("serde", load_serde(self._options.serializer))
         self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
         if self._options.fallback_location is not None:
-            old = parse_location(self._options.fallback_location)
-            self._pool = get_fallback_pool(self._pool, old, kwargs)
+            fallback = self._options.fallback_location
+            self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = ErrorPolicy(self._options.ignore_exceptions)
         self._telemetry = self._load_telemetry()
 

@@ -72,7 +72,7 @@ from django.core.exceptions import ImproperlyConfigured
 from pymemcache.client.hash import HashClient
 
 from . import meta
-from .client import ClientPool, ServerSpec, get_pool, server_name
+from .client import ClientPool, ServerSpec, get_pool, parse_location, server_name
 from .serializers import DEFAULT_SERDE
 
 logger = logging.getLogger("django_ocmemcache")
@@ -425,14 +425,29 @@ _registry: dict[Any, FallbackPool] = {}
 _registry_lock = threading.Lock()
 
 
-def get_fallback_pool(
-    new: ClientPool, old_servers: Sequence[ServerSpec], client_kwargs: dict[str, Any]
-) -> FallbackPool:
-    """Return the process-wide ``FallbackPool`` over ``new`` and ``old_servers``.
+def parse_fallback_location(value: Any) -> list[ServerSpec]:
+    """Parse ``OPTIONS["FALLBACK_LOCATION"]`` (the forms of ``LOCATION``).
 
-    The old servers get a pool with the same client arguments as the new ones
-    (so keys hash to the same old server the site's writes went to).
+    Raises ``ImproperlyConfigured`` naming the option when it does not parse.
     """
+    try:
+        return parse_location(value)
+    except ImproperlyConfigured as exc:
+        raise ImproperlyConfigured(f"OPTIONS['FALLBACK_LOCATION']: {exc}") from None
+
+
+def get_fallback_pool(
+    new: ClientPool, fallback_location: Any, client_kwargs: dict[str, Any]
+) -> FallbackPool:
+    """Return the process-wide ``FallbackPool`` over ``new`` and the old servers.
+
+    ``fallback_location`` is ``OPTIONS["FALLBACK_LOCATION"]`` (the forms of
+    ``LOCATION``). The old servers get a pool with the same client arguments as
+    the new ones (so keys hash to the same old server the site's writes went
+    to). Raises ``ImproperlyConfigured`` naming ``FALLBACK_LOCATION`` when it
+    does not parse or names a server of ``LOCATION``.
+    """
+    old_servers = parse_fallback_location(fallback_location)
     overlap = set(new.servers) & set(old_servers)
     if overlap:
         names = ", ".join(sorted(server_name(s) for s in overlap))

@@ -25,6 +25,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_ocmemcache.client import parse_location, parse_server, server_name
 from django_ocmemcache.conf import BackendOptions
+from django_ocmemcache.fallback import parse_fallback_location
 from django_ocmemcache.warmup import (
     DEFAULT_BATCH_SIZE,
     WarmupError,
@@ -156,7 +157,7 @@ class Command(BaseCommand):
         try:
             opts = BackendOptions.from_params(params)
             source = options["source"] or (
-                parse_location(opts.fallback_location)
+                parse_fallback_location(opts.fallback_location)
                 if opts.fallback_location is not None
                 else []
             )

@@ -196,6 +196,12 @@ def test_pair_refuses_methods_that_would_skip_old(pair):
     assert pair._pool.client_kwargs is pair._pool.new.client_kwargs
 
 
+@pytest.mark.parametrize("bad", [42, "", "host:notaport"])
+def test_bad_fallback_location_names_the_option(memcached, make_cache, bad):
+    with pytest.raises(ImproperlyConfigured, match="FALLBACK_LOCATION"):
+        make_cache(memcached.location, OPTIONS={"FALLBACK_LOCATION": bad})
+
+
 def test_pool_is_shared_per_process(old_new, pair, make_cache):
     old, new = old_new
     other = make_cache(
