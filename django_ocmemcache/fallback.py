@@ -31,9 +31,12 @@ What the pair does (mcrouter's ``WarmUpRoute`` is the model):
   left is returned but not copied. After the copy the old item is read again,
   and if it changed or vanished meanwhile (a concurrent delete) the copy is
   undone with a CAS-guarded delete that cannot touch a newer value.
-- ``set``/``set_many``/``add``/``delete``/``delete_many``: the old servers
-  forget the keys first, then the new servers get the operation and its real
-  result is returned. ``delete`` returns True if either pool held the key.
+- ``set``/``set_many``/``delete``/``delete_many``: the old servers forget the
+  keys first, then the new servers get the operation and its real result is
+  returned. ``delete`` returns True if either pool held the key.
+- ``add``: a key only the old servers hold is brought over first (as a read
+  would), so ``add`` fails on a key a read would return (``cache.add`` locks
+  keep working across the move); then ``add`` runs on the new servers.
 - ``incr``/``decr``/``touch`` on a key only the old servers hold: the item is
   brought over first (as a read would), then the operation runs on the new
   servers and the old servers forget the key. ``cas`` goes to the new servers
@@ -191,7 +194,14 @@ class FallbackPool:
         """Skip ``node`` for ``OLD_RETRY_AFTER`` seconds after ``exc``."""
         self.old_errors += 1
         self._down_until[node.server] = time.monotonic() + OLD_RETRY_AFTER
-        logger.debug("old memcached %s failed: %r (a miss)", node.server, exc)
+        # At most one line per server per OLD_RETRY_AFTER; never the key.
+        logger.warning(
+            "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
+            "misses for %.0f s",
+            server_name(node.server),
+            type(exc).__name__,
+            OLD_RETRY_AFTER,
+        )
 
     def _after_fork_in_child(self) -> None:
         self.hits = self.misses = 0
@@ -267,8 +277,13 @@ class FallbackPair:
         return self._new().set_many(values, *args, **kwargs)
 
     def add(self, key: bytes, value: Any, *args: Any, **kwargs: Any) -> Any:
-        self._forget([key])
-        return self._new().add(key, value, *args, **kwargs)
+        # A key the old servers hold is present (a read would return it): bring
+        # it over first, so add() fails as it would have (locks keep working).
+        had = bool(self._read_through([key]))
+        stored = self._new().add(key, value, *args, **kwargs)
+        if stored and had:
+            self._forget([key])  # not copied (about to expire): drop it
+        return stored
 
     def delete(self, key: bytes, *args: Any, **kwargs: Any) -> bool:
         old_had = self._forget([key])

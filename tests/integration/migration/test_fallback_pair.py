@@ -76,7 +76,8 @@ def test_writes_and_deletes_make_old_forget(old_new, old_cache, pair, new_cache)
     old_cache.set_many({k: "old" for k in "abcdefg"})
     pair.set("a", "new")
     pair.set_many({"b": "new"})
-    pair.add("c", "new")
+    pair.delete("c")
+    assert pair.add("c", "new") is True
     assert pair.delete("d") is True  # only the old server held it
     pair.delete_many(["e", "f"])
     assert old_cache.get_many(list("abcdefg")) == {"g": "old"}
@@ -86,6 +87,16 @@ def test_writes_and_deletes_make_old_forget(old_new, old_cache, pair, new_cache)
     pair.delete("g")
     assert pair.get("g") is None  # a deleted key never comes back from old
     assert raw_item(old, wire("g")) is None
+
+
+def test_add_fails_on_a_key_only_old_holds(old_new, old_cache, pair, new_cache):
+    old_cache.set("lock", "held", timeout=100)
+    assert pair.add("lock", "mine") is False  # a read would return "held"
+    assert pair.get("lock") == "held" and new_cache.get("lock") == "held"
+    assert pair.add("free", "mine") is True
+    old_cache.set("brief", "x", timeout=1)  # not copied: add wins, old forgets
+    assert pair.add("brief", "mine") is True
+    assert old_cache.get("brief") is None and pair.get("brief") == "mine"
 
 
 def test_incr_touch_gets_cas_on_old_only_keys(old_new, old_cache, pair, new_cache):
