@@ -94,7 +94,7 @@ _DELEGATED_METHODS = frozenset(
 )
 
 
-def node_for(client: Any, key: bytes) -> Any:
+def node_for(client: Any, key: str | bytes) -> Any:
     """The per-server pymemcache ``Client`` that holds ``key`` (None: none alive).
 
     ``client`` is what a ``ClientPool`` hands out: a plain ``Client``, a
@@ -116,10 +116,11 @@ def node_clients(client: Any) -> list[Any]:
     return list(clients.values()) if isinstance(clients, dict) else [client]
 
 
-def wire_key(node: Any, key: bytes) -> bytes:
-    """``key`` as the server sees it (pymemcache's ``key_prefix`` applied)."""
+def wire_key(node: Any, key: str | bytes) -> bytes:
+    """``key`` as the server sees it: UTF-8, pymemcache's ``key_prefix`` in front."""
+    raw = key.encode() if isinstance(key, str) else key
     prefix = node.key_prefix
-    return prefix + key if prefix else key
+    return prefix + raw if prefix else raw
 
 
 def exptime_for(ttl: int, now: float) -> int | None:
@@ -217,8 +218,9 @@ class FallbackPool:
 class FallbackPair:
     """pymemcache client methods over the new servers, falling back to the old.
 
-    Keys are wire keys (bytes) as the backend sends them; values are Python
-    objects serialized with the cache's serde. See the module docstring for
+    Keys are what the backend hands pymemcache (``str`` as Django does, or
+    ``bytes``; validated, without pymemcache's ``key_prefix``); values are
+    Python objects serialized with the cache's serde. See the module docstring for
     what each method does to each pool.
     """
 

@@ -404,9 +404,14 @@ class _Copier:
                 report.error(f"undoing copies on {_node_name(node)}: {exc!r}")
 
     def _dest_node(self, key: bytes) -> Any:
+        # Route as the site's backend does: the key without pymemcache's
+        # key_prefix, as the str Django hands the client.
         prefix = self.key_prefix
         route = key[len(prefix) :] if prefix and key.startswith(prefix) else key
-        return node_for(self.dest, route)
+        try:
+            return node_for(self.dest, route.decode())
+        except UnicodeDecodeError:  # not a key Django makes (--all-keys)
+            return node_for(self.dest, route)
 
 
 def _node_name(node: Any) -> str:

@@ -186,6 +186,29 @@ def test_multi_server_old_pool_and_key_prefix(memcached_servers, make_cache):
     assert old_cache.get_many(list(data)) == {}
 
 
+def test_old_servers_written_by_djangos_backend(memcached_servers, make_cache):
+    """The usual move: from Django's PyMemcacheCache on old servers to the pair."""
+    from tests.conftest import DJANGO_BACKEND
+
+    *old, new = memcached_servers
+    for server in memcached_servers:
+        server.flush()
+    django_cache = make_cache(
+        [s.location for s in old], backend=DJANGO_BACKEND, KEY_PREFIX=PREFIX
+    )
+    data = {f"k{i}": {"n": i} for i in range(40)}
+    django_cache.set_many(data)
+    pair = make_cache(
+        new.location,
+        KEY_PREFIX=PREFIX,
+        OPTIONS={"FALLBACK_LOCATION": [s.location for s in old]},
+    )
+    assert pair.get_many(list(data)) == data
+    assert pair.get("k7") == {"n": 7}
+    pair.delete("k8")
+    assert django_cache.get("k8") is None
+
+
 def test_without_fallback_location_nothing_changes(memcached, make_cache):
     cache = make_cache(memcached.location)
     assert type(cache._pool) is ClientPool
