@@ -458,3 +458,27 @@ def test_source_stopped_mid_run_counts_the_rest_as_failed(
     )  # fmt: skip
     assert (report.copied, report.failed) == (30, 70)
     assert "reading" in report.errors[0]
+
+
+def test_listing_decodes_every_byte_a_key_can_hold(old_new):
+    """Keys with %, +, /, UTF-8 and non-UTF-8 bytes arrive URL-encoded; each is
+    decoded to its exact bytes and copied under them."""
+    old, new = old_new
+    keys = [b"a%20b", b"plus+sign", b"sl/ash?x=1&y", "é-ü".encode(), b"\xff\xfe", b"~!"]
+    for key in keys:
+        plant(old, key, b"v")
+    report = warmup.warm([old.location], [new.location])
+    assert (report.copied, report.invalid_key) == (len(keys), 0)
+    assert all(holds(new, key) for key in keys)
+
+
+def test_several_sources(memcached_servers, make_cache):
+    *old, new = memcached_servers
+    for server in memcached_servers:
+        server.flush()
+    make_cache([s.location for s in old], KEY_PREFIX=PREFIX).set_many(
+        {f"k{i}": i for i in range(50)}
+    )
+    report = warmup.warm([s.location for s in old], [new.location])
+    assert report.copied == 50 and report.scanned == 50
+    assert make_cache(new.location, KEY_PREFIX=PREFIX).get("k7") == 7
