@@ -483,10 +483,15 @@ def warm(
     check_servers(sources, dests, kwargs)
     report = WarmupReport(dry_run=dry_run)
     dest_client = ClientPool(dests, kwargs)._build()
-    offsets = {
-        node: meta.server_time(node) - time.time() for node in node_clients(dest_client)
-    }
-    items = {server: _curr_items(server, kwargs) for server in sources}
+    try:
+        offsets = {
+            node: meta.server_time(node) - time.time()
+            for node in node_clients(dest_client)
+        }
+        items = {server: _curr_items(server, kwargs) for server in sources}
+    except Exception as exc:  # reachable a moment ago (check_servers)
+        dest_client.close()
+        raise WarmupError(f"Cannot read the servers' stats: {exc!r}") from exc
     report.estimated_total = sum(items.values())
     started = time.monotonic()
     try:
