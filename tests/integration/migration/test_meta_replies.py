@@ -1,4 +1,5 @@
-"""Meta-command reply parsing and the TTL rules, without a memcached server.
+"""Meta-command reply parsing and the TTL rules, without a memcached server
+(over a local socket pair, so it lives beside the integration tests).
 
 Replies are fed through a local socket pair in tiny pieces, so a value that
 contains ``\\r\\n`` or is split across reads is read by its announced length.
