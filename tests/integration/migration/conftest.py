@@ -36,12 +36,17 @@ def stat(server: MemcachedServer, name: str) -> int:
 
 
 @pytest.fixture
-def old_new(memcached_servers: list[MemcachedServer]):
-    """(old, new): two shared servers, flushed."""
-    old, new = memcached_servers[1], memcached_servers[2]
-    old.flush()
-    new.flush()
-    return old, new
+def old_new(memcached_factory) -> tuple[MemcachedServer, MemcachedServer]:
+    """(old, new): two private servers. Private, because a flushed memcached keeps
+    counting its flushed items in ``curr_items``: the copies made here would
+    show in other tests' figures on the shared servers."""
+    return memcached_factory(), memcached_factory()
+
+
+@pytest.fixture
+def three(memcached_factory) -> list[MemcachedServer]:
+    """Three private servers (see ``old_new``)."""
+    return [memcached_factory() for _ in range(3)]
 
 
 @pytest.fixture

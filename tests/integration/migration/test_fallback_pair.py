@@ -118,8 +118,8 @@ def test_repair_undone_when_source_vanished(old_new, old_cache, pair):
     old, new = old_new
     old_cache.set("k", "v")
     pool = pair._pool
-    node = pool.old.client()
     key = wire("k").encode()
+    node = fallback.node_for(pool.old.client(), key)
     item = meta.get_many(node, [key])[0]
     old_cache.delete("k")  # a delete lands between the old read and the copy
     pool.client()._repair({key: item})
@@ -164,10 +164,8 @@ def test_old_pool_stopped_mid_test(memcached_factory, make_cache, monkeypatch):
     assert pair.get("d") == 4
 
 
-def test_multi_server_old_pool_and_key_prefix(memcached_servers, make_cache):
-    *old, new = memcached_servers
-    for server in memcached_servers:
-        server.flush()
+def test_multi_server_old_pool_and_key_prefix(three, make_cache):
+    *old, new = three
     options = {"key_prefix": b"kp."}
     old_cache = make_cache(
         [s.location for s in old], KEY_PREFIX=PREFIX, OPTIONS=options
@@ -186,13 +184,11 @@ def test_multi_server_old_pool_and_key_prefix(memcached_servers, make_cache):
     assert old_cache.get_many(list(data)) == {}
 
 
-def test_old_servers_written_by_djangos_backend(memcached_servers, make_cache):
+def test_old_servers_written_by_djangos_backend(three, make_cache):
     """The usual move: from Django's PyMemcacheCache on old servers to the pair."""
     from tests.conftest import DJANGO_BACKEND
 
-    *old, new = memcached_servers
-    for server in memcached_servers:
-        server.flush()
+    *old, new = three
     django_cache = make_cache(
         [s.location for s in old], backend=DJANGO_BACKEND, KEY_PREFIX=PREFIX
     )

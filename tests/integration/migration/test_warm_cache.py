@@ -255,12 +255,8 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(
     assert lines[0].startswith("scanned 10/50 copied 0") and len(lines) == 5
 
 
-def test_multi_server_destination_and_key_prefix(
-    settings, memcached_servers, make_cache
-):
-    old, *new = memcached_servers
-    for server in memcached_servers:
-        server.flush()
+def test_multi_server_destination_and_key_prefix(settings, three, make_cache):
+    old, *new = three
     options = {"key_prefix": b"kp."}
     old_cache = make_cache(old.location, KEY_PREFIX=PREFIX, OPTIONS=options)
     old_cache.set_many({f"k{i}": i for i in range(60)})
@@ -472,10 +468,8 @@ def test_listing_decodes_every_byte_a_key_can_hold(old_new):
     assert all(holds(new, key) for key in keys)
 
 
-def test_several_sources(memcached_servers, make_cache):
-    *old, new = memcached_servers
-    for server in memcached_servers:
-        server.flush()
+def test_several_sources(three, make_cache):
+    *old, new = three
     make_cache([s.location for s in old], KEY_PREFIX=PREFIX).set_many(
         {f"k{i}": i for i in range(50)}
     )
