@@ -476,3 +476,27 @@ def test_several_sources(three, make_cache):
     report = warmup.warm([s.location for s in old], [new.location])
     assert report.copied == 50 and report.scanned == 50
     assert make_cache(new.location, KEY_PREFIX=PREFIX).get("k7") == 7
+
+
+def test_runs_inside_the_telemetry_root_span(configured, old_cache, monkeypatch):
+    """The command opens ``telemetry.root_span("warm-cache", attributes)`` (the
+    hook the telemetry module is to offer; a stand-in module here)."""
+    import contextlib
+    import sys
+    import types
+
+    spans = []
+
+    @contextlib.contextmanager
+    def root_span(name, attributes):
+        spans.append([name, attributes, "open"])
+        yield
+        spans[-1][2] = "closed"
+
+    fake = types.ModuleType("django_ocmemcache.telemetry")
+    fake.root_span = root_span  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "django_ocmemcache.telemetry", fake)
+    old_cache.set("k", 1)
+    summary, code, _ = run("--dry-run")
+    assert code == 0 and summary["copied"] == 1
+    assert spans == [["warm-cache", {"dry_run": True}, "closed"]]
