@@ -77,7 +77,8 @@ def operation(
             st.depth = 1
             st.hits = st.misses = 0
             st.error = None
-            call = self._telemetry.start(self, name) if self._telemetry else None
+            tel = self._telemetry
+            call = tel.start(self, name, args, kwargs) if tel is not None else None
             try:
                 try:
                     result = fn(self, *args, **kwargs)
@@ -175,11 +176,14 @@ class OCMemcacheCache(BaseCache):
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = ErrorPolicy(self._options.ignore_exceptions)
-        self._telemetry = self._load_telemetry()
+        self._telemetry = self._load_telemetry(server, params)
 
-    def _load_telemetry(self) -> Any:
-        """The telemetry hook (``start(cache, method) -> call``), or ``None``."""
-        return None
+    def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
+        """The telemetry hook (``start(cache, method, args, kwargs) -> call``),
+        or ``None`` when ``settings.OCMEMCACHE`` turns metrics and tracing off."""
+        from . import telemetry  # imports OpenCensus lazily, only when tracing
+
+        return telemetry.for_cache(self, server, params)
 
     # -- helpers -----------------------------------------------------------
 
