@@ -10,7 +10,6 @@ both sides, a server unreachable, bad settings); 2 bad arguments (argparse);
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import signal
 import threading
@@ -26,6 +25,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_ocmemcache.client import parse_location, parse_server, server_name
 from django_ocmemcache.conf import BackendOptions
 from django_ocmemcache.fallback import parse_fallback_location
+from django_ocmemcache.telemetry import root_span
 from django_ocmemcache.warmup import (
     DEFAULT_BATCH_SIZE,
     WarmupError,
@@ -123,7 +123,7 @@ class Command(BaseCommand):
         stop = threading.Event()
         with self._progress(verbosity) as progress, _signals_stop(stop) as caught:
             try:
-                with _root_span("warm-cache", {"dry_run": options["dry_run"]}):
+                with root_span("warm-cache", {"dry_run": options["dry_run"]}):
                     report = warm(
                         source, dest, namespace=namespace, client_kwargs=kwargs,
                         batch_size=options["batch_size"], rate=options["rate"],
@@ -253,17 +253,3 @@ def _signals_stop(stop: threading.Event) -> Iterator[list[str]]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-
-
-def _root_span(name: str, attributes: dict[str, Any]) -> Any:
-    """The command's root span when tracing is configured, else a no-op.
-
-    Uses ``django_ocmemcache.telemetry.root_span(name, attributes)`` (a
-    context manager) when the telemetry module offers it.
-    """
-    try:
-        telemetry = importlib.import_module("django_ocmemcache.telemetry")
-    except ImportError:
-        return contextlib.nullcontext()
-    helper = getattr(telemetry, "root_span", None)
-    return helper(name, attributes) if callable(helper) else contextlib.nullcontext()

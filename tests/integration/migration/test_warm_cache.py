@@ -478,25 +478,28 @@ def test_several_sources(three, make_cache):
     assert make_cache(new.location, KEY_PREFIX=PREFIX).get("k7") == 7
 
 
-def test_runs_inside_the_telemetry_root_span(configured, old_cache, monkeypatch):
-    """The command opens ``telemetry.root_span("warm-cache", attributes)`` (the
-    hook the telemetry module is to offer; a stand-in module here)."""
-    import contextlib
-    import sys
-    import types
+def test_runs_inside_its_own_root_span(configured, old_cache, settings):
+    """With ``OPENCENSUS["TRACE"]`` configured the command is one exported root
+    span named ``warm-cache``, and no tracer is left in the context after."""
+    from opencensus.trace import execution_context, samplers
 
-    spans = []
+    from django_ocmemcache import telemetry
 
-    @contextlib.contextmanager
-    def root_span(name, attributes):
-        spans.append([name, attributes, "open"])
-        yield
-        spans[-1][2] = "closed"
+    class Exporter:
+        spans: list = []
 
-    fake = types.ModuleType("django_ocmemcache.telemetry")
-    fake.root_span = root_span  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "django_ocmemcache.telemetry", fake)
+        def export(self, span_datas):
+            self.spans.extend(span_datas)
+
+    exporter = Exporter()
+    settings.OPENCENSUS = {
+        "TRACE": {"SAMPLER": samplers.AlwaysOnSampler(), "EXPORTER": exporter}
+    }
     old_cache.set("k", 1)
     summary, code, _ = run("--dry-run")
     assert code == 0 and summary["copied"] == 1
-    assert spans == [["warm-cache", {"dry_run": True}, "closed"]]
+    assert telemetry.queued(exporter).flush(timeout=5)
+    (span,) = [s for s in exporter.spans if s.name == "warm-cache"]
+    assert span.parent_span_id is None
+    assert span.attributes["dry_run"] is True
+    assert execution_context.get_current_span() is None
