@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed batches per contender and case")
     p.add_argument("--batch", type=float, help="seconds per batch (slowest contender)")
     p.add_argument("--cases", help="only cases whose name contains this (regex)")
+    p.add_argument(
+        "--contenders",
+        help="only contenders whose name matches this regex (raw, django, ours, "
+        "ours+metrics, ours+spans); Django's is always kept for the ratios",
+    )
     p.add_argument("--warm-keys", type=int, help="keys for the warm-cache case")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     p.add_argument(
@@ -44,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     # Many short batches: a slow spell on the shared machine then spoils a few
     # paired samples instead of one contender's whole measurement.
-    args.repeats = args.repeats or (3 if quick else 25)
-    args.batch = args.batch or (0.01 if quick else 0.08)
+    args.repeats = args.repeats or (3 if quick else 35)
+    args.batch = args.batch or (0.01 if quick else 0.06)
     args.warm_keys = args.warm_keys or (5_000 if quick else 100_000)
     args.warm_repeats = 1 if quick else 3
     args.memory_calls = 300 if quick else 2000
@@ -350,6 +355,12 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
 
     locations = {1: servers[0].location, 3: ";".join(s.location for s in servers)}
     specs, notes = contenders.all_specs(with_telemetry=not args.no_telemetry)
+    if args.contenders:
+        specs = [
+            s
+            for s in specs
+            if s.name == "django" or re.fullmatch(args.contenders, s.name)
+        ]
     settings.configure(specs, locations)
     contenders.resolve(specs, locations)
     env = cases.Env({n: contenders.raw_client(loc) for n, loc in locations.items()})
