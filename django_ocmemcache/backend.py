@@ -19,11 +19,11 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys
-from .client import ClientPool, get_pool, parse_location
+from . import keys, nodes
+from .client import ClientPool, default_deadline, get_pool, parse_location
 from .conf import BackendOptions
-from .errors import ErrorPolicy
-from .serializers import load_serde
+from .errors import get_policy
+from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
 
@@ -33,7 +33,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: (protocol.txt, "Expiration times").
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
-_MISSING = object()
+#: What a lookup yields for an absent key; serializers return it for a value
+#: that cannot be trusted or decoded, so those read as misses too.
+_MISSING = MISS
 
 
 class _CallState(threading.local):
@@ -75,6 +77,7 @@ def operation(
             st.depth = 1
             st.hits = st.misses = 0
             st.error = None
+            nodes.deadline_scope(self._deadline)
             call = self._telemetry.start(self, name) if self._telemetry else None
             try:
                 try:
@@ -93,6 +96,7 @@ def operation(
                 return result
             finally:
                 st.depth = 0
+                nodes.end_deadline_scope()
 
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -152,8 +156,12 @@ class OCMemcacheCache(BaseCache):
                 "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
             )
         kwargs.setdefault("serde", load_serde(self._options.serializer))
+        # pymemcache's ignore_exc would swallow programming errors too; it is
+        # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
+        ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
         self._pool: ClientPool = get_pool(self._servers, kwargs)
-        self._errors = ErrorPolicy(self._options.ignore_exceptions)
+        self._errors = get_policy(self._pool, ignore)
+        self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
         self._telemetry = self._load_telemetry()
 
     def _load_telemetry(self) -> Any:
@@ -277,8 +285,9 @@ class OCMemcacheCache(BaseCache):
         """Return ``{key: value}`` for the keys found; missing keys are left out."""
         key_map = {self._key(k, version): k for k in keys}
         found = self._client().get_many(list(key_map)) if key_map else {}
-        self._lookups(len(found), len(key_map) - len(found))
-        return {key_map[k]: v for k, v in found.items()}
+        hits = {key_map[k]: v for k, v in found.items() if v is not _MISSING}
+        self._lookups(len(hits), len(key_map) - len(hits))
+        return hits
 
     @operation("set_many", _all_keys_failed)
     def set_many(
