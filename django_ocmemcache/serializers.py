@@ -10,7 +10,9 @@ A serde has ``serialize(key, value) -> (bytes, flags)`` and
 - ``"signed-pickle"``: the same payload with an HMAC-SHA256 over key, flags and
   payload in front and flag ``FLAG_SIGNED``; a value that is unsigned, signed
   with an unknown key, or tampered with is a miss and a security warning, and is
-  never unpickled. Keys come from ``settings.OCMEMCACHE["SIGNING_KEYS"]`` or are
+  never unpickled. Integers stay plain digits (memcached's ``incr`` rewrites
+  them on the server, so they cannot carry a MAC; ``int()`` runs no code). Keys
+  come from ``settings.OCMEMCACHE["SIGNING_KEYS"]`` or are
   derived from ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS`` (rotation).
 - ``"json"``: str, bytes and int as pymemcache stores them (so ``incr`` works),
   everything else as JSON (``DjangoJSONEncoder``: datetimes come back as
@@ -184,10 +186,14 @@ class SignedPickleSerde:
 
     def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
         data, flags = python_memcache_serializer(key, value)
+        if flags == FLAG_INTEGER:
+            return data, flags  # plain digits, so memcached's incr/decr work
         flags |= FLAG_SIGNED
         return _mac(signing_keys()[0], key, flags, data) + data, flags
 
     def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
+        if flags == FLAG_INTEGER:
+            return _decode_plain(data, flags)  # int(): nothing to execute
         if not flags & FLAG_SIGNED or len(data) < _MAC_SIZE:
             rejected_value_warning(
                 "unsigned memcached value under SERIALIZER 'signed-pickle' "

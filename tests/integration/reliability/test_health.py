@@ -1,0 +1,146 @@
+"""Server health: a failed server is skipped and probed, at most one connection
+attempt per interval per process, traffic again within dead_timeout + 2 s;
+keys map to servers as Django's PyMemcacheCache (pymemcache HashClient) maps them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from django_ocmemcache.errors import is_io_error
+from django_ocmemcache.exceptions import ServerUnavailable
+from tests.conftest import DJANGO_BACKEND
+
+pytestmark = pytest.mark.integration
+
+MISS = object()
+
+
+def test_down_server_gets_one_connection_attempt_per_interval(
+    memcached_factory, fault_proxy, make_cache
+):
+    server = memcached_factory()
+    proxy = fault_proxy(upstream=server)
+    server.stop()  # the proxy accepts, then closes: each attempt is counted
+    retry = 0.2
+    opts = {"IGNORE_EXCEPTIONS": True, "retry_timeout": retry, "dead_timeout": retry}
+    make_cache(proxy.location, OPTIONS=opts).get("k")  # first failure: marked down
+    first = proxy.accepted
+    stop = time.monotonic() + 1.0
+    calls = []
+
+    def load():
+        cache = make_cache(proxy.location, OPTIONS=opts)
+        while time.monotonic() < stop:
+            cache.get("k")
+            calls.append(1)
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(calls) > 100
+    # One probe per interval for the whole process (8 threads).
+    assert proxy.accepted - first <= 1.0 / retry + 1, proxy.accepted
+
+
+def test_a_failed_server_is_skipped_fast(memcached_factory, make_cache):
+    server = memcached_factory()
+    cache = make_cache(server.location, OPTIONS={"retry_timeout": 5})
+    cache.set("k", 1)
+    server.stop()
+    with pytest.raises(Exception) as info:
+        cache.get("k")
+    assert is_io_error(info.value)
+    start = time.monotonic()
+    for _ in range(50):
+        with pytest.raises(ServerUnavailable):
+            cache.get("k")
+    assert time.monotonic() - start < 0.1
+
+
+def test_traffic_resumes_within_dead_timeout(memcached_factory, make_cache):
+    server = memcached_factory()
+    dead_timeout = 1.0
+    opts = {
+        "IGNORE_EXCEPTIONS": True,
+        "retry_attempts": 1,
+        "retry_timeout": 0.1,
+        "dead_timeout": dead_timeout,
+        "DEADLINE": 0.2,
+    }
+    cache = make_cache(server.location, OPTIONS=opts)
+    cache.set("k", "v")
+    server.stop()
+    for _ in range(30):  # several probes fail while it is down
+        assert cache.get("k", MISS) is MISS
+        time.sleep(0.05)
+    server.restart()
+    restarted = time.monotonic()
+    while time.monotonic() - restarted < dead_timeout + 2:
+        cache.set("k", "v")
+        if cache.get("k", MISS) == "v":
+            break
+        time.sleep(0.02)
+    assert cache.get("k", MISS) == "v"
+    assert time.monotonic() - restarted <= dead_timeout + 2
+
+
+def test_stale_connections_of_other_threads_are_dropped(memcached_factory, make_cache):
+    server = memcached_factory()
+    opts = {"retry_timeout": 0.05, "retry_attempts": 5}
+    caches = []
+
+    def connect():
+        cache = make_cache(server.location, OPTIONS=opts)
+        cache.set("k", 1)  # opens this thread's connection
+        caches.append(cache)
+
+    t = threading.Thread(target=connect)
+    t.start()
+    t.join(5)
+    main = make_cache(server.location, OPTIONS=opts)
+    main.set("k", 1)
+    server.restart()
+    with pytest.raises(Exception) as info:
+        main.get("k")  # this thread's old socket fails and marks the server
+    assert is_io_error(info.value)
+    time.sleep(0.06)
+    results = []
+
+    def reuse():
+        results.append(caches[0].get("k", MISS))
+
+    t = threading.Thread(target=reuse)
+    t.start()
+    t.join(5)
+    assert results == [MISS]  # reconnected, not an error on the dead socket
+
+
+def test_keys_map_to_servers_as_django(memcached_servers, make_cache):
+    for s in memcached_servers:
+        s.flush()
+    locations = [s.location for s in memcached_servers]
+    django = make_cache(locations, backend=DJANGO_BACKEND, KEY_PREFIX="p")
+    ours = make_cache(locations, KEY_PREFIX="p")
+    keys = [f"key-{i}-é" for i in range(150)]
+    django.set_many({k: k for k in keys})
+    assert ours.get_many(keys) == {k: k for k in keys}
+    per_server = [int(s.stats()["curr_items"]) for s in memcached_servers]
+    assert sum(per_server) == 150 and min(per_server) > 0
+
+
+def test_one_server_down_leaves_the_others_working(memcached_factory, make_cache):
+    servers = [memcached_factory() for _ in range(3)]
+    cache = make_cache(
+        [s.location for s in servers], OPTIONS={"IGNORE_EXCEPTIONS": True}
+    )
+    cache.set_many({f"k{i}": i for i in range(60)})
+    servers[1].stop()
+    values = [cache.get(f"k{i}", MISS) for i in range(60)]
+    hits = [v for v in values if v is not MISS]
+    assert 20 <= len(hits) < 60 and all(values[v] == v for v in hits)
