@@ -115,7 +115,7 @@ def _check_timeouts(alias: str, opts: Any) -> list[checks.CheckMessage]:
     off = [
         k for k in ("connect_timeout", "timeout") if opts.client_kwargs.get(k) is None
     ]
-    if not off:
+    if not off or opts.deadline is not None:  # an explicit DEADLINE bounds waits
         return []
     return [
         checks.Warning(

@@ -3,8 +3,9 @@
 I/O failures (connection refused or reset, timeouts and the whole-operation
 deadline, an unexpected close, a garbage or oversized reply, a server error
 reply, a server skipped while it is down) are what a cache may hide;
-programming errors (bad keys, unpicklable values, wrong types, a
-``CLIENT_ERROR`` reply) always raise, whatever the option says.
+programming and configuration errors (bad keys, unpicklable values, wrong
+types, a ``CLIENT_ERROR`` reply, a TLS certificate or protocol mismatch) always
+raise, whatever the option says.
 
 pymemcache's own ``ignore_exc`` is never passed to pymemcache (it swallows
 programming errors too and turns ``incr`` failures into ``False``);
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -46,8 +48,18 @@ IO_ERRORS: tuple[type[BaseException], ...] = (
 LOG_INTERVAL = 10.0
 
 
+def is_tls_config_error(exc: BaseException) -> bool:
+    """True for a TLS setup error (wrong CA, plaintext server): configuration,
+    not a passing failure, so it always raises, even under IGNORE_EXCEPTIONS."""
+    return isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    )
+
+
 def is_io_error(exc: BaseException) -> bool:
     """Return True if ``exc`` is a failure to talk to memcached."""
+    if is_tls_config_error(exc):
+        return False
     if isinstance(exc, IO_ERRORS):
         return True
     # pymemcache's HashClient raises a bare MemcacheError when every server is dead.

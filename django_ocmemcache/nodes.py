@@ -28,7 +28,6 @@ Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +38,7 @@ from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
 
+from .errors import is_tls_config_error
 from .exceptions import BadReply, DeadlineExceeded, ServerUnavailable
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
@@ -249,15 +249,8 @@ class ServerHealth:
         self.down = {}
 
 
-def _is_tls_config_error(exc: BaseException) -> bool:
-    # A wrong CA or a plaintext server: configuration, not a passing failure.
-    return isinstance(exc, ssl.SSLError) and not isinstance(
-        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
-    )
-
-
 def _marks_down(exc: BaseException) -> bool:
-    if _is_tls_config_error(exc):
+    if is_tls_config_error(exc):  # every call should raise it, not "down"
         return False
     return isinstance(
         exc, (OSError, MemcacheUnexpectedCloseError, MemcacheUnknownError, BadReply)
