@@ -112,12 +112,27 @@ def _false(*args: Any, **kwargs: Any) -> bool:
     return False
 
 
-def _empty_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
-    return {}
+def _wire_keys(self: Any, keys: Any, version: Any) -> dict[bytes, Any]:
+    return {self._key(k, version): k for k in keys}
 
 
-def _all_keys_failed(self: Any, data: Any, *args: Any, **kwargs: Any) -> list[Any]:
-    return list(data)
+def _get_many_partial(self: Any, keys: Any, version: Any = None) -> dict[Any, Any]:
+    """The hits of the servers that answered (``exc.partial_result``, wire keys,
+    see ``nodes.ShardedClient``), under the caller's keys."""
+    partial = getattr(_state.error, "partial_result", None) or {}
+    wire = _wire_keys(self, keys, version) if partial else {}
+    return {wire[k]: v for k, v in partial.items() if k in wire and v is not MISS}
+
+
+def _set_many_partial(
+    self: Any, data: Any, timeout: Any = None, version: Any = None
+) -> list[Any]:
+    """Every key not stored (``exc.partial_result``), or all of them."""
+    partial = getattr(_state.error, "partial_result", None)
+    if partial is None:
+        return list(data)
+    wire = _wire_keys(self, data, version)
+    return [wire[k] for k in partial if k in wire]
 
 
 def _missing_key(self: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
@@ -278,7 +293,7 @@ class OCMemcacheCache(BaseCache):
         """Delete ``key``; return True if it existed."""
         return bool(self._client().delete(self._key(key, version)))
 
-    @operation("get_many", _empty_dict)
+    @operation("get_many", _get_many_partial)
     def get_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
@@ -289,7 +304,7 @@ class OCMemcacheCache(BaseCache):
         self._lookups(len(hits), len(key_map) - len(hits))
         return hits
 
-    @operation("set_many", _all_keys_failed)
+    @operation("set_many", _set_many_partial)
     def set_many(
         self,
         data: dict[Any, Any],

@@ -38,7 +38,7 @@ from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
 
-from .errors import is_tls_config_error
+from .errors import is_io_error, is_tls_config_error
 from .exceptions import BadReply, DeadlineExceeded, ServerUnavailable
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
@@ -376,23 +376,57 @@ class ShardedClient:
             batches[self.node_for(key)].append(key)
         return batches
 
+    def _per_node(
+        self, method: str, batches: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], Exception | None]:
+        """Run ``method`` on each node's batch; I/O failures do not stop the rest.
+
+        Returns ``({node: result}, first I/O failure or None)``.
+        """
+        results: dict[str, Any] = {}
+        first: Exception | None = None
+        for node, batch in batches.items():
+            try:
+                results[node] = self._call(node, method, batch, *args, **kwargs)
+            except Exception as exc:
+                if not is_io_error(exc):
+                    raise
+                first = first or exc
+        return results, first
+
     def get_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
-        found: dict[Any, Any] = {}
-        for node, batch in self._by_node(keys).items():
-            found.update(self._call(node, "get_many", batch, *args, **kwargs))
-        return found
+        """``{key: value}`` found; if a server failed, its error is raised with
+        the other servers' hits as ``exc.partial_result``."""
+        return self._fetch_many("get_many", keys, *args, **kwargs)
 
     def gets_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
+        return self._fetch_many("gets_many", keys, *args, **kwargs)
+
+    def _fetch_many(self, method: str, keys: Iterable[Any], *a: Any, **kw: Any) -> dict:
+        results, error = self._per_node(method, self._by_node(keys), *a, **kw)
         found: dict[Any, Any] = {}
-        for node, batch in self._by_node(keys).items():
-            found.update(self._call(node, "gets_many", batch, *args, **kwargs))
+        for part in results.values():
+            found.update(part)
+        if error is not None:
+            error.partial_result = found  # type: ignore[attr-defined]
+            raise error
         return found
 
     def set_many(self, values: dict[Any, Any], *args: Any, **kwargs: Any) -> list:
-        failed: list[Any] = []
-        for node, batch in self._by_node(values).items():
-            part = {k: values[k] for k in batch}
-            failed += self._call(node, "set_many", part, *args, **kwargs)
+        """Keys not stored; if a server failed, its error is raised with every
+        key not stored (its own included) as ``exc.partial_result``."""
+        batches = {
+            node: {k: values[k] for k in batch}
+            for node, batch in self._by_node(values).items()
+        }
+        results, error = self._per_node("set_many", batches, *args, **kwargs)
+        failed = [k for node, part in batches.items() if node not in results
+                  for k in part]  # fmt: skip
+        for part_failed in results.values():
+            failed += part_failed
+        if error is not None:
+            error.partial_result = failed  # type: ignore[attr-defined]
+            raise error
         return failed
 
     def delete_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> bool:

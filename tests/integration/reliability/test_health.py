@@ -93,32 +93,30 @@ def test_traffic_resumes_within_dead_timeout(memcached_factory, make_cache):
 def test_stale_connections_of_other_threads_are_dropped(memcached_factory, make_cache):
     server = memcached_factory()
     opts = {"retry_timeout": 0.05, "retry_attempts": 5}
-    caches = []
+    cache = make_cache(server.location, OPTIONS=opts)
+    go, done, results = threading.Event(), threading.Event(), []
 
-    def connect():
-        cache = make_cache(server.location, OPTIONS=opts)
-        cache.set("k", 1)  # opens this thread's connection
-        caches.append(cache)
+    def worker():  # one thread, one connection, used before and after
+        cache.set("k", 1)
+        done.set()
+        go.wait(5)
+        try:
+            results.append(cache.get("k", MISS))
+        except Exception as exc:
+            results.append(exc)
 
-    t = threading.Thread(target=connect)
+    t = threading.Thread(target=worker)
     t.start()
-    t.join(5)
-    main = make_cache(server.location, OPTIONS=opts)
-    main.set("k", 1)
+    done.wait(5)
+    cache.set("k", 1)
     server.restart()
     with pytest.raises(Exception) as info:
-        main.get("k")  # this thread's old socket fails and marks the server
+        cache.get("k")  # this thread's old socket fails and marks the server
     assert is_io_error(info.value)
     time.sleep(0.06)
-    results = []
-
-    def reuse():
-        results.append(caches[0].get("k", MISS))
-
-    t = threading.Thread(target=reuse)
-    t.start()
+    go.set()
     t.join(5)
-    assert results == [MISS]  # reconnected, not an error on the dead socket
+    assert results == [MISS]  # reconnected, not an error on its dead socket
 
 
 def test_keys_map_to_servers_as_django(memcached_servers, make_cache):
@@ -144,3 +142,7 @@ def test_one_server_down_leaves_the_others_working(memcached_factory, make_cache
     values = [cache.get(f"k{i}", MISS) for i in range(60)]
     hits = [v for v in values if v is not MISS]
     assert 20 <= len(hits) < 60 and all(values[v] == v for v in hits)
+    # get_many/set_many keep what the live servers gave (partial results).
+    assert cache.get_many([f"k{i}" for i in range(60)]) == {f"k{i}": i for i in hits}
+    failed = cache.set_many({f"k{i}": i for i in range(60)})
+    assert sorted(failed) == sorted(f"k{i}" for i in range(60) if i not in hits)
