@@ -142,7 +142,8 @@ def kill_and_restart() -> list[Row]:
             "Server killed mid-load, restarted 2.3 s later",
             f"8 threads get/set through IGNORE_EXCEPTIONS, DEADLINE {deadline}s, "
             f"dead_timeout {dead_timeout}s; {calls[0]} calls",
-            f"{len(errors)} exceptions to callers; slowest call {worst[0] * 1000:.0f} ms",
+            f"{len(errors)} exceptions to callers; "
+            f"slowest call {worst[0] * 1000:.0f} ms",
             not errors and worst[0] <= deadline + SLACK,
         ),
         (
@@ -179,9 +180,9 @@ def bad_servers() -> list[Row]:
             worst, errors = 0.0, 0
             for i in range(10):
                 for call in (
-                    lambda: cache.get("big"),
-                    lambda i=i: cache.set(f"k{i}", "v" * 100),
-                    lambda: cache.get_many(["big", "k1"]),
+                    lambda c=cache: c.get("big"),
+                    lambda c=cache, i=i: c.set(f"k{i}", "v" * 100),
+                    lambda c=cache: c.get_many(["big", "k1"]),
                 ):
                     elapsed, _, error = timed(call)
                     worst, errors = max(worst, elapsed), errors + (error is not None)
@@ -227,7 +228,8 @@ def _django_trickle(s: Servers, server: MemcachedServer) -> Row:
 
 def bad_keys() -> list[Row]:
     specials = ["\r", "\n", "\r\n", "\x00", "\u0085", "\u2028", " ", "\ud800",
-                "\x7f", "é", "😀", "\t", "k\r\nflush_all", "k\r\ndelete :1:s"]  # fmt: skip
+                "\x7f", "é", "😀", "\t", "k\r\nflush_all",
+                "k\r\ndelete :1:s"]  # fmt: skip
     rnd = random.Random(5)
     keys: list[Any] = [1, None, 2.5, b"bytes", (1,), object()]
     keys += ["é" * n for n in range(120, 133)] + ["k" * n for n in range(240, 256)]
@@ -241,8 +243,8 @@ def bad_keys() -> list[Row]:
         fields = ("cmd_flush", "delete_hits", "delete_misses")
         before = [server.stats()[k] for k in fields]
         for key in keys:
-            for op in (lambda: cache.set(key, 1), lambda: cache.get(key),
-                       lambda: cache.get_many([key, "s"])):  # fmt: skip
+            for op in (lambda k=key: cache.set(k, 1), lambda k=key: cache.get(k),
+                       lambda k=key: cache.get_many([k, "s"])):  # fmt: skip
                 try:
                     op()
                     outcome["ok"] += 1
