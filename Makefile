@@ -20,6 +20,6 @@ reliability:     ## failure scenarios against real memcached; writes docs/reliab
 
 lint:            ## ruff + mypy on the package
 	bash scripts/setup-env.sh >/dev/null
-	$(VENV)/bin/ruff check django_ocmemcache tests bench example_project
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check django_ocmemcache
 	$(VENV)/bin/mypy django_ocmemcache

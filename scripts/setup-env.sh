@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make the machine ready to run the project: memcached (from apt when missing and
-# we are root), a virtualenv at $VENV with $PYTHON, and the package + test deps.
+# we are root), a virtualenv at $VENV with $PYTHON, and the package + test deps
+# (+ gunicorn for the example site).
 # Idempotent: a second run only checks. Prints the venv's python path last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,13 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "setup: creating $VENV with $($PYTHON --version 2>&1) and $DJANGO" >&2
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e ".[test,dev,zipkin]" "$DJANGO" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-  "$VENV/bin/python" -c "import django, pymemcache, pytest" \
-    || { echo "setup: dependency install failed" >&2; exit 1; }
+  log="$VENV/pip-install.log"
+  if ! "$VENV/bin/python" -m pip install -q -e ".[test,dev,zipkin,example]" "$DJANGO" >"$log" 2>&1 \
+     || ! "$VENV/bin/python" -c "import django, pymemcache, pytest, gunicorn"; then
+    cat "$log" >&2
+    echo "setup: dependency install failed (log above)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 echo "$VENV/bin/python"
