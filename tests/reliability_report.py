@@ -168,7 +168,7 @@ def bad_servers() -> list[Row]:
     with Servers() as s:
         server = s.memcached()
         server.command("set :1:big 0 0 2000\r\n" + "x" * 2000, end=b"STORED\r\n")
-        for mode in ("slow", "trickle", "silent", "garbage", "huge"):
+        for mode in ("slow", "trickle", "silent", "garbage", "huge", "drop"):
             proxy = s.proxy(server, mode)
             proxy.delay = 0.6 if mode == "slow" else 0.01
             cache = make(
@@ -208,6 +208,7 @@ _MODES = {
     "silent": "requests read, never answered",
     "garbage": "random bytes without CR LF, up to 256 MiB",
     "huge": "a VALUE header announcing 1 TiB, then a stream of bytes",
+    "drop": "connections closed as soon as a request arrives",
 }
 
 

@@ -22,7 +22,9 @@ def _opts(**extra):
     return {"DEADLINE": DEADLINE, "timeout": 1.0, "connect_timeout": 1.0, **extra}
 
 
-@pytest.mark.parametrize("mode", ["slow", "trickle", "silent", "garbage", "huge"])
+@pytest.mark.parametrize(
+    "mode", ["slow", "trickle", "silent", "garbage", "huge", "drop"]
+)
 def test_every_call_ends_within_the_deadline(mode, memcached, fault_proxy, make_cache):
     memcached.command("set :1:big 0 0 2000\r\n" + "x" * 2000, end=b"STORED\r\n")
     proxy = fault_proxy(mode)

@@ -151,3 +151,43 @@ def test_one_server_down_leaves_the_others_working(memcached_factory, make_cache
     assert cache.get_many([f"k{i}" for i in range(60)]) == {f"k{i}": i for i in hits}
     failed = cache.set_many({f"k{i}": i for i in range(60)})
     assert sorted(failed) == sorted(f"k{i}" for i in range(60) if i not in hits)
+
+
+def test_server_killed_mid_load_and_restarted(memcached_factory, make_cache):
+    server = memcached_factory()
+    deadline, dead_timeout = 0.2, 0.5
+    opts = {"IGNORE_EXCEPTIONS": True, "DEADLINE": deadline, "retry_attempts": 1,
+            "retry_timeout": 0.1, "dead_timeout": dead_timeout}  # fmt: skip
+    cache = make_cache(server.location, OPTIONS=opts)
+    stop, errors, slowest, hits_after = threading.Event(), [], [0.0], []
+    restarted: list[float] = []
+
+    def load(n):
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                if cache.get(f"k{n}", MISS) is MISS:
+                    cache.set(f"k{n}", n)
+                elif restarted and not hits_after:
+                    hits_after.append(time.monotonic() - restarted[0])
+            except Exception as exc:  # must never happen
+                errors.append(exc)
+            slowest[0] = max(slowest[0], time.monotonic() - start)
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    server.stop()
+    time.sleep(0.5)
+    server.restart()
+    restarted.append(time.monotonic())
+    while not hits_after and time.monotonic() - restarted[0] < dead_timeout + 2:
+        time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    assert errors == []
+    assert slowest[0] <= deadline + 0.05
+    assert hits_after and hits_after[0] <= dead_timeout + 2
