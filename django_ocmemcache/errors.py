@@ -140,8 +140,9 @@ class ErrorPolicy:
 
 
 def _describe(exc: BaseException) -> str:
-    # Exception texts from pymemcache/sockets carry no keys, but keep them short.
-    return str(exc)[:120]
+    if isinstance(exc, MemcacheUnknownError):
+        return "unexpected reply"  # its text is a reply line, which may hold a key
+    return str(exc)[:120]  # socket, server-error and our own texts hold no key
 
 
 _policies: dict[tuple[int, bool], ErrorPolicy] = {}
