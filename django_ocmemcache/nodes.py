@@ -290,10 +290,10 @@ class ShardedClient:
             self.clients[node] = GuardedClient(server, **client_kwargs)
             self._names[node] = name
         self._single = next(iter(self.clients)) if len(self.clients) == 1 else None
-        self._hasher = None if self._single else hasher()
-        if self._hasher is not None:
+        self.hasher = None if self._single else hasher()
+        if self.hasher is not None:
             for node in self.clients:
-                self._hasher.add_node(node)
+                self.hasher.add_node(node)
 
     def node_for(self, key: Any) -> str:
         """The node a key belongs to, as ``HashClient`` would choose it."""
@@ -301,7 +301,7 @@ class ShardedClient:
             return self._single
         # Django hands HashClient str keys; hash the same text for the same node.
         text = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
-        return self._hasher.get_node(text)  # type: ignore[union-attr]
+        return self.hasher.get_node(text)  # type: ignore[union-attr]
 
     def _call(self, node: str, method: str, *args: Any, **kwargs: Any) -> Any:
         name = self._names[node]
