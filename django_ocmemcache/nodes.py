@@ -272,6 +272,10 @@ class ShardedClient:
     with one server); ``get_many``/``set_many``/``delete_many`` are split per
     server; ``flush_all`` goes to every server. Exceptions carry the server as
     ``exc.ocmemcache_server`` (``"host:port"``) for logs and counters.
+
+    ``clients`` maps node names (``HashClient``'s: ``"host:port"`` or the socket
+    path) to per-server clients; ``node_for(key)`` gives a key's node (use it
+    rather than ``hasher``, which is ``None`` with one server).
     """
 
     def __init__(
