@@ -163,10 +163,33 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
+class _UnprefixedKeys:
+    """pymemcache hands ``serialize`` the key with its ``key_prefix`` option
+    applied but ``deserialize`` the key without it; give both the same key, so
+    a serde that binds values to keys (signed pickle) can verify them."""
+
+    def __init__(self, serde: Any, prefix: bytes) -> None:
+        self.serde = serde
+        self.prefix = prefix
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        if isinstance(key, bytes) and key.startswith(self.prefix):
+            key = key[len(self.prefix) :]
+        return self.serde.serialize(key, value)
+
+    def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
+        return self.serde.deserialize(key, data, flags)
+
+
 class GuardedClient(Client):
     """pymemcache ``Client`` whose connect, sends and reads obey the deadline."""
 
     generation = 0
+
+    def __init__(self, server: Any, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        if self.key_prefix:
+            self.serde = _UnprefixedKeys(self.serde, self.key_prefix)  # type: ignore[has-type]
 
     def _connect(self) -> None:
         left = _check_deadline()

@@ -74,6 +74,14 @@ def test_signed_pickle_round_trip_and_incr(memcached, make_cache):
     assert cache.incr("n", 5) == 6 and cache.get("n") == 6
 
 
+def test_signed_pickle_with_pymemcache_key_prefix(memcached, make_cache):
+    opts = {"SERIALIZER": "signed-pickle", "key_prefix": b"pfx."}
+    cache = make_cache(memcached.location, OPTIONS=opts)
+    cache.set("k", {"a": 1})
+    assert cache.get("k") == {"a": 1}
+    assert cache.get_many(["k"]) == {"k": {"a": 1}}
+
+
 def test_signed_pickle_never_unpickles_untrusted_values(
     memcached, make_cache, tmp_path, caplog
 ):
