@@ -457,8 +457,11 @@ class ShardedClient:
         return failed
 
     def delete_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> bool:
-        for node, batch in self._by_node(keys).items():
-            self._call(node, "delete_many", batch, *args, **kwargs)
+        """Delete on every server holding some of ``keys``; a failed server
+        does not stop the others (its error is raised afterwards)."""
+        _, error = self._per_node("delete_many", self._by_node(keys), *args, **kwargs)
+        if error is not None:
+            raise error
         return True
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:

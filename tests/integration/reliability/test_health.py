@@ -151,6 +151,9 @@ def test_one_server_down_leaves_the_others_working(memcached_factory, make_cache
     assert cache.get_many([f"k{i}" for i in range(60)]) == {f"k{i}": i for i in hits}
     failed = cache.set_many({f"k{i}": i for i in range(60)})
     assert sorted(failed) == sorted(f"k{i}" for i in range(60) if i not in hits)
+    dead_first = sorted(range(60), key=lambda i: i in hits)  # dead server's batch first
+    cache.delete_many([f"k{i}" for i in dead_first])  # the live servers still delete
+    assert cache.get_many([f"k{i}" for i in range(60)]) == {}
 
 
 def test_server_killed_mid_load_and_restarted(memcached_factory, make_cache):
