@@ -27,7 +27,6 @@ import hmac
 import json
 import logging
 import pickle
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -156,18 +155,17 @@ def signing_keys() -> list[bytes]:
     return _derive_cached(tuple(secrets))
 
 
-_derive_lock = threading.Lock()
 _derived: dict[tuple[Any, ...], list[bytes]] = {}
 
 
 def _derive_cached(secrets: tuple[Any, ...]) -> list[bytes]:
+    # No lock (safe across fork): a race only derives the same keys twice.
     keys = _derived.get(secrets)
     if keys is None:
         keys = derive_signing_keys(secrets)
-        with _derive_lock:
-            if len(_derived) > 16:
-                _derived.clear()
-            _derived[secrets] = keys
+        if len(_derived) > 16:
+            _derived.clear()
+        _derived[secrets] = keys
     return keys
 
 
