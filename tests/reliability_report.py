@@ -162,6 +162,46 @@ def kill_and_restart() -> list[Row]:
     ]
 
 
+def django_resume() -> list[Row]:
+    """The same restart against Django's PyMemcacheCache (pymemcache HashClient)."""
+    dead_timeout = 1.5
+    opts = {
+        "ignore_exc": True,
+        "retry_attempts": 1,
+        "retry_timeout": 0.2,
+        "dead_timeout": dead_timeout,
+        "timeout": 0.25,
+        "connect_timeout": 0.25,
+    }
+    with Servers() as s:
+        server = s.memcached()
+        cache = make(server.location, DJANGO, OPTIONS=opts)
+        cache.set("k", 1)
+        server.stop()
+        stop_at = time.monotonic() + 2.3
+        while time.monotonic() < stop_at:
+            cache.get("k")
+            time.sleep(0.01)
+        server.restart()
+        restarted, resumed = time.monotonic(), float("inf")
+        while time.monotonic() - restarted < 3 * dead_timeout + 1:
+            cache.set("k", 1)
+            if cache.get("k") == 1:
+                resumed = time.monotonic() - restarted
+                break
+            time.sleep(0.01)
+        cache.close()
+    return [
+        (
+            "For comparison: Django's PyMemcacheCache, same restart",
+            f"ignore_exc, retry_attempts 1, retry_timeout 0.2 s, dead_timeout "
+            f"{dead_timeout} s; one thread",
+            f"hits resume {resumed:.2f} s after the restart",
+            True,
+        )
+    ]
+
+
 def bad_servers() -> list[Row]:
     rows: list[Row] = []
     deadline = 0.3
@@ -459,8 +499,17 @@ def refused() -> list[Row]:
     ]
 
 
-SCENARIOS = [kill_and_restart, bad_servers, bad_keys, values, planted_pickle,
-             evictions, concurrency, refused]  # fmt: skip
+SCENARIOS = [
+    kill_and_restart,
+    django_resume,
+    bad_servers,
+    bad_keys,
+    values,
+    planted_pickle,
+    evictions,
+    concurrency,
+    refused,
+]
 
 
 def render(rows: list[Row], seconds: float) -> str:

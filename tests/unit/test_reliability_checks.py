@@ -69,3 +69,11 @@ def test_every_warning_has_a_hint():
     with override_settings(CACHES=caches):
         messages = check_reliability()
     assert len(messages) == 3 and all(m.hint for m in messages)
+
+
+def test_registered_with_djangos_check_framework():
+    from django.core import checks
+
+    with override_settings(CACHES=_one(LOCATION="10.0.0.5:11211")):
+        ids = [m.id for m in checks.run_checks(tags=[checks.Tags.caches])]
+    assert "django_ocmemcache.W003" in ids
