@@ -17,10 +17,17 @@ from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from . import keys, nodes
-from .client import ClientPool, default_deadline, get_pool, parse_location
+from .client import (
+    ClientPool,
+    default_deadline,
+    drop_closed_connections,
+    get_pool,
+    parse_location,
+)
 from .conf import BackendOptions
 from .errors import get_policy
 from .serializers import MISS, load_serde
@@ -147,9 +154,25 @@ def _get_or_set_miss(self: Any, key: Any, default: Any, *a: Any, **kw: Any) -> A
     return default() if callable(default) else default
 
 
+def _reason(exc: Exception) -> str:
+    """The server's reply in a pymemcache error, as text (it holds bytes)."""
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
 def _is_too_large(exc: MemcacheServerError) -> bool:
     # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
     return "too large" in str(exc)
+
+
+def _drop_closed_connections(**kwargs: Any) -> None:
+    # A kept connection outlives the memcached process it was opened to; after
+    # a restart between requests, drop it before this request's first call
+    # instead of failing that call (Django's backend reconnects every request).
+    drop_closed_connections()
+
+
+request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
 class OCMemcacheCache(BaseCache):
@@ -193,8 +216,19 @@ class OCMemcacheCache(BaseCache):
     def _client(self) -> Any:
         return self._pool.client()
 
-    def _key(self, key: Any, version: int | None) -> bytes:
-        return keys.encode_key(self.make_key(key, version=version))
+    def _key(self, key: Any, version: int | None) -> str | bytes:
+        full = self.make_key(key, version=version)
+        keys.encode_key(full, self._key_prefix)
+        # Hand pymemcache the key as Django does (str, not our UTF-8 bytes):
+        # HashClient hashes the key's repr, so bytes would put keys on other
+        # servers than Django's backend and lose a warm cache on a switch.
+        return full
+
+    @functools.cached_property
+    def _key_prefix(self) -> bytes:
+        """pymemcache's ``key_prefix`` option: on the wire before every key."""
+        prefix = self._options.client_kwargs.get("key_prefix") or b""
+        return prefix.encode() if isinstance(prefix, str) else prefix
 
     def _lookups(self, hits: int, misses: int) -> None:
         st = _state
@@ -325,7 +359,7 @@ class OCMemcacheCache(BaseCache):
             failed = [k for k, v in values.items() if not self._set_one(k, v, exptime)]
         return [safe[k][0] for k in failed]
 
-    def _set_one(self, key: bytes, value: Any, exptime: int) -> bool:
+    def _set_one(self, key: str | bytes, value: Any, exptime: int) -> bool:
         client = self._client()
         try:
             if client.set(key, value, exptime):
@@ -358,8 +392,10 @@ class OCMemcacheCache(BaseCache):
             else:
                 value = client.incr(wire_key, delta)
         except MemcacheClientError as exc:
-            raise ValueError(f"Cannot increment key {key!r}: {exc}") from None
-        if value is None:
+            raise ValueError(f"Cannot increment key {key!r}: {_reason(exc)}") from None
+        # None: memcached NOT_FOUND. False: HashClient skipped a failing server
+        # (within pymemcache's retry_timeout); never report that as the value 0.
+        if value is None or value is False:
             raise ValueError(f"Key {key!r} not found")
         return int(value)
 
@@ -423,7 +459,9 @@ class OCMemcacheCache(BaseCache):
 
         Pass the token to ``cas()`` to store only if nobody changed the key since.
         """
-        value, token = self._client().gets(self._key(key, version), _MISSING, None)
+        # HashClient returns a bare None while it skips a failing server.
+        found = self._client().gets(self._key(key, version), _MISSING, None)
+        value, token = found if found is not None else (_MISSING, None)
         if value is _MISSING:
             self._lookups(0, 1)
             return default, None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -49,7 +50,7 @@ HASH_ONLY_KWARGS = frozenset(
     }
 )
 
-_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>\d+))?$")
+_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?$")
 
 
 def parse_server(spec: Any) -> ServerSpec:
@@ -71,16 +72,17 @@ def parse_server(spec: Any) -> ServerSpec:
         return text
     m = _IPV6.match(text)
     if m:
-        return (m["host"], _port(m["port"] or 11211, spec))
+        port = m["port"]
+        return (m["host"], _port(11211 if port is None else port, spec))
     if text.count(":") > 1:
         raise ImproperlyConfigured(
             f"Invalid memcached server in LOCATION: {spec!r} "
             "(write IPv6 addresses as [::1]:11211)"
         )
-    host, _, port = text.partition(":")
+    host, colon, port = text.partition(":")
     if not host:
         raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
-    return (host, _port(port or 11211, spec))
+    return (host, _port(port if colon else 11211, spec))  # "host:" is no port
 
 
 def _port(value: Any, spec: Any) -> int:
@@ -174,6 +176,23 @@ class ClientPool:
         if client is not None:
             client.close()
 
+    def drop_closed(self) -> int:
+        """Close this thread's idle connections the server has closed; return
+        how many.
+
+        An idle memcached connection has nothing to read, so a readable one
+        holds an EOF (memcached restarted, or closed it) or stray bytes: either
+        way the next command on it would fail. Closed here, it reopens on use.
+        """
+        if getattr(self._local, "client", None) is None:
+            return 0
+        dropped = 0
+        for client in self.server_clients().values():
+            if client.sock is not None and _readable(client.sock):
+                client.close()
+                dropped += 1
+        return dropped
+
     def _after_fork_in_child(self) -> None:
         # Drop inherited clients without closing or writing to their sockets:
         # the parent still owns those connections.
@@ -181,6 +200,22 @@ class ClientPool:
         self._pid = os.getpid()
         self.hits = self.misses = 0
         self.health.reset_after_fork()
+
+
+def _readable(sock: Any) -> bool:
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True  # unusable: treat as closed
+
+
+def drop_closed_connections() -> int:
+    """``drop_closed()`` on every pool of the process, for the calling thread."""
+    return sum(pool.drop_closed() for pool in list(_all_pools))
 
 
 _registry: dict[Any, ClientPool] = {}

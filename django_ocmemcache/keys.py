@@ -23,41 +23,46 @@ MEMCACHE_MAX_KEY_BYTES = 250
 _BAD_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 
 
-def encode_key(key: object) -> bytes:
-    """Return ``key`` as the bytes memcached will see, or raise ``InvalidCacheKey``.
+def encode_key(key: object, prefix: bytes = b"") -> bytes:
+    """Return ``key`` as UTF-8 bytes, or raise ``InvalidCacheKey``.
 
     ``key`` is the full key (after ``make_key``): a ``str`` (UTF-8 encoded) or
-    ``bytes``. Raises ``InvalidCacheKey`` (a ``ValueError``) naming the problem
-    for a key of another type, one that cannot be encoded (lone surrogates), one
-    longer than 250 bytes, or one containing a control character or space.
+    ``bytes``. ``prefix`` is pymemcache's own ``key_prefix`` option, which the
+    client puts in front on the wire, so it counts toward the limits too.
+
+    Raises ``InvalidCacheKey`` (a ``ValueError``) naming the problem for a key
+    of another type, one that cannot be encoded (lone surrogates), one longer
+    than 250 bytes, or one containing a control character or space.
     """
-    if type(key) is str:
+    if isinstance(key, str):
         try:
-            raw = key.encode()
+            # str.encode, not key.encode: subclasses (SafeString) are plain text.
+            raw = str.encode(key)
         except UnicodeEncodeError:
             raise InvalidCacheKey(
                 f"Cache key {key!r} cannot be encoded as UTF-8 for memcached"
             ) from None
     elif isinstance(key, bytes):
         raw = key
-    elif isinstance(key, str):
-        return encode_key(str(key))
     else:
         raise InvalidCacheKey(
             f"Cache key must be str or bytes, not {type(key).__name__}: {key!r}"
         )
     if not raw:
         raise InvalidCacheKey("Cache key is empty; memcached needs at least one byte")
-    if len(raw) > MEMCACHE_MAX_KEY_BYTES:
+    wire = prefix + raw
+    if len(wire) > MEMCACHE_MAX_KEY_BYTES:
         raise InvalidCacheKey(
             f"Cache key will cause errors if used with memcached: {key!r} is "
-            f"{len(raw)} bytes in UTF-8 (max {MEMCACHE_MAX_KEY_BYTES})"
+            f"{len(wire)} bytes in UTF-8 (max {MEMCACHE_MAX_KEY_BYTES})"
+            + (f", with key_prefix {prefix!r}" if prefix else "")
         )
-    bad = _BAD_BYTE.search(raw)
+    bad = _BAD_BYTE.search(wire)
     if bad is not None:
         raise InvalidCacheKey(
             "Cache key contains characters that will cause errors if used with "
-            f"memcached: {key!r} (byte {bad.group()!r} at offset {bad.start()})"
+            f"memcached: {(prefix + raw if prefix else key)!r} "
+            f"(byte {bad.group()!r} at offset {bad.start()})"
         )
     return raw
 

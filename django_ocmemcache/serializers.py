@@ -265,6 +265,9 @@ ALIASES: dict[str, str] = {
 }
 
 
+_loaded: dict[Any, Serde] = {}
+
+
 def load_serde(spec: Any) -> Serde:
     """Return the serde named by ``OPTIONS["SERIALIZER"]``.
 
@@ -275,6 +278,8 @@ def load_serde(spec: Any) -> Serde:
     """
     if spec is None:
         return DEFAULT_SERDE
+    if isinstance(spec, (str, type)) and spec in _loaded:
+        return _loaded[spec]
     obj = spec
     if isinstance(spec, str):
         try:
@@ -290,4 +295,9 @@ def load_serde(spec: Any) -> Serde:
         raise ImproperlyConfigured(
             f"OPTIONS['SERIALIZER'] = {spec!r} has no serialize/deserialize methods"
         )
+    if isinstance(spec, (str, type)):
+        # One instance per name: Django builds a backend per thread and the
+        # client registry keys on the serde, so a new instance each time would
+        # give every thread its own pool, never freed.
+        _loaded[spec] = obj
     return obj
