@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from pymemcache.client.base import Client
 
 from django_ocmemcache import backend
 from django_ocmemcache.errors import is_io_error
@@ -64,8 +65,10 @@ def test_a_failed_server_is_skipped_fast(memcached_factory, make_cache):
     assert time.monotonic() - start < 0.1
 
 
-def test_traffic_resumes_within_dead_timeout(memcached_factory, make_cache):
-    server = memcached_factory()
+def test_traffic_resumes_within_dead_timeout(fault_proxy, make_cache):
+    # The proxy makes the server fail ("drop") and come back ("pass") at once,
+    # so the timing does not depend on how fast a process restarts.
+    proxy = fault_proxy()
     dead_timeout = 1.0
     opts = {
         "IGNORE_EXCEPTIONS": True,
@@ -74,25 +77,24 @@ def test_traffic_resumes_within_dead_timeout(memcached_factory, make_cache):
         "dead_timeout": dead_timeout,
         "DEADLINE": 0.2,
     }
-    cache = make_cache(server.location, OPTIONS=opts)
+    cache = make_cache(proxy.location, OPTIONS=opts)
     cache.set("k", "v")
-    server.stop()
+    proxy.mode = "drop"
     probes, start = 0, time.monotonic()
     while probes < 2 and time.monotonic() - start < 5:  # two real probes fail
         assert cache.get("k", MISS) is MISS
         probes += not isinstance(backend._state.error, ServerUnavailable)
         time.sleep(0.01)
     failed_probe = time.monotonic()  # the next probe is due dead_timeout from here
-    server.restart()
+    proxy.mode = "pass"
     while time.monotonic() - failed_probe < dead_timeout + 2:
-        cache.set("k", "v")
         if cache.get("k", MISS) == "v":
             break
         time.sleep(0.02)
     resumed = time.monotonic() - failed_probe
     assert cache.get("k", MISS) == "v"
     # One dead_timeout after the last failed probe, not two (HashClient).
-    assert dead_timeout - 0.1 <= resumed <= dead_timeout + 0.3, resumed
+    assert dead_timeout - 0.1 <= resumed <= dead_timeout + 0.5, resumed
 
 
 def test_stale_connections_of_other_threads_are_dropped(memcached_factory, make_cache):
@@ -133,7 +135,11 @@ def test_keys_map_to_servers_as_django(memcached_servers, make_cache):
     keys = [f"key-{i}-é" for i in range(150)]
     django.set_many({k: k for k in keys})
     assert ours.get_many(keys) == {k: k for k in keys}
-    per_server = [int(s.stats()["curr_items"]) for s in memcached_servers]
+    wire = [f"p:1:{k}" for k in keys]  # curr_items lags after flush_all: ask each
+    raw = [Client(s.address, allow_unicode_keys=True) for s in memcached_servers]
+    per_server = [len(c.get_many(wire)) for c in raw]
+    for c in raw:
+        c.close()
     assert sum(per_server) == 150 and min(per_server) > 0
 
 
