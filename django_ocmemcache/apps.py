@@ -2,7 +2,8 @@ from django.apps import AppConfig
 
 
 class OCMemcacheConfig(AppConfig):
-    """Registers the system checks (``django_ocmemcache.E001`` …)."""
+    """Registers the system checks (``django_ocmemcache.E001`` …) and validates
+    ``settings.OCMEMCACHE`` (telemetry: metrics, tracing, Server-Timing)."""
 
     name = "django_ocmemcache"
     verbose_name = "django-ocmemcache"
@@ -10,3 +11,6 @@ class OCMemcacheConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the checks)
+        from .telemetry import install
+
+        install()

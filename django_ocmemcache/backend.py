@@ -85,7 +85,8 @@ def operation(
             st.hits = st.misses = 0
             st.error = None
             nodes.deadline_scope(self._deadline)
-            call = self._telemetry.start(self, name) if self._telemetry else None
+            tel = self._telemetry
+            call = tel.start(self, name, args, kwargs) if tel is not None else None
             try:
                 try:
                     result = fn(self, *args, **kwargs)
@@ -200,11 +201,14 @@ class OCMemcacheCache(BaseCache):
         self._pool: ClientPool = get_pool(self._servers, kwargs)
         self._errors = get_policy(self._pool, ignore)
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
-        self._telemetry = self._load_telemetry()
+        self._telemetry = self._load_telemetry(server, params)
 
-    def _load_telemetry(self) -> Any:
-        """The telemetry hook (``start(cache, method) -> call``), or ``None``."""
-        return None
+    def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
+        """The telemetry hook (``start(cache, method, args, kwargs) -> call``),
+        or ``None`` when ``settings.OCMEMCACHE`` turns metrics and tracing off."""
+        from . import telemetry  # imports OpenCensus lazily, only when tracing
+
+        return telemetry.for_cache(self, server, params)
 
     # -- helpers -----------------------------------------------------------
 

@@ -33,6 +33,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+try:
+    from example_project import telemetry_demo
+except ImportError:  # run as a script: example_project/ is sys.path[0]
+    import telemetry_demo  # type: ignore[no-redef]
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine",
          "Ten", "Eleven", "Twelve")  # fmt: skip
@@ -359,6 +364,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="small and fast (for the tests): --draws 15 --range 20 --cost 0.02",
     )
     parser.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="skip the Zipkin receiver, the span tree and Prometheus",
+    )
+    parser.add_argument(
         "--serve",
         action="store_true",
         help="keep the site running for a browser afterwards, until Ctrl-C",
@@ -394,6 +405,9 @@ def demo(args: argparse.Namespace) -> int:
             "EXAMPLE_DATABASE": str(workdir / "db.sqlite3"),
             "EXAMPLE_SLOW_COST": str(args.cost),
         }
+        if args.telemetry:
+            receiver = telemetry_demo.start_zipkin(stack)
+            env["EXAMPLE_ZIPKIN"] = f"127.0.0.1:{receiver.port}"
         migrate(env)
         url = start_gunicorn(stack, env, workdir, args)
 
@@ -403,6 +417,9 @@ def demo(args: argparse.Namespace) -> int:
         figures = run_guestbook(url)
 
         ok = fragment_ok and page_ok and figures["get-hits"] > 0
+        if args.telemetry:
+            ok = telemetry_demo.show_trace(receiver) and ok
+            ok = telemetry_demo.show_metrics(stack, url) and ok
         if len(timings) > 1 and timings[-1] >= timings[0]:
             print("UNEXPECTED: the last run was not faster than the first")
             ok = False

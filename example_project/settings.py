@@ -58,6 +58,23 @@ HAS_METRICS_VIEW = _module_exists("django_ocmemcache.views")
 if HAS_REQUEST_SPAN:
     MIDDLEWARE.insert(0, "django_ocmemcache.middleware.RequestSpanMiddleware")
 
+# Traces go to a Zipkin v2 collector when EXAMPLE_ZIPKIN=host:port names one (the
+# demo starts a small receiver), through OpenCensus' own ZipkinExporter; every
+# request is sampled. Prometheus' scrapes of /metrics are not traced.
+if os.environ.get("EXAMPLE_ZIPKIN"):
+    _zipkin_host, _, _zipkin_port = os.environ["EXAMPLE_ZIPKIN"].rpartition(":")
+    OPENCENSUS = {
+        "TRACE": {
+            "SAMPLER": "opencensus.trace.samplers.AlwaysOnSampler()",
+            "EXPORTER": (
+                "opencensus.ext.zipkin.trace_exporter.ZipkinExporter("
+                f"service_name='example_project', host_name='{_zipkin_host}', "
+                f"port={int(_zipkin_port)})"
+            ),
+            "EXCLUDELIST_PATHS": ["metrics"],
+        }
+    }
+
 ROOT_URLCONF = "example_project.urls"
 WSGI_APPLICATION = "example_project.wsgi.application"
 

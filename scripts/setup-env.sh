@@ -9,14 +9,20 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 DJANGO=${DJANGO:-Django>=5.2,<6.0}
 
-if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then
+# memcached for the test servers; prometheus (/usr/bin/prometheus) for the telemetry
+# integration test and the demo, which scrape the site's /metrics.
+missing=""
+if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then missing="memcached"; fi
+if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then missing="$missing prometheus"; fi
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing memcached from apt" >&2
+    echo "setup: installing$missing from apt" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends memcached >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends memcached >/dev/null; }
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $missing >/dev/null; }
   else
-    echo "setup: memcached is not installed; run: sudo apt-get install memcached" >&2
+    echo "setup: missing$missing; run: sudo apt-get install --no-install-recommends$missing" >&2
   fi
 fi
 

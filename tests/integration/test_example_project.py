@@ -23,7 +23,11 @@ from tests.memcached import MEMCACHED, free_port
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, "-u", str(ROOT / "example_project" / "demo.py")]
+# The telemetry part (Zipkin receiver, Prometheus) is tested by
+# tests/integration/telemetry/test_demo.py; skipping it here keeps these fast.
+DEMO = [
+    sys.executable, "-u", str(ROOT / "example_project" / "demo.py"), "--no-telemetry",
+]  # fmt: skip
 
 
 def _require(what: str, present: bool) -> None:

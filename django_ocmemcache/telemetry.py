@@ -1,0 +1,916 @@
+"""Spans and metrics for every cache call, cheap enough to leave on.
+
+The backend calls ``for_cache(cache, server, params)`` once per backend
+instance; the hook it returns has ``start(cache, method, args, kwargs) -> call``
+and ``call.finish(state, exc)`` around the outermost call of each public
+method (``state`` carries the call's hits, misses and ignored error).
+
+What a call produces:
+
+* a span ``cache.<method>`` (kind CLIENT) under the current *sampled* span,
+  none otherwise; attributes are listed in ``README.md`` (section Telemetry);
+* in-process metric aggregates (``pymemcache/latency`` in milliseconds,
+  ``pymemcache/calls``, ``pymemcache/lookups``), whatever the sampler decided.
+  OpenCensus' ``stats.record()`` costs 60+ µs per call, so nothing is recorded
+  through it: per-thread counters and histogram buckets are summed when an
+  exporter collects (``PrometheusCollector``, ``MetricProducer``);
+* additions to the per-request summary of ``RequestSpanMiddleware``.
+
+OpenCensus is imported lazily, and only here and in ``middleware.py``. The
+tracing vocabulary sits behind ``Tracing`` (find the parent span, open a span
+with attributes, mark an error, close it) so that an OpenTelemetry
+implementation can sit beside ``OpenCensusTracing``. Telemetry never changes a
+cache result and never raises into the caller; spans are exported off the
+request thread through ``SpanQueue``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import contextvars
+import hashlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger("django_ocmemcache.telemetry")
+
+# -- vocabulary ---------------------------------------------------------------
+
+SPAN_PREFIX = "cache."
+ATTR_DB_SYSTEM = "db.system"
+ATTR_OPERATION = "db.operation.name"
+ATTR_BATCH_SIZE = "db.operation.batch.size"
+ATTR_HIT = "cache.hit"
+ATTR_HITS = "cache.hits"
+ATTR_ALIAS = "cache.alias"
+ATTR_KEY = "cache.key"
+ATTR_KEY_HASH = "cache.key.hash"
+ATTR_IGNORED = "cache.error.ignored"
+ATTR_SERVER_ADDRESS = "server.address"
+ATTR_SERVER_PORT = "server.port"
+ATTR_ERROR_TYPE = "error.type"
+
+#: Measures kept from the original OpenCensus pymemcache integration.
+MEASURE_LATENCY = "pymemcache/latency"  # milliseconds
+MEASURE_CALLS = "pymemcache/calls"
+MEASURE_LOOKUPS = "pymemcache/lookups"
+TAG_METHOD = "method"
+TAG_STATUS = "status"  # "ok" | "error"
+TAG_ERROR = "error"  # exception class name, "" when ok
+TAG_CACHE = "cache"  # alias or LABEL
+TAG_RESULT = "result"  # "hit" | "miss"
+
+#: Latency bucket upper bounds in milliseconds: sub-millisecond steps for a
+#: loopback memcached (~0.03 ms), then up to the default 1 s socket timeout and
+#: beyond. No 0 bound (OpenCensus and Prometheus both reject or waste it).
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+)  # fmt: skip
+
+#: ``settings.OCMEMCACHE`` keys and their defaults.
+DEFAULTS: dict[str, Any] = {
+    "METRICS": True,  # aggregate pymemcache/* metrics for every call
+    "TRACING": True,  # open cache.<method> spans under sampled request spans
+    "SERVER_TIMING": False,  # RequestSpanMiddleware adds Server-Timing: cache;...
+    "SPAN_QUEUE_SIZE": 1000,  # span batches waiting for the exporter thread
+    "EXIT_FLUSH_TIMEOUT": 1.0,  # seconds spent exporting queued spans at exit
+    "PROMETHEUS_REGISTER": False,  # also register with prometheus_client.REGISTRY
+    "SIGNING_KEYS": None,  # signed-pickle keys, newest first (serializers.py)
+}
+
+# Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
+OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE = (
+    0, 2, 3, 4, 13, 14,
+)  # fmt: skip
+
+
+def project_settings() -> dict[str, Any]:
+    """Return ``settings.OCMEMCACHE`` merged over ``DEFAULTS``.
+
+    Raises ``ImproperlyConfigured`` naming an unknown key or a bad value.
+    """
+    from django.conf import settings
+
+    given = getattr(settings, "OCMEMCACHE", None) or {}
+    if not isinstance(given, Mapping):
+        raise ImproperlyConfigured("settings.OCMEMCACHE must be a dict")
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown key OCMEMCACHE[{unknown[0]!r}]; known keys are "
+            + ", ".join(sorted(DEFAULTS))
+        )
+    conf = {**DEFAULTS, **given}
+    for name in ("METRICS", "TRACING", "SERVER_TIMING", "PROMETHEUS_REGISTER"):
+        if not isinstance(conf[name], bool):
+            raise ImproperlyConfigured(
+                f"OCMEMCACHE[{name!r}] must be True or False, not {conf[name]!r}"
+            )
+    size = conf["SPAN_QUEUE_SIZE"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ImproperlyConfigured(
+            f"OCMEMCACHE['SPAN_QUEUE_SIZE'] must be a positive int, not {size!r}"
+        )
+    wait = conf["EXIT_FLUSH_TIMEOUT"]
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+        raise ImproperlyConfigured(
+            "OCMEMCACHE['EXIT_FLUSH_TIMEOUT'] must be a number of seconds >= 0, "
+            f"not {wait!r}"
+        )
+    return conf
+
+
+def status_code(exc: BaseException) -> int:
+    """Map an exception to a canonical status code (never reads its message).
+
+    Timeouts → DEADLINE_EXCEEDED, connection failures → UNAVAILABLE, bad input
+    (``InvalidCacheKey``, ``ValueError``, ``TypeError``) → INVALID_ARGUMENT,
+    a memcached ``SERVER_ERROR`` → INTERNAL, anything else → UNKNOWN.
+    """
+    from pymemcache.exceptions import (
+        MemcacheClientError,
+        MemcacheServerError,
+        MemcacheUnexpectedCloseError,
+    )
+
+    from .exceptions import ServerUnavailable
+
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return DEADLINE_EXCEEDED
+    if (
+        isinstance(exc, (OSError, MemcacheUnexpectedCloseError, ServerUnavailable))
+        or type(exc).__name__ == "MemcacheError"
+    ):  # HashClient: all servers down
+        return UNAVAILABLE
+    if isinstance(exc, (ValueError, TypeError, MemcacheClientError)):
+        return INVALID_ARGUMENT
+    if isinstance(exc, MemcacheServerError):
+        return INTERNAL
+    return UNKNOWN
+
+
+# -- metrics: per-thread aggregates -------------------------------------------
+
+# An entry: [count, sum_ms, sum_sq_ms, hits, misses, bucket_0 .. bucket_n]
+_COUNT, _SUM, _SUMSQ, _HITS, _MISSES, _BUCKETS = range(6)
+MetricKey = tuple[str, str, str]  # (cache, method, error class name or "")
+
+
+class MetricsStore:
+    """Cumulative call metrics, written per thread without locks.
+
+    Each thread owns a dict ``{(cache, method, error): entry}``; collectors sum
+    the dicts of every thread (threads that ended are folded into one).
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
+        self.bounds = bounds
+        self.start_time = time.time()
+        self._local = threading.local()
+        self._tables: list[tuple[threading.Thread, dict[MetricKey, list[Any]]]] = []
+        self._retired: dict[MetricKey, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def _table(self) -> dict[MetricKey, list[Any]]:
+        table: dict[MetricKey, list[Any]] = {}
+        with self._lock:
+            self._tables.append((threading.current_thread(), table))
+        self._local.table = table
+        return table
+
+    def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
+        """Add one call that took ``ms`` milliseconds."""
+        try:
+            table = self._local.table
+        except AttributeError:
+            table = self._table()
+        entry = table.get(key)
+        if entry is None:
+            entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
+        entry[_COUNT] += 1
+        entry[_SUM] += ms
+        entry[_SUMSQ] += ms * ms
+        entry[_HITS] += hits
+        entry[_MISSES] += misses
+        entry[_BUCKETS + bisect.bisect_left(self.bounds, ms)] += 1
+
+    def snapshot(self) -> dict[MetricKey, list[Any]]:
+        """Return the sum over all threads: ``{key: entry}`` (copies).
+
+        ``entry[_COUNT]`` is recomputed from the buckets, so a call recorded
+        while collecting never makes count and buckets disagree.
+        """
+        with self._lock:
+            live = []
+            for thread, table in self._tables:
+                if thread.is_alive():
+                    live.append((thread, table))
+                else:
+                    _merge(self._retired, table.copy())
+            self._tables = live
+            total: dict[MetricKey, list[Any]] = {}
+            _merge(total, self._retired)
+            for _, table in live:
+                _merge(total, table.copy())
+        for entry in total.values():
+            entry[_COUNT] = sum(entry[_BUCKETS:])
+        return total
+
+    def reset(self) -> None:
+        """Forget every figure (tests; a forked child starts from zero)."""
+        with self._lock:
+            for _, table in self._tables:
+                table.clear()
+            self._retired.clear()
+            self.start_time = time.time()
+
+
+def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
+    for key, entry in table.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = list(entry)
+        else:
+            for i, value in enumerate(entry):
+                have[i] += value
+
+
+METRICS = MetricsStore()
+
+
+# -- per-request summary --------------------------------------------------------
+
+
+class RequestSummary:
+    """Cache calls made while serving one request (``RequestSpanMiddleware``)."""
+
+    __slots__ = ("calls", "hits", "misses", "seconds", "errors")
+
+    def __init__(self) -> None:
+        self.calls = self.hits = self.misses = self.errors = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float, hits: int, misses: int, error: bool) -> None:
+        self.calls += 1
+        self.hits += hits
+        self.misses += misses
+        self.errors += error
+        self.seconds += seconds
+
+    @property
+    def milliseconds(self) -> float:
+        return self.seconds * 1000.0
+
+    def server_timing(self) -> str:
+        """The ``Server-Timing`` entry: ``cache;dur=1.234;desc="3 calls, ..."``."""
+        return (
+            f'cache;dur={self.milliseconds:.3f};desc="{self.calls} calls, '
+            f'{self.hits} hits, {self.misses} misses"'
+        )
+
+
+#: The summary of the request being served in this context, if any.
+current_summary: contextvars.ContextVar[RequestSummary | None] = contextvars.ContextVar(
+    "django_ocmemcache_request_summary", default=None
+)
+
+
+# -- tracing interface ----------------------------------------------------------
+
+
+class Tracing:
+    """What a cache call needs from a tracing library (the internal interface).
+
+    ``parent()`` returns the current sampled span or ``None`` (cheap: called on
+    every cache call); the other methods run only for sampled calls.
+    """
+
+    def parent(self) -> Any:
+        return None
+
+    def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def set_attributes(self, span: Any, attributes: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def mark_error(self, span: Any, code: int, error_type: str) -> None:
+        raise NotImplementedError
+
+    def close_span(self, span: Any) -> None:
+        raise NotImplementedError
+
+
+class OpenCensusTracing(Tracing):
+    """``Tracing`` over OpenCensus' execution context and ``ContextTracer``."""
+
+    def __init__(self) -> None:
+        from opencensus.trace import execution_context
+        from opencensus.trace import span as span_module
+        from opencensus.trace.status import Status
+
+        self._context = execution_context
+        self._span_type = span_module.Span
+        self._client_kind = span_module.SpanKind.CLIENT
+        self._status = Status
+        var = getattr(execution_context._current_span_slot, "contextvar", None)
+        if var is not None:
+            self._current: Callable[[], Any] = lambda: var.get(None)
+        else:  # thread-local runtime context (no contextvars)
+            self._current = execution_context.get_current_span
+
+    def parent(self) -> Any:
+        span = self._current()
+        if span is not None and isinstance(span, self._span_type):
+            return span  # only a sampled ContextTracer makes real Spans
+        return None
+
+    def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
+        tracer = parent.context_tracer
+        if tracer is None:
+            return None
+        if not isinstance(tracer.exporter, SpanQueue):
+            # Whoever made this tracer, its exporter runs off the request thread.
+            tracer.exporter = queued(tracer.exporter)
+        span = tracer.start_span(name)
+        span.span_kind = self._client_kind
+        for key, value in attributes.items():
+            span.add_attribute(key, value)
+        return span
+
+    def set_attributes(self, span: Any, attributes: dict[str, Any]) -> None:
+        for key, value in attributes.items():
+            span.add_attribute(key, value)
+
+    def mark_error(self, span: Any, code: int, error_type: str) -> None:
+        span.set_status(self._status(code, error_type))
+        span.add_attribute(ATTR_ERROR_TYPE, error_type)
+
+    def close_span(self, span: Any) -> None:
+        self._context.set_current_span(span)
+        span.context_tracer.end_span()
+
+
+_tracing: Tracing | None = None
+
+
+def tracing() -> Tracing:
+    """The process' ``Tracing`` implementation (OpenCensus)."""
+    global _tracing
+    if _tracing is None:
+        _tracing = OpenCensusTracing()
+    return _tracing
+
+
+# -- span export off the request thread -----------------------------------------
+
+
+class SpanQueue:
+    """An exporter that hands span batches to a worker thread.
+
+    ``export(span_datas)`` never blocks: when ``maxsize`` batches are waiting
+    the batch is dropped and counted (``dropped`` spans). The wrapped exporter
+    runs on a daemon thread; its exceptions are counted (``failures``) and
+    logged at most once a minute, so a raising, hanging or unreachable exporter
+    changes nothing for requests, and the process still exits. The worker ends
+    after ``idle`` seconds without spans and starts again on the next export.
+    """
+
+    def __init__(self, exporter: Any, maxsize: int = 1000, idle: float = 30.0):
+        self.exporter = exporter
+        self.idle = idle
+        self.dropped = 0
+        self.failures = 0
+        self.exported = 0
+        self._queue: queue.Queue[list[Any]] = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._last_log = 0.0
+
+    def export(self, span_datas: list[Any]) -> None:
+        try:
+            self._queue.put_nowait(span_datas)
+        except queue.Full:
+            self.dropped += len(span_datas)
+            return
+        with self._lock:  # the worker decides to stop under this lock too
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="ocmemcache-span-export", daemon=True
+                )
+                self._thread.start()
+
+    def emit(self, span_datas: list[Any]) -> None:
+        self.export(span_datas)
+
+    @property
+    def running(self) -> bool:
+        """True while the worker thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            try:
+                batches = [q.get(timeout=self.idle)]
+            except queue.Empty:
+                with self._lock:
+                    if q.empty():
+                        self._thread = None
+                        return
+                continue
+            while len(batches) < 64:
+                try:
+                    batches.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            spans = [span for batch in batches for span in batch]
+            try:
+                self.exporter.export(spans)
+                self.exported += len(spans)
+            except Exception as exc:
+                self.failures += 1
+                now = time.monotonic()
+                if now - self._last_log > 60:
+                    self._last_log = now
+                    logger.warning(
+                        "span exporter %s failed (%s); spans dropped",
+                        type(self.exporter).__name__,
+                        type(exc).__name__,
+                    )
+            finally:
+                for _ in batches:
+                    q.task_done()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for queued spans; True if none is left."""
+        q = self._queue
+        deadline = time.monotonic() + timeout
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                q.all_tasks_done.wait(remaining)
+        return True
+
+    def _after_fork(self) -> None:
+        self._queue = queue.Queue(self._queue.maxsize)
+        self._thread = None
+        self._lock = threading.Lock()
+
+
+_queues: dict[int, SpanQueue] = {}
+_queues_lock = threading.Lock()
+
+
+def queued(exporter: Any) -> SpanQueue:
+    """Return the ``SpanQueue`` in front of ``exporter`` (one per exporter)."""
+    if isinstance(exporter, SpanQueue):
+        return exporter
+    with _queues_lock:
+        found = _queues.get(id(exporter))
+        if found is None or found.exporter is not exporter:
+            try:
+                size = project_settings()["SPAN_QUEUE_SIZE"]
+            except Exception:
+                size = DEFAULTS["SPAN_QUEUE_SIZE"]
+            if len(_queues) >= 64:  # exporters made per request: forget idle ones
+                for key, q in list(_queues.items()):
+                    if not q.running and q._queue.empty():
+                        del _queues[key]
+            found = _queues[id(exporter)] = SpanQueue(exporter, size)
+        return found
+
+
+def span_queues() -> list[SpanQueue]:
+    """Every ``SpanQueue`` of this process."""
+    with _queues_lock:
+        return list(_queues.values())
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Export queued spans, waiting at most ``timeout`` seconds in total.
+
+    Return True if every queue drained. For tests and shutdown hooks.
+    """
+    deadline = time.monotonic() + timeout
+    ok = True
+    for q in span_queues():
+        ok = q.flush(max(0.0, deadline - time.monotonic())) and ok
+    return ok
+
+
+def _flush_at_exit() -> None:
+    try:
+        timeout = project_settings()["EXIT_FLUSH_TIMEOUT"]
+    except Exception:
+        timeout = DEFAULTS["EXIT_FLUSH_TIMEOUT"]
+    flush(timeout)
+
+
+atexit.register(_flush_at_exit)
+
+
+def _after_fork_in_child() -> None:
+    METRICS.reset()
+    for q in span_queues():
+        q._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- the per-cache hook ---------------------------------------------------------
+
+#: Methods taking one key first, and the position of their ``version`` argument.
+_VERSION_ARG = {
+    "get": 2, "gets": 2, "add": 3, "set": 3, "touch": 2, "delete": 1, "incr": 2,
+    "decr": 2, "get_or_set": 3, "has_key": 1, "cas": 4, "incr_version": 2,
+    "decr_version": 2,
+}  # fmt: skip
+_SINGLE_READS = frozenset({"get", "gets", "has_key", "get_or_set"})
+_BATCH = frozenset({"get_many", "set_many", "delete_many"})
+
+
+class CacheTelemetry:
+    """Telemetry of one backend instance (see the module docstring)."""
+
+    def __init__(
+        self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
+    ) -> None:
+        self.metrics = conf["METRICS"]
+        self.tracing = tracing() if conf["TRACING"] else None
+        self.trace_keys = cache._options.trace_keys
+        self._label = cache._options.label
+        self._location = server
+        self._params = params
+        self.alias: str | None = self._label
+        servers = cache._servers
+        self.server: dict[str, Any] = {}
+        if len(servers) == 1:
+            self.server = _server_attributes(servers[0])
+        self.multi_server = len(servers) > 1
+
+    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Any:
+        """Begin one outermost call; return the object whose ``finish`` ends it.
+
+        Never raises: a failure here costs the call its span, nothing else.
+        """
+        span = None
+        try:
+            if self.alias is None:
+                self.alias = self._find_alias(cache)
+            tracing = self.tracing
+            if tracing is not None:
+                parent = tracing.parent()
+                if parent is not None:
+                    span = self._open(tracing, parent, cache, name, args, kwargs)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
+        return _Call(self, name, span)
+
+    def _open(self, tracing: Tracing, parent: Any, cache: Any, name: str,
+              args: tuple[Any, ...], kwargs: Any) -> Any:  # fmt: skip
+        try:
+            attrs: dict[str, Any] = {
+                ATTR_DB_SYSTEM: "memcached",
+                ATTR_OPERATION: name,
+                ATTR_ALIAS: self.alias,
+            }
+            if name in _BATCH and args and hasattr(args[0], "__len__"):
+                attrs[ATTR_BATCH_SIZE] = len(args[0])
+            if name in _VERSION_ARG and (args or "key" in kwargs):
+                try:
+                    self._key_attributes(attrs, cache, name, args, kwargs)
+                except Exception:  # a bad key: the call itself will say so
+                    attrs.update(self.server)
+            elif self.server:
+                attrs.update(self.server)
+            return tracing.open_span(parent, SPAN_PREFIX + name, attrs)
+        except Exception:
+            logger.debug("cache span not opened", exc_info=True)
+            return None
+
+    def _key_attributes(self, attrs: dict[str, Any], cache: Any, name: str,
+                        args: tuple[Any, ...], kwargs: Any) -> None:  # fmt: skip
+        if not (self.trace_keys or self.multi_server):
+            attrs.update(self.server)
+            return
+        key = args[0] if args else kwargs["key"]
+        pos = _VERSION_ARG[name]
+        version = args[pos] if len(args) > pos else kwargs.get("version")
+        full = cache._key(key, version)  # what the backend hands pymemcache
+        if self.trace_keys:
+            text = full.decode("utf-8", "replace") if isinstance(full, bytes) else full
+            attrs[ATTR_KEY] = text if len(text) <= 16 else text[:16] + "…"
+            attrs[ATTR_KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        if self.multi_server:
+            node = cache._client().hasher.get_node(full)
+            for spec in cache._servers:
+                if _node_name(spec) == node:
+                    attrs.update(_server_attributes(spec))
+        else:
+            attrs.update(self.server)
+
+    def _find_alias(self, cache: Any) -> str:
+        """The ``CACHES`` alias whose entry built this backend, else "unknown".
+
+        Django does not tell a backend its alias: match ``BACKEND``,
+        ``LOCATION`` and the other params (``LABEL`` overrides this).
+        """
+        try:
+            from django.conf import settings
+
+            cls = type(cache)
+            names = {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
+            for alias, entry in settings.CACHES.items():
+                rest = {
+                    k: v for k, v in entry.items() if k not in ("BACKEND", "LOCATION")
+                }
+                if (
+                    entry.get("BACKEND") in names
+                    and entry.get("LOCATION", "") == self._location
+                    and rest == dict(self._params)
+                ):
+                    return str(alias)
+        except Exception:
+            logger.debug("cache alias not found", exc_info=True)
+        return "unknown"
+
+    def finish_call(self, call: _Call, state: Any, exc: BaseException | None) -> None:
+        elapsed = time.perf_counter() - call.t0
+        err = exc if exc is not None else state.error
+        hits, misses = state.hits, state.misses
+        if self.metrics:
+            METRICS.record(
+                (self.alias or "unknown", call.name,
+                 "" if err is None else type(err).__name__),
+                elapsed * 1000.0, hits, misses,
+            )  # fmt: skip
+        summary = current_summary.get()
+        if summary is not None:
+            summary.add(elapsed, hits, misses, err is not None)
+        if call.span is not None:
+            # The backend passes an error IGNORE_EXCEPTIONS turned into a miss
+            # as both `exc` and `state.error`.
+            self._close(call, hits, misses, err, err is state.error)
+
+    def _close(self, call: _Call, hits: int, misses: int,
+               err: BaseException | None, ignored: bool) -> None:  # fmt: skip
+        tracing = self.tracing
+        assert tracing is not None
+        span, name = call.span, call.name
+        attrs: dict[str, Any] = {}
+        if name in _SINGLE_READS and err is None:
+            attrs[ATTR_HIT] = hits > 0 and misses == 0  # get_or_set re-reads
+        elif name == "get_many":
+            attrs[ATTR_HITS] = hits
+            attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
+        if err is not None:
+            tracing.mark_error(span, status_code(err), type(err).__name__)
+            if ignored:
+                attrs[ATTR_IGNORED] = True
+        if attrs:
+            tracing.set_attributes(span, attrs)
+        tracing.close_span(span)
+
+
+class _Call:
+    __slots__ = ("tel", "name", "span", "t0")
+
+    def __init__(self, tel: CacheTelemetry, name: str, span: Any) -> None:
+        self.tel = tel
+        self.name = name
+        self.span = span
+        self.t0 = time.perf_counter()
+
+    def finish(self, state: Any, exc: BaseException | None) -> None:
+        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises."""
+        try:
+            self.tel.finish_call(self, state, exc)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
+
+
+def _server_attributes(spec: Any) -> dict[str, Any]:
+    if isinstance(spec, tuple):
+        return {ATTR_SERVER_ADDRESS: spec[0], ATTR_SERVER_PORT: int(spec[1])}
+    return {ATTR_SERVER_ADDRESS: str(spec)}
+
+
+def _node_name(spec: Any) -> str:
+    # pymemcache HashClient names its nodes "host:port" (or the socket path).
+    return f"{spec[0]}:{spec[1]}" if isinstance(spec, tuple) else str(spec)
+
+
+def for_cache(cache: Any, server: Any, params: Mapping[str, Any]) -> Any:
+    """Return the telemetry hook of a backend instance, or None when both
+    ``OCMEMCACHE["METRICS"]`` and ``OCMEMCACHE["TRACING"]`` are off."""
+    conf = project_settings()
+    if not (conf["METRICS"] or conf["TRACING"]):
+        return None
+    return CacheTelemetry(cache, server, params, conf)
+
+
+# -- exposing the metrics -------------------------------------------------------
+
+
+def _lookups(snap: dict[MetricKey, list[Any]]) -> dict[tuple[str, str], list[int]]:
+    out: dict[tuple[str, str], list[int]] = {}
+    for (cache, method, _error), entry in snap.items():
+        if entry[_HITS] or entry[_MISSES]:
+            pair = out.setdefault((cache, method), [0, 0])
+            pair[0] += entry[_HITS]
+            pair[1] += entry[_MISSES]
+    return out
+
+
+class PrometheusCollector:
+    """A ``prometheus_client`` collector over ``METRICS``.
+
+    Families: ``pymemcache_latency_ms`` (histogram, milliseconds),
+    ``pymemcache_calls_total``, ``pymemcache_lookups_total`` (label ``result``),
+    ``django_ocmemcache_spans_dropped_total``,
+    ``django_ocmemcache_span_export_failures_total``.
+    """
+
+    def __init__(self, store: MetricsStore = METRICS) -> None:
+        self.store = store
+
+    def describe(self) -> list[Any]:
+        return []  # families are generated per scrape
+
+    def collect(self) -> Any:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snap = self.store.snapshot()
+        labels = [TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR]
+        latency = HistogramMetricFamily(
+            "pymemcache_latency_ms",
+            "Latency of cache calls in milliseconds (pymemcache/latency)",
+            labels=labels,
+        )
+        calls = CounterMetricFamily(
+            "pymemcache_calls", "Cache calls (pymemcache/calls)", labels=labels
+        )
+        for (cache, method, error), entry in sorted(snap.items()):
+            values = [cache, method, "error" if error else "ok", error]
+            cumulative, buckets = 0, []
+            for bound, count in zip(self.store.bounds, entry[_BUCKETS:], strict=False):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", entry[_COUNT]))
+            latency.add_metric(values, buckets, entry[_SUM])
+            calls.add_metric(values, entry[_COUNT])
+        yield latency
+        yield calls
+        lookups = CounterMetricFamily(
+            "pymemcache_lookups",
+            "Keys looked up by cache reads, by result (pymemcache/lookups)",
+            labels=[TAG_CACHE, TAG_METHOD, TAG_RESULT],
+        )
+        for (cache, method), (hits, misses) in sorted(_lookups(snap).items()):
+            lookups.add_metric([cache, method, "hit"], hits)
+            lookups.add_metric([cache, method, "miss"], misses)
+        yield lookups
+        queues = span_queues()
+        yield CounterMetricFamily(
+            "django_ocmemcache_spans_dropped",
+            "Spans dropped because the export queue was full",
+            value=sum(q.dropped for q in queues),
+        )
+        yield CounterMetricFamily(
+            "django_ocmemcache_span_export_failures",
+            "Span exports that raised",
+            value=sum(q.failures for q in queues),
+        )
+
+
+_registry: Any = None
+
+
+def prometheus_registry() -> Any:
+    """A ``prometheus_client.CollectorRegistry`` holding only our collector."""
+    global _registry
+    if _registry is None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PrometheusCollector())
+        _registry = registry
+    return _registry
+
+
+class MetricProducer:
+    """An OpenCensus ``MetricProducer`` over ``METRICS`` for stats exporters.
+
+    Pass it beside ``opencensus.stats.stats.stats`` to an exporter's
+    ``get_exporter_thread([stats, telemetry.metric_producer()], exporter)``.
+    Metrics: ``pymemcache/latency`` (cumulative distribution, ms),
+    ``pymemcache/calls`` and ``pymemcache/lookups`` (cumulative int64).
+    """
+
+    def __init__(self, store: MetricsStore = METRICS) -> None:
+        self.store = store
+
+    def get_metrics(self) -> list[Any]:
+        from datetime import datetime, timezone
+
+        from opencensus.metrics.export import metric as m
+        from opencensus.metrics.export import metric_descriptor as md
+        from opencensus.metrics.export import point, time_series, value
+        from opencensus.metrics.label_key import LabelKey
+        from opencensus.metrics.label_value import LabelValue
+
+        snap = self.store.snapshot()
+        # OpenCensus exporters expect naive UTC datetimes.
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        start = datetime.fromtimestamp(self.store.start_time, timezone.utc).replace(
+            tzinfo=None
+        )
+        keys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)]
+        options = value.BucketOptions(value.Explicit(list(self.store.bounds)))
+        dist, counts = [], []
+        for (cache, method, error), e in sorted(snap.items()):
+            status = "error" if error else "ok"
+            labels = [LabelValue(v) for v in (cache, method, status, error)]
+            n = e[_COUNT]
+            ssd = max(0.0, e[_SUMSQ] - e[_SUM] ** 2 / n) if n else 0.0
+            d = value.ValueDistribution(
+                n, e[_SUM] if n else 0, ssd, options,
+                [value.Bucket(c) for c in e[_BUCKETS:]],
+            )  # fmt: skip
+            dist.append(time_series.TimeSeries(labels, [point.Point(d, now)], start))
+            counts.append(
+                time_series.TimeSeries(
+                    labels, [point.Point(value.ValueLong(n), now)], start
+                )
+            )
+        lookups = []
+        for (cache, method), pair in sorted(_lookups(snap).items()):
+            for result, n in zip(("hit", "miss"), pair, strict=True):
+                labels = [LabelValue(cache), LabelValue(method), LabelValue(result)]
+                lookups.append(
+                    time_series.TimeSeries(
+                        labels, [point.Point(value.ValueLong(n), now)], start
+                    )
+                )
+        out = []
+        kind = md.MetricDescriptorType
+        if dist:
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_LATENCY, "Latency of cache calls", "ms",
+                kind.CUMULATIVE_DISTRIBUTION, keys), dist))  # fmt: skip
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_CALLS, "Cache calls", "1",
+                kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
+        if lookups:
+            lkeys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_RESULT)]
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_LOOKUPS, "Keys looked up by cache reads", "1",
+                kind.CUMULATIVE_INT64, lkeys), lookups))  # fmt: skip
+        return out
+
+
+_producer: MetricProducer | None = None
+
+
+def metric_producer() -> MetricProducer:
+    """The process-wide OpenCensus ``MetricProducer`` of cache metrics."""
+    global _producer
+    if _producer is None:
+        _producer = MetricProducer()
+    return _producer
+
+
+def install() -> None:
+    """Validate ``settings.OCMEMCACHE`` at startup (``AppConfig.ready``) and,
+    with ``PROMETHEUS_REGISTER``, add the collector to prometheus_client's
+    default registry."""
+    conf = project_settings()
+    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
+        global _default_registered
+        if not _default_registered:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.register(PrometheusCollector())
+            _default_registered = True
+
+
+_default_registered = False

@@ -1,0 +1,68 @@
+"""Views and URLs for the telemetry tests (ROOT_URLCONF of the ``site`` fixture)."""
+
+from __future__ import annotations
+
+from django.core.cache import cache
+from django.http import HttpResponse, StreamingHttpResponse
+from django.urls import path
+
+from django_ocmemcache.views import metrics
+
+CANARY = "user:canary@example.invalid"
+
+
+def squares(request, n):
+    value = cache.get(f"sq:{n}")
+    if value is None:
+        value = n * n
+        cache.set(f"sq:{n}", value)
+        value = cache.get(f"sq:{n}")
+    return HttpResponse(str(value))
+
+
+def privacy(request):
+    cache.set(CANARY, "secret")
+    cache.get(CANARY)
+    cache.get_many([CANARY, CANARY + "2"])
+    try:
+        cache.incr(CANARY + ":missing")  # ValueError whose message names the key
+    except ValueError:
+        pass
+    return HttpResponse("ok")
+
+
+def boom(request):
+    cache.get("boom")
+    raise RuntimeError("view failed")
+
+
+def stream(request):
+    cache.get("stream:head")
+
+    def chunks():
+        yield b"a"
+        yield b"b"
+
+    return StreamingHttpResponse(chunks())
+
+
+async def async_view(request):
+    await cache.aset("async", 1)
+    value = await cache.aget("async")
+    return HttpResponse(str(value))
+
+
+def health(request):
+    cache.get("health")
+    return HttpResponse("ok")
+
+
+urlpatterns = [
+    path("squares/<int:n>", squares),
+    path("privacy", privacy),
+    path("boom", boom),
+    path("stream", stream),
+    path("async", async_view),
+    path("health", health),
+    path("metrics", metrics),
+]
