@@ -13,7 +13,10 @@ from django_ocmemcache.exceptions import BadReply, DeadlineExceeded
 pytestmark = pytest.mark.integration
 
 DEADLINE = 0.3
-SLACK = 0.05
+#: The target is the deadline + 50 ms (measured on a quiet machine by
+#: ``make reliability``); the suite allows 100 ms for a loaded CI runner, still far
+#: below what any of these servers costs without the deadline (0.6 s to seconds).
+SLACK = 0.1
 MISS = object()
 
 
