@@ -30,6 +30,7 @@ from .client import (
 )
 from .conf import BackendOptions
 from .errors import get_policy
+from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
@@ -198,7 +199,10 @@ class OCMemcacheCache(BaseCache):
         # pymemcache's ignore_exc would swallow programming errors too; it is
         # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
         ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
-        self._pool: ClientPool = get_pool(self._servers, kwargs)
+        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        if self._options.fallback_location is not None:
+            fallback = self._options.fallback_location
+            self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = get_policy(self._pool, ignore)
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
         self._telemetry = self._load_telemetry(server, params)
