@@ -619,7 +619,7 @@ class CacheTelemetry:
             attrs[ATTR_KEY] = text if len(text) <= 16 else text[:16] + "…"
             attrs[ATTR_KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self.multi_server:
-            node = cache._client().hasher.get_node(full)
+            node = cache._client().node_for(full)  # as the client routes it
             for spec in cache._servers:
                 if _node_name(spec) == node:
                     attrs.update(_server_attributes(spec))
