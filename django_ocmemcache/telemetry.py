@@ -183,9 +183,22 @@ class MetricsStore:
     def _table(self) -> dict[MetricKey, list[Any]]:
         table: dict[MetricKey, list[Any]] = {}
         with self._lock:
+            # A server that starts a thread per request (runserver) and is never
+            # scraped would otherwise keep every ended thread and its table.
+            self._fold_ended()
             self._tables.append((threading.current_thread(), table))
         self._local.table = table
         return table
+
+    def _fold_ended(self) -> None:
+        # Caller holds self._lock.
+        live = []
+        for thread, table in self._tables:
+            if thread.is_alive():
+                live.append((thread, table))
+            else:
+                _merge(self._retired, table.copy())
+        self._tables = live
 
     def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
         """Add one call that took ``ms`` milliseconds."""
@@ -210,16 +223,10 @@ class MetricsStore:
         while collecting never makes count and buckets disagree.
         """
         with self._lock:
-            live = []
-            for thread, table in self._tables:
-                if thread.is_alive():
-                    live.append((thread, table))
-                else:
-                    _merge(self._retired, table.copy())
-            self._tables = live
+            self._fold_ended()
             total: dict[MetricKey, list[Any]] = {}
             _merge(total, self._retired)
-            for _, table in live:
+            for _, table in self._tables:
                 _merge(total, table.copy())
         for entry in total.values():
             entry[_COUNT] = sum(entry[_BUCKETS:])
