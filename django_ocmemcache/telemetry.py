@@ -530,6 +530,11 @@ atexit.register(_flush_at_exit)
 
 
 def _after_fork_in_child() -> None:
+    # A lock another thread held at fork() stays held forever in the child:
+    # start with fresh ones before taking them.
+    global _queues_lock
+    _queues_lock = threading.Lock()
+    METRICS._lock = threading.Lock()
     METRICS.reset()
     for q in span_queues():
         q._after_fork()
