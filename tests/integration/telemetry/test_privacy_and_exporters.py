@@ -154,3 +154,18 @@ def test_dead_collector_changes_nothing(site):
     assert time.perf_counter() - start < 2.0
     assert telemetry.queued(dead).flush(timeout=10)  # tried, failed, moved on
     assert telemetry.queued(dead).exported > 0
+
+
+class RaisingSampler:
+    def should_sample(self, span_context):
+        raise RuntimeError("sampler is broken")
+
+
+def test_raising_sampler_changes_nothing_for_requests(site, exporter, caplog):
+    site.OPENCENSUS = {"TRACE": {"SAMPLER": RaisingSampler(), "EXPORTER": exporter}}
+    caplog.set_level(logging.WARNING, logger="django_ocmemcache.telemetry")
+    response = Client().get("/squares/9")
+    assert (response.status_code, response.content) == (200, b"81")
+    assert "request span not opened" in caplog.text
+    assert exporter.collected() == []
+    assert telemetry.METRICS.snapshot()[("default", "get", "")][0] == 2
