@@ -225,6 +225,12 @@ class RequestSpanMiddleware:
     ``cache.errors``, ``cache.duration_ms``. Status is an error for HTTP >= 500.
     With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
     ``Server-Timing: cache;dur=<ms>;desc="<n> calls, <h> hits, <m> misses"``.
+
+    Raises ``ImproperlyConfigured`` when Django builds the middleware chain if it
+    is listed before opencensus-ext-django's ``OpencensusMiddleware``, or if
+    ``settings.OCMEMCACHE`` is invalid. A tracing failure while serving (a
+    sampler or propagator that raises) is logged as a warning and costs the
+    request its span, never its response.
     """
 
     sync_capable = True

@@ -507,9 +507,13 @@ def span_queues() -> list[SpanQueue]:
 
 
 def flush(timeout: float = 5.0) -> bool:
-    """Export queued spans, waiting at most ``timeout`` seconds in total.
+    """Wait until the spans queued so far have been handed to their exporters.
 
-    Return True if every queue drained. For tests and shutdown hooks.
+    ``timeout`` is in seconds (float) and shared by every queue of the process.
+    Return True if every queue drained, False if the time ran out first (an
+    exporter that hangs). Never raises: an exporter's own errors are counted
+    (``SpanQueue.failures``), not propagated. For tests and shutdown hooks; at
+    exit it runs with ``OCMEMCACHE["EXIT_FLUSH_TIMEOUT"]``.
     """
     deadline = time.monotonic() + timeout
     ok = True
