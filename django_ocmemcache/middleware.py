@@ -25,7 +25,13 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .telemetry import RequestSummary, current_summary, project_settings, queued
+from .telemetry import (
+    RequestSummary,
+    current_summary,
+    project_settings,
+    queued,
+    quiet_opencensus_clock,
+)
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
@@ -62,6 +68,7 @@ class TraceConfig:
         from opencensus.trace import samplers
         from opencensus.trace.propagation import trace_context_http_header_format
 
+        quiet_opencensus_clock()
         trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE", {})
 
         def load(name: str, default: Callable[[], Any]) -> Any:

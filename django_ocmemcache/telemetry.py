@@ -36,6 +36,7 @@ import queue
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -294,6 +295,22 @@ current_summary: contextvars.ContextVar[RequestSummary | None] = contextvars.Con
 # -- tracing interface ----------------------------------------------------------
 
 
+def quiet_opencensus_clock() -> None:
+    """Ignore the ``DeprecationWarning`` OpenCensus raises on Python 3.12+.
+
+    OpenCensus stamps every span start and end with ``datetime.utcnow()``: one
+    warning per stamp that nobody using this package can act on (OpenCensus is
+    no longer maintained), and under ``-W error`` an exception that would cost
+    every span. The filter matches only that message from OpenCensus' modules.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"datetime\.datetime\.utc(now|fromtimestamp)\(\) is deprecated",
+        category=DeprecationWarning,
+        module=r"opencensus(\.|$)",
+    )
+
+
 class Tracing:
     """What a cache call needs from a tracing library (the internal interface).
 
@@ -325,6 +342,7 @@ class OpenCensusTracing(Tracing):
         from opencensus.trace import span as span_module
         from opencensus.trace.status import Status
 
+        quiet_opencensus_clock()
         self._context = execution_context
         self._span_type = span_module.Span
         self._client_kind = span_module.SpanKind.CLIENT
