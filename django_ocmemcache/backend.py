@@ -24,6 +24,7 @@ from . import keys
 from .client import ClientPool, drop_closed_connections, get_pool, parse_location
 from .conf import BackendOptions
 from .errors import ErrorPolicy
+from .fallback import FallbackPool, get_fallback_pool
 from .serializers import load_serde
 
 logger = logging.getLogger("django_ocmemcache")
@@ -170,7 +171,10 @@ class OCMemcacheCache(BaseCache):
                 "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
             )
         kwargs.setdefault("serde", load_serde(self._options.serializer))
-        self._pool: ClientPool = get_pool(self._servers, kwargs)
+        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        if self._options.fallback_location is not None:
+            fallback = self._options.fallback_location
+            self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = ErrorPolicy(self._options.ignore_exceptions)
         self._telemetry = self._load_telemetry(server, params)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -37,7 +38,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -947,3 +948,59 @@ def install() -> None:
 
 
 _default_registered = False
+
+
+@contextlib.contextmanager
+def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
+    """Run a block (a management command) inside its own root span.
+
+    The span is named ``name``, carries ``attributes`` and is exported through
+    ``settings.OPENCENSUS["TRACE"]`` (sampler, exporter) like request spans; an
+    exception leaving the block sets ``error.type`` and an error status. Without
+    a ``TRACE`` setting this is a no-op that yields ``None``. Telemetry failures
+    are logged, never raised, and the tracer is cleared from the context after.
+    """
+    from django.conf import settings
+
+    span = tracer = None
+    if (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE"):
+        try:
+            from opencensus.trace import tracer as tracer_module
+
+            from .middleware import TraceConfig
+
+            config = TraceConfig()
+            tracer = tracer_module.Tracer(
+                sampler=config.sampler,
+                exporter=config.exporter,
+                propagator=config.propagator,
+            )
+            span = tracer.start_span(name)
+            for key, value in attributes.items():
+                span.add_attribute(key, value)
+        except Exception:
+            logger.warning("could not open the %s root span", name, exc_info=True)
+            span = tracer = None
+    try:
+        yield span
+    except BaseException as exc:
+        if span is not None:
+            _safely(tracing().mark_error, span, status_code(exc), type(exc).__name__)
+        raise
+    finally:
+        if tracer is not None:
+            _safely(tracer.end_span)
+            _safely(_clean_context)
+
+
+def _safely(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        logger.warning("telemetry failed in %s", getattr(fn, "__name__", fn))
+
+
+def _clean_context() -> None:
+    from opencensus.trace import execution_context
+
+    execution_context.clean()

@@ -3,8 +3,13 @@
 # Python deps into $VENV, then runs example_project/demo.py, which starts its own
 # memcached (unless OCMEMCACHE_LOCATION=host:port is set) and gunicorn on free
 # loopback ports, drives real HTTP requests, prints the results and stops both.
-# Extra arguments go to demo.py (--help lists them). Exit code is demo.py's.
+# Then example_project/migration_demo.py runs the README's migration runbook
+# (fallback pair + warm-cache) on two memcached servers of its own.
+# Extra arguments go to demo.py (--help lists them). Exit code: the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(bash scripts/setup-env.sh)
-exec "$py" example_project/demo.py "$@"
+"$py" example_project/demo.py "$@"
+echo
+echo "== Moving to new memcached servers (example_project/migration_demo.py)"
+"$py" example_project/migration_demo.py

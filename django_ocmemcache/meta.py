@@ -1,0 +1,232 @@
+"""memcached meta commands, pipelined over a pymemcache ``Client``'s socket.
+
+pymemcache 4 has no meta-command API, and its ``raw_command`` reads one reply
+up to a fixed end token, which breaks on a value that contains ``"\\r\\n"``.
+The migration code needs three things pymemcache cannot give: an item's raw
+bytes with its client flags, remaining TTL and CAS in one request
+(``mg <key> v f t c``), an ``add`` of raw bytes that returns the new CAS
+(``ms <key> <len> F<flags> T<exptime> ME c``), and a delete guarded by a CAS
+(``md <key> C<cas>``). The functions here send N commands in one write and read
+N replies in order (memcached answers meta commands in order), with values read
+by their announced length, never by scanning for ``"\\r\\n"``.
+
+Reference: memcached ``protocol.txt``, "Meta Commands" (memcached >= 1.6).
+Keys are wire keys (bytes, already validated and prefixed). On any error the
+node's socket is closed, as pymemcache does, so the stream never desynchronises.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
+)
+
+T = TypeVar("T")
+
+#: Send at most this many request bytes per round trip, so a pipeline of large
+#: values never fills both socket buffers at once.
+MAX_PIPELINE_BYTES = 1 << 20
+
+#: Result of ``add_many`` for a value the server refuses (``-I`` item size).
+TOO_LARGE = "too large"
+#: Result of ``add_many`` when the key already exists (``NS``).
+NOT_STORED = "not stored"
+
+
+class MetaItem(NamedTuple):
+    """One item as ``mg`` returned it.
+
+    ``value``: the raw bytes (``None`` when not asked for); ``flags``: the
+    client flags (int); ``ttl``: remaining seconds, ``-1`` for never-expiring;
+    ``cas``: the item's CAS unique (int, 0 when not asked for).
+    """
+
+    value: bytes | None
+    flags: int
+    ttl: int
+    cas: int
+
+
+class _Reader:
+    """Read lines and exact-length values from a socket, keeping a buffer."""
+
+    __slots__ = ("sock", "buf", "pos")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.pos = 0
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        self.buf = self.buf[self.pos :] + chunk
+        self.pos = 0
+
+    def line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n", self.pos)
+            if end >= 0:
+                line = self.buf[self.pos : end]
+                self.pos = end + 2
+                return line
+            self._fill()
+
+    def value(self, size: int) -> bytes:
+        while len(self.buf) - self.pos < size + 2:
+            self._fill()
+        data = self.buf[self.pos : self.pos + size]
+        if self.buf[self.pos + size : self.pos + size + 2] != b"\r\n":
+            raise MemcacheUnknownError("value not followed by \\r\\n")
+        self.pos += size + 2
+        return data
+
+
+def _raise_error(line: bytes) -> None:
+    if line.startswith(b"SERVER_ERROR"):
+        raise MemcacheServerError(line[13:].decode(errors="replace"))
+    if line.startswith(b"CLIENT_ERROR"):
+        raise MemcacheClientError(line[13:].decode(errors="replace"))
+    raise MemcacheUnknownError(f"unexpected reply {line[:80]!r}")
+
+
+def _pipeline(
+    node: Any,
+    commands: Sequence[bytes],
+    parse: Callable[[_Reader], T],
+) -> list[T]:
+    """Send ``commands`` (complete, ``\\r\\n``-terminated) and parse one reply each."""
+    if node.sock is None:
+        node._connect()
+    sock = node.sock
+    results: list[T] = []
+    try:
+        start = 0
+        while start < len(commands):
+            end, size = start, 0
+            while end < len(commands) and (end == start or size < MAX_PIPELINE_BYTES):
+                size += len(commands[end])
+                end += 1
+            sock.sendall(b"".join(commands[start:end]))
+            reader = _Reader(sock)
+            results.extend(parse(reader) for _ in range(end - start))
+            if reader.pos != len(reader.buf):
+                raise MemcacheUnknownError("unexpected bytes after the replies")
+            start = end
+    except BaseException:
+        node.close()
+        raise
+    return results
+
+
+def _parse_get(reader: _Reader) -> MetaItem | None:
+    line = reader.line()
+    head = line[:2]
+    if head == b"EN":
+        return None
+    if head != b"VA" and head != b"HD":
+        _raise_error(line)
+    tokens = line.split()
+    value = None
+    if head == b"VA":
+        value = reader.value(int(tokens[1]))
+        tokens = tokens[2:]
+    flags = ttl = cas = 0
+    for token in tokens:
+        kind = token[:1]
+        if kind == b"f":
+            flags = int(token[1:])
+        elif kind == b"t":
+            ttl = int(token[1:])
+        elif kind == b"c":
+            cas = int(token[1:])
+    return MetaItem(value, flags, ttl, cas)
+
+
+def get_many(
+    node: Any, keys: Sequence[bytes], *, value: bool = True
+) -> list[MetaItem | None]:
+    """Return one ``MetaItem`` (or ``None`` for a miss) per key, in order.
+
+    With ``value=False`` only flags, TTL and CAS are fetched (a re-check). The
+    ``u`` flag keeps the read from bumping the item in the server's LRU.
+    """
+    suffix = b" v f t c u\r\n" if value else b" f t c u\r\n"
+    return _pipeline(node, [b"mg " + k + suffix for k in keys], _parse_get)
+
+
+def _parse_set(reader: _Reader) -> int | str:
+    line = reader.line()
+    if line[:2] == b"HD":
+        for token in line.split()[1:]:
+            if token[:1] == b"c":
+                return int(token[1:])
+        return 0
+    if line[:2] == b"NS":
+        return NOT_STORED
+    if line.startswith(b"SERVER_ERROR"):
+        # memcached has read (and dropped) the value: the stream is in sync.
+        return TOO_LARGE if b"too large" in line else line.decode(errors="replace")
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
+def add_many(
+    node: Any, items: Sequence[tuple[bytes, bytes, int, int]]
+) -> list[int | str]:
+    """``add`` raw items ``(key, data, flags, exptime)``; one result per item.
+
+    A result is the stored item's CAS (int), ``NOT_STORED`` if the key already
+    exists, ``TOO_LARGE`` if the server refuses the size, or the server's
+    other ``SERVER_ERROR ...`` line (str; e.g. out of memory with ``-M``).
+    ``exptime`` is memcached's: 0 never expires, up to 30 days relative, beyond
+    that a Unix time.
+    """
+    commands = [
+        b"ms %b %d F%d T%d ME c\r\n%b\r\n" % (key, len(data), flags, exptime, data)
+        for key, data, flags, exptime in items
+    ]
+    return _pipeline(node, commands, _parse_set)
+
+
+def _parse_delete(reader: _Reader) -> bool:
+    line = reader.line()
+    if line[:2] == b"HD":
+        return True
+    if line[:2] in (b"NF", b"EX"):
+        return False
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
+def delete_many(node: Any, items: Sequence[tuple[bytes, int | None]]) -> list[bool]:
+    """Delete ``(key, cas)`` pairs; True where an item was deleted.
+
+    With a CAS the item is deleted only if its CAS still matches (``md <key>
+    C<cas>``), so a value written since is never touched; ``None`` deletes
+    unconditionally.
+    """
+    commands = [
+        b"md %b C%d\r\n" % (key, cas) if cas is not None else b"md %b\r\n" % key
+        for key, cas in items
+    ]
+    return _pipeline(node, commands, _parse_delete)
+
+
+def exists_many(node: Any, keys: Sequence[bytes]) -> list[bool]:
+    """True for each key the server holds (``mg <key>`` without flags)."""
+    items = _pipeline(node, [b"mg " + k + b"\r\n" for k in keys], _parse_get)
+    return [item is not None for item in items]
+
+
+def server_time(node: Any) -> int:
+    """The server's clock (``stats`` ``time``, Unix seconds)."""
+    return int(node.stats()[b"time"])
