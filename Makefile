@@ -15,6 +15,9 @@ demo:            ## run the example site against real memcached and print what i
 bench:           ## benchmarks side by side with Django's PyMemcacheCache
 	bash scripts/bench.sh $(BENCH_ARGS)
 
+reliability:     ## failure scenarios against real memcached; writes docs/reliability.md
+	bash scripts/reliability.sh $(RELIABILITY_ARGS)
+
 lint:            ## ruff + mypy on the package
 	bash scripts/setup-env.sh >/dev/null
 	$(VENV)/bin/ruff check .

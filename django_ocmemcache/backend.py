@@ -20,12 +20,18 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys
-from .client import ClientPool, drop_closed_connections, get_pool, parse_location
+from . import keys, nodes
+from .client import (
+    ClientPool,
+    default_deadline,
+    drop_closed_connections,
+    get_pool,
+    parse_location,
+)
 from .conf import BackendOptions
-from .errors import ErrorPolicy
+from .errors import get_policy
 from .fallback import FallbackPool, get_fallback_pool
-from .serializers import load_serde
+from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
 
@@ -35,7 +41,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: (protocol.txt, "Expiration times").
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
-_MISSING = object()
+#: What a lookup yields for an absent key; serializers return it for a value
+#: that cannot be trusted or decoded, so those read as misses too.
+_MISSING = MISS
 
 
 class _CallState(threading.local):
@@ -77,6 +85,7 @@ def operation(
             st.depth = 1
             st.hits = st.misses = 0
             st.error = None
+            nodes.deadline_scope(self._deadline)
             tel = self._telemetry
             call = tel.start(self, name, args, kwargs) if tel is not None else None
             try:
@@ -96,6 +105,7 @@ def operation(
                 return result
             finally:
                 st.depth = 0
+                nodes.end_deadline_scope()
 
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -111,12 +121,27 @@ def _false(*args: Any, **kwargs: Any) -> bool:
     return False
 
 
-def _empty_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
-    return {}
+def _wire_keys(self: Any, keys: Any, version: Any) -> dict[bytes, Any]:
+    return {self._key(k, version): k for k in keys}
 
 
-def _all_keys_failed(self: Any, data: Any, *args: Any, **kwargs: Any) -> list[Any]:
-    return list(data)
+def _get_many_partial(self: Any, keys: Any, version: Any = None) -> dict[Any, Any]:
+    """The hits of the servers that answered (``exc.partial_result``, wire keys,
+    see ``nodes.ShardedClient``), under the caller's keys."""
+    partial = getattr(_state.error, "partial_result", None) or {}
+    wire = _wire_keys(self, keys, version) if partial else {}
+    return {wire[k]: v for k, v in partial.items() if k in wire and v is not MISS}
+
+
+def _set_many_partial(
+    self: Any, data: Any, timeout: Any = None, version: Any = None
+) -> list[Any]:
+    """Every key not stored (``exc.partial_result``), or all of them."""
+    partial = getattr(_state.error, "partial_result", None)
+    if partial is None:
+        return list(data)
+    wire = _wire_keys(self, data, version)
+    return [wire[k] for k in partial if k in wire]
 
 
 def _missing_key(self: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
@@ -171,11 +196,15 @@ class OCMemcacheCache(BaseCache):
                 "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
             )
         kwargs.setdefault("serde", load_serde(self._options.serializer))
+        # pymemcache's ignore_exc would swallow programming errors too; it is
+        # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
+        ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
         self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = ErrorPolicy(self._options.ignore_exceptions)
+        self._errors = get_policy(self._pool, ignore)
+        self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
         self._telemetry = self._load_telemetry(server, params)
 
     def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
@@ -306,17 +335,18 @@ class OCMemcacheCache(BaseCache):
         """Delete ``key``; return True if it existed."""
         return bool(self._client().delete(self._key(key, version)))
 
-    @operation("get_many", _empty_dict)
+    @operation("get_many", _get_many_partial)
     def get_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
         """Return ``{key: value}`` for the keys found; missing keys are left out."""
         key_map = {self._key(k, version): k for k in keys}
         found = self._client().get_many(list(key_map)) if key_map else {}
-        self._lookups(len(found), len(key_map) - len(found))
-        return {key_map[k]: v for k, v in found.items()}
+        hits = {key_map[k]: v for k, v in found.items() if v is not _MISSING}
+        self._lookups(len(hits), len(key_map) - len(hits))
+        return hits
 
-    @operation("set_many", _all_keys_failed)
+    @operation("set_many", _set_many_partial)
     def set_many(
         self,
         data: dict[Any, Any],

@@ -9,8 +9,10 @@ across requests. After ``os.fork()`` (gunicorn ``--preload``) the child drops
 every client it inherited without touching its sockets, so parent and child
 never share a connection.
 
-A single server gets a plain ``pymemcache.Client``: no rendezvous hashing per
-key, which Django pays for even with one server.
+Each thread's client is a ``nodes.ShardedClient``: one pymemcache ``Client``
+per server, keys mapped as pymemcache's ``HashClient`` maps them (no hashing at
+all with a single server), a whole-operation deadline and server health shared
+by every thread of the process (see ``nodes``).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from pymemcache.client.base import Client
-from pymemcache.client.hash import HashClient
+from pymemcache.client.rendezvous import RendezvousHash
+
+from .nodes import ServerHealth, ShardedClient, hash_node
 
 #: ``(host, port)`` for TCP, a filesystem path for a unix socket.
 ServerSpec = tuple[str, int] | str
 
-#: ``HashClient`` arguments a plain ``Client`` does not take.
+#: ``HashClient`` arguments a plain ``Client`` does not take (the health ones
+#: are read by ``nodes.ServerHealth``; pooling ones are moot with per-thread
+#: clients).
 HASH_ONLY_KWARGS = frozenset(
     {
         "hasher",
@@ -132,30 +138,37 @@ class ClientPool:
         self.misses = 0
         self._local = threading.local()
         self._pid = os.getpid()
+        self.health = ServerHealth(
+            retry_attempts=client_kwargs.get("retry_attempts", 2),
+            retry_timeout=client_kwargs.get("retry_timeout", 1),
+            dead_timeout=client_kwargs.get("dead_timeout", 60),
+        )
 
-    def client(self) -> Any:
-        """Return this thread's client (``Client`` or ``HashClient``)."""
+    def client(self) -> ShardedClient:
+        """Return this thread's client (pymemcache's method names, see ``nodes``)."""
         try:
             return self._local.client
         except AttributeError:
             client = self._local.client = self._build()
             return client
 
-    def _build(self) -> Any:
+    def _build(self) -> ShardedClient:
         kwargs = self.client_kwargs
-        if len(self.servers) == 1:
-            single = {k: v for k, v in kwargs.items() if k not in HASH_ONLY_KWARGS}
-            return Client(self.servers[0], **single)
-        return HashClient(self.servers, **kwargs)
+        single = {k: v for k, v in kwargs.items() if k not in HASH_ONLY_KWARGS}
+        single.pop("ignore_exc", None)  # the backend's IGNORE_EXCEPTIONS decides
+        names = [server_name(s) for s in self.servers]
+        hasher = kwargs.get("hasher", RendezvousHash)
+        return ShardedClient(self.servers, names, single, self.health, hasher)
 
     def server_clients(self) -> dict[str, Client]:
-        """This thread's per-server ``Client`` objects, by ``server_name``."""
+        """This thread's per-server ``Client`` objects, by ``server_name``.
+
+        Calls on them bypass server health; the operation deadline applies
+        inside ``deadline_scope``.
+        """
         client = self.client()
-        if isinstance(client, HashClient):
-            # HashClient keys its clients "host:port" (or the socket path).
-            by_key = {client._make_client_key(s): s for s in self.servers}
-            return {server_name(by_key[k]): c for k, c in client.clients.items()}
-        return {server_name(self.servers[0]): client}
+        by_node = {hash_node(s): server_name(s) for s in self.servers}
+        return {by_node[node]: c for node, c in client.clients.items()}
 
     def disconnect(self) -> None:
         """Close this thread's connections (they reopen on next use)."""
@@ -186,6 +199,7 @@ class ClientPool:
         self._local = threading.local()
         self._pid = os.getpid()
         self.hits = self.misses = 0
+        self.health.reset_after_fork()
 
 
 def _readable(sock: Any) -> bool:
@@ -244,3 +258,19 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def default_deadline(options: dict[str, Any], client_kwargs: dict[str, Any]) -> Any:
+    """The ``DEADLINE`` in seconds: ``OPTIONS["DEADLINE"]`` when given (``None``
+    turns it off), else ``connect_timeout + timeout`` (2.0 s with the defaults:
+    one connect plus one full read, so the deadline never cuts shorter than the
+    per-socket timeouts, while a trickling server cannot stretch a call past
+    it); ``None`` if either timeout is ``None``.
+    """
+    if "DEADLINE" in options:
+        return options["DEADLINE"]
+    connect = client_kwargs.get("connect_timeout")
+    timeout = client_kwargs.get("timeout")
+    if connect is None or timeout is None:
+        return None
+    return float(connect) + float(timeout)

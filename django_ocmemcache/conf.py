@@ -61,7 +61,9 @@ class BackendOptions:
     label: str | None = None
     #: Old servers of a migration (see ``fallback.py``); ``None`` means no pair.
     fallback_location: Any = None
-    #: Whole-operation deadline in seconds (``None``: only per-socket timeouts).
+    #: Whole-operation deadline in seconds; when the key is absent the backend
+    #: uses ``connect_timeout + timeout`` (``client.default_deadline``), and an
+    #: explicit ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
     #: pymemcache keyword arguments, defaults applied.
     client_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from django.core.cache.backends.base import InvalidCacheKey
 
-__all__ = ["InvalidCacheKey", "OCMemcacheError", "ServerUnavailable"]
+__all__ = [
+    "BadReply",
+    "DeadlineExceeded",
+    "InvalidCacheKey",
+    "OCMemcacheError",
+    "ServerUnavailable",
+]
 
 
 class OCMemcacheError(Exception):
@@ -17,3 +23,13 @@ class OCMemcacheError(Exception):
 
 class ServerUnavailable(OCMemcacheError, ConnectionError):
     """Raised when no memcached server can be reached for an operation."""
+
+
+class DeadlineExceeded(OCMemcacheError, TimeoutError):
+    """Raised when a cache operation runs past its ``DEADLINE`` (seconds)."""
+
+
+class BadReply(OCMemcacheError, ConnectionError):
+    """Raised when a server's reply breaks the protocol's bounds (a line over
+    ``MAX_LINE_BYTES`` or a value over ``MAX_VALUE_BYTES``); the connection is
+    dropped."""

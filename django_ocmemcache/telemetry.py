@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "SPAN_QUEUE_SIZE": 1000,  # span batches waiting for the exporter thread
     "EXIT_FLUSH_TIMEOUT": 1.0,  # seconds spent exporting queued spans at exit
     "PROMETHEUS_REGISTER": False,  # also register with prometheus_client.REGISTRY
+    "SIGNING_KEYS": None,  # signed-pickle keys, newest first (serializers.py)
 }
 
 # Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
@@ -652,7 +653,7 @@ class CacheTelemetry:
             attrs[ATTR_KEY] = text if len(text) <= 16 else text[:16] + "…"
             attrs[ATTR_KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self.multi_server:
-            node = cache._client().hasher.get_node(full)
+            node = cache._client().node_for(full)  # as the client routes it
             for spec in cache._servers:
                 if _node_name(spec) == node:
                     attrs.update(_server_attributes(spec))

@@ -28,7 +28,9 @@ def labels(**kw: str) -> frozenset:
 
 def test_known_sequence(site, make_cache, memcached_factory):
     server = memcached_factory()
-    cache = make_cache(server.location, OPTIONS={"LABEL": "seq"})
+    # retry_timeout 0: every call tries the stopped server (no health skip).
+    opts = {"LABEL": "seq", "retry_timeout": 0, "dead_timeout": 0}
+    cache = make_cache(server.location, OPTIONS=opts)
     cache.set("a", 1)
     cache.set("b", 2)
     for key in ("a", "b", "a", "x", "y"):  # 3 hits, 2 misses

@@ -1,0 +1,499 @@
+"""Per-server pymemcache clients with a whole-operation deadline, bounded reply
+parsing and process-wide server health.
+
+Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
+
+- pymemcache's ``timeout`` bounds each socket read, not the call: a server that
+  trickles one byte every 20 ms holds a ``get`` for seconds. Here every
+  ``recv``/``send``/``connect`` is clamped to what is left of the operation's
+  deadline (``deadline_scope``), so the call ends on time whatever the server
+  does. pymemcache closes the socket on any exception raised while it waits for
+  a reply, so a late reply is never read as the answer to the next command.
+- pymemcache's readers buffer a reply line until ``\\r\\n`` and a value of
+  whatever size the ``VALUE`` line claims; ``_ReplyBounds`` stops a garbage
+  server at ``MAX_LINE_BYTES`` per line and ``MAX_VALUE_BYTES`` per value.
+- ``HashClient`` keeps its failure state per instance (one per thread here),
+  returns ``default``/``False`` silently while a server is "retrying", and can
+  wait up to twice ``dead_timeout`` before sending traffic to a server that came
+  back. ``ServerHealth`` is shared by every thread of the process: a failed
+  server is skipped for ``retry_timeout`` seconds (``dead_timeout`` after
+  ``retry_attempts`` consecutive failures), then one caller probes it; while it
+  is down at most one connection attempt per interval is made per process.
+  Skipped calls raise ``ServerUnavailable`` (a miss under ``IGNORE_EXCEPTIONS``).
+- Keys are mapped to servers with pymemcache's ``RendezvousHash`` on the same
+  node names and the same key text as ``HashClient`` under Django, so switching
+  backends keeps the warm cache. A down server's keys are not moved to other
+  servers (that would serve stale values once it returns); they miss.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from pymemcache.client.base import Client
+from pymemcache.client.rendezvous import RendezvousHash
+from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
+
+from .errors import is_io_error, is_tls_config_error
+from .exceptions import BadReply, DeadlineExceeded, ServerUnavailable
+
+#: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
+#: of at most 250 bytes and a few numbers; ``stats`` and metadump lines are short).
+MAX_LINE_BYTES = 8192
+#: Largest value accepted in a reply, in bytes. memcached's item size limit
+#: (``-I``) defaults to 1 MiB and can be raised to 1 GiB; beyond this the client
+#: refuses to buffer what the server claims.
+MAX_VALUE_BYTES = 128 * 1024 * 1024
+
+_local = threading.local()
+
+
+def deadline_scope(seconds: float | None) -> None:
+    """Start this thread's operation deadline: ``seconds`` from now (None: off)."""
+    _local.at = None if seconds is None else time.monotonic() + seconds
+
+
+def end_deadline_scope() -> None:
+    """End this thread's operation deadline."""
+    _local.at = None
+
+
+def time_left() -> float | None:
+    """Seconds left before this thread's deadline, or None if there is none."""
+    at = getattr(_local, "at", None)
+    return None if at is None else at - time.monotonic()
+
+
+def _check_deadline() -> float | None:
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded("memcached operation exceeded its DEADLINE")
+    return left
+
+
+class _ReplyBounds:
+    """Follows the reply stream to refuse over-long lines and huge values."""
+
+    __slots__ = ("line", "skip")
+
+    def __init__(self) -> None:
+        self.line = bytearray()
+        self.skip = 0
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self.skip:
+                take = min(self.skip, n - i)
+                self.skip -= take
+                i += take
+                continue
+            j = data.find(b"\n", i)
+            stop = n if j == -1 else j + 1
+            if len(self.line) + stop - i > MAX_LINE_BYTES:
+                raise BadReply(
+                    f"memcached reply line longer than {MAX_LINE_BYTES} bytes"
+                )
+            self.line += data[i:stop]
+            i = stop
+            if self.line.endswith(b"\r\n"):
+                self._end_line()
+
+    def _end_line(self) -> None:
+        parts = bytes(self.line).split()
+        self.line.clear()
+        if len(parts) >= 4 and parts[0] == b"VALUE":
+            size = parts[3]
+        elif len(parts) >= 2 and parts[0] == b"VA":  # meta command value
+            size = parts[1]
+        else:
+            return
+        if not size.isdigit():
+            return  # pymemcache rejects the line itself
+        if int(size) > MAX_VALUE_BYTES:
+            raise BadReply(
+                f"memcached reply announces a {int(size)}-byte value "
+                f"(more than {MAX_VALUE_BYTES})"
+            )
+        self.skip = int(size) + 2
+
+
+class _GuardedSocket:
+    """A connected socket whose waits never pass the operation deadline."""
+
+    def __init__(self, sock: Any, timeout: float | None) -> None:
+        self._sock = sock
+        self._base = timeout
+        self._current = timeout
+        self._bounds = _ReplyBounds()
+
+    def _clamp(self) -> None:
+        left = _check_deadline()
+        want = self._base
+        if left is not None and (want is None or left < want):
+            want = left
+        if want != self._current:
+            self._sock.settimeout(want)
+            self._current = want
+
+    def sendall(self, data: bytes) -> None:
+        self._clamp()
+        self._bounds = _ReplyBounds()  # a new command: a new reply follows
+        self._sock.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        self._clamp()
+        data = self._sock.recv(size)
+        self._bounds.feed(data)
+        return data
+
+    def settimeout(self, value: float | None) -> None:
+        self._base = value
+        self._current = value
+        self._sock.settimeout(value)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _UnprefixedKeys:
+    """pymemcache hands ``serialize`` the key with its ``key_prefix`` option
+    applied but ``deserialize`` the key without it; give both the same key, so
+    a serde that binds values to keys (signed pickle) can verify them."""
+
+    def __init__(self, serde: Any, prefix: bytes) -> None:
+        self.serde = serde
+        self.prefix = prefix
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        if isinstance(key, bytes) and key.startswith(self.prefix):
+            key = key[len(self.prefix) :]
+        return self.serde.serialize(key, value)
+
+    def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
+        return self.serde.deserialize(key, data, flags)
+
+
+class GuardedClient(Client):
+    """pymemcache ``Client`` whose connect, sends and reads obey the deadline."""
+
+    generation = 0
+
+    def __init__(self, server: Any, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        if self.key_prefix:
+            self.serde = _UnprefixedKeys(self.serde, self.key_prefix)  # type: ignore[has-type]
+
+    def _connect(self) -> None:
+        left = _check_deadline()
+        configured: float | None = self.connect_timeout  # type: ignore[has-type]
+        if left is not None and (configured is None or left < configured):
+            self.connect_timeout = left
+        try:
+            super()._connect()
+        finally:
+            self.connect_timeout = configured  # type: ignore[assignment]
+        self.sock = _GuardedSocket(self.sock, self.timeout)  # type: ignore
+
+
+class _Down:
+    __slots__ = ("failures", "next_try")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.next_try = 0.0
+
+
+class ServerHealth:
+    """Process-wide health of one pool's servers, shared by all its threads.
+
+    ``retry_attempts``, ``retry_timeout`` and ``dead_timeout`` (seconds) are
+    pymemcache's ``HashClient`` arguments of the same names: after a failure a
+    server is skipped for ``retry_timeout``; after ``retry_attempts``
+    consecutive failures, for ``dead_timeout`` between probes.
+    """
+
+    def __init__(
+        self,
+        retry_attempts: int = 2,
+        retry_timeout: float = 1,
+        dead_timeout: float = 60,
+    ) -> None:
+        self.retry_attempts = retry_attempts
+        self.retry_timeout = retry_timeout
+        self.dead_timeout = dead_timeout
+        self.down: dict[str, _Down] = {}
+        self.generation: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def _interval(self, failures: int) -> float:
+        if failures >= max(self.retry_attempts, 1):
+            return float(self.dead_timeout)
+        return float(self.retry_timeout)
+
+    def available(self, node: str) -> bool:
+        """True if ``node`` may be used now; claims the probe of a down server."""
+        if node not in self.down:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            state = self.down.get(node)
+            if state is None:
+                return True
+            if now < state.next_try:
+                return False
+            # This caller probes; everyone else keeps skipping meanwhile.
+            state.next_try = now + self._interval(state.failures)
+            return True
+
+    def failed(self, node: str) -> None:
+        """Record a failure: skip ``node`` and drop every thread's connection to it."""
+        with self._lock:
+            state = self.down.setdefault(node, _Down())
+            state.failures += 1
+            state.next_try = time.monotonic() + self._interval(state.failures)
+            self.generation[node] += 1
+
+    def ok(self, node: str) -> None:
+        """Record a success: ``node`` is healthy again."""
+        if node in self.down:
+            with self._lock:
+                self.down.pop(node, None)
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.down = {}
+
+
+def _marks_down(exc: BaseException) -> bool:
+    if is_tls_config_error(exc):  # every call should raise it, not "down"
+        return False
+    return isinstance(
+        exc, (OSError, MemcacheUnexpectedCloseError, MemcacheUnknownError, BadReply)
+    )
+
+
+def hash_node(server: Any) -> str:
+    """pymemcache ``HashClient``'s node name: ``"host:port"`` or the socket path."""
+    if isinstance(server, tuple):
+        host, port = server
+        return f"{host}:{port}"
+    return str(server)
+
+
+class ShardedClient:
+    """One thread's clients for a pool's servers, with pymemcache's method names.
+
+    Single-key methods go to the key's server (rendezvous hashing; no hashing
+    with one server); ``get_many``/``set_many``/``delete_many`` are split per
+    server; ``flush_all`` goes to every server. Exceptions carry the server as
+    ``exc.ocmemcache_server`` (``"host:port"``) for logs and counters.
+
+    ``clients`` maps node names (``HashClient``'s: ``"host:port"`` or the socket
+    path) to per-server clients; ``node_for(key)`` gives a key's node (use it
+    rather than ``hasher``, which is ``None`` with one server).
+    """
+
+    def __init__(
+        self,
+        servers: list[Any],
+        names: list[str],
+        client_kwargs: dict[str, Any],
+        health: ServerHealth,
+        hasher: Any = RendezvousHash,
+    ) -> None:
+        self.health = health
+        self.clients: dict[str, GuardedClient] = {}
+        self._names: dict[str, str] = {}
+        for server, name in zip(servers, names, strict=True):
+            node = hash_node(server)
+            self.clients[node] = GuardedClient(server, **client_kwargs)
+            self._names[node] = name
+        self._single = next(iter(self.clients)) if len(self.clients) == 1 else None
+        self.hasher = None if self._single else hasher()
+        if self.hasher is not None:
+            for node in self.clients:
+                self.hasher.add_node(node)
+
+    def node_for(self, key: Any) -> str:
+        """The node a key belongs to, as ``HashClient`` would choose it."""
+        if self._single is not None:
+            return self._single
+        # Django hands HashClient str keys; hash the same text for the same node.
+        text = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+        return self.hasher.get_node(text)  # type: ignore[union-attr]
+
+    def _call(self, node: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        name = self._names[node]
+        _check_deadline()
+        if not self.health.available(node):
+            exc: Exception = ServerUnavailable(
+                f"memcached {name} is marked down after a failure; skipped until "
+                "its next probe"
+            )
+            exc.ocmemcache_server = name  # type: ignore[attr-defined]
+            raise exc
+        client = self.clients[node]
+        generation = self.health.generation.get(node, 0)
+        if client.generation != generation:
+            client.close()  # opened before the server failed: never reuse it
+            client.generation = generation
+        try:
+            result = getattr(client, method)(*args, **kwargs)
+        except Exception as exc:
+            try:
+                exc.ocmemcache_server = name  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            if _marks_down(exc):
+                self.health.failed(node)
+            raise
+        self.health.ok(node)
+        return result
+
+    def _key_call(self, method: str, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self.node_for(key), method, key, *args, **kwargs)
+
+    def get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("get", key, *args, **kwargs)
+
+    def gets(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("gets", key, *args, **kwargs)
+
+    def set(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("set", key, *args, **kwargs)
+
+    def add(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("add", key, *args, **kwargs)
+
+    def replace(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("replace", key, *args, **kwargs)
+
+    def append(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("append", key, *args, **kwargs)
+
+    def prepend(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("prepend", key, *args, **kwargs)
+
+    def cas(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("cas", key, *args, **kwargs)
+
+    def delete(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("delete", key, *args, **kwargs)
+
+    def touch(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("touch", key, *args, **kwargs)
+
+    def incr(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("incr", key, *args, **kwargs)
+
+    def decr(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._key_call("decr", key, *args, **kwargs)
+
+    def _by_node(self, keys: Iterable[Any]) -> dict[str, list[Any]]:
+        batches: dict[str, list[Any]] = defaultdict(list)
+        for key in keys:
+            batches[self.node_for(key)].append(key)
+        return batches
+
+    def _per_node(
+        self, method: str, batches: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], Exception | None]:
+        """Run ``method`` on each node's batch; I/O failures do not stop the rest.
+
+        Returns ``({node: result}, first I/O failure or None)``.
+        """
+        results: dict[str, Any] = {}
+        first: Exception | None = None
+        for node, batch in batches.items():
+            try:
+                results[node] = self._call(node, method, batch, *args, **kwargs)
+            except Exception as exc:
+                if not is_io_error(exc):
+                    raise
+                first = first or exc
+        return results, first
+
+    def get_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
+        """``{key: value}`` found; if a server failed, its error is raised with
+        the other servers' hits as ``exc.partial_result``."""
+        return self._fetch_many("get_many", keys, *args, **kwargs)
+
+    def gets_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
+        return self._fetch_many("gets_many", keys, *args, **kwargs)
+
+    def _fetch_many(self, method: str, keys: Iterable[Any], *a: Any, **kw: Any) -> dict:
+        results, error = self._per_node(method, self._by_node(keys), *a, **kw)
+        found: dict[Any, Any] = {}
+        for part in results.values():
+            found.update(part)
+        if error is not None:
+            error.partial_result = found  # type: ignore[attr-defined]
+            raise error
+        return found
+
+    def set_many(self, values: dict[Any, Any], *args: Any, **kwargs: Any) -> list:
+        """Keys not stored; if a server failed, its error is raised with every
+        key not stored (its own included) as ``exc.partial_result``."""
+        batches = {
+            node: {k: values[k] for k in batch}
+            for node, batch in self._by_node(values).items()
+        }
+        results, error = self._per_node("set_many", batches, *args, **kwargs)
+        failed = [k for node, part in batches.items() if node not in results
+                  for k in part]  # fmt: skip
+        for part_failed in results.values():
+            failed += part_failed
+        if error is not None:
+            error.partial_result = failed  # type: ignore[attr-defined]
+            raise error
+        return failed
+
+    def delete_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> bool:
+        """Delete on every server holding some of ``keys``; a failed server
+        does not stop the others (its error is raised afterwards)."""
+        _, error = self._per_node("delete_many", self._by_node(keys), *args, **kwargs)
+        if error is not None:
+            raise error
+        return True
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        first: Exception | None = None
+        for node in self.clients:
+            try:
+                results[node] = self._call(node, method, *args, **kwargs)
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return results
+
+    def flush_all(self, *args: Any, **kwargs: Any) -> bool:
+        self._each("flush_all", *args, **kwargs)
+        return True
+
+    def stats(self, *args: Any) -> dict[Any, Any]:
+        """``stats`` of the only server (use ``clients`` with several)."""
+        if self._single is None:
+            raise TypeError("stats() needs one server; use ClientPool.server_clients()")
+        return self._call(self._single, "stats", *args)
+
+    def version(self) -> Any:
+        if self._single is None:
+            raise TypeError("version() needs one server")
+        return self._call(self._single, "version")
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    disconnect_all = close
+    quit = close

@@ -1,0 +1,141 @@
+"""SERIALIZER: Django-compatible pickle, signed pickle (tampered, foreign, replayed
+or unsigned values are misses and never unpickled; key rotation), JSON; a corrupt
+value returns the caller's default, not None."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import pytest
+from django.test import override_settings
+
+from django_ocmemcache.serializers import rejected_value_warning
+from tests.conftest import DJANGO_BACKEND
+
+pytestmark = pytest.mark.integration
+
+MISS = object()
+
+
+class _Plant:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _raw_set(server, key: str, data: bytes, flags: int) -> None:
+    head = f"set {key} {flags} 0 {len(data)}\r\n".encode()
+    with __import__("socket").create_connection(server.address, timeout=2) as s:
+        s.sendall(head + data + b"\r\n")
+        assert s.recv(100) == b"STORED\r\n"
+
+
+def _raw_get(server, key: str) -> tuple[bytes, int]:
+    reply = server.command(f"get {key}")
+    head, _, rest = reply.partition(b"\r\n")
+    _, _, flags, size = head.split()
+    return rest[: int(size)], int(flags)
+
+
+def test_default_pickle_is_django_compatible(memcached, make_cache):
+    ours = make_cache(memcached.location)
+    django = make_cache(memcached.location, backend=DJANGO_BACKEND)
+    values = {"d": {"a": [1, 2.5]}, "s": "é", "b": b"\x00", "i": 7, "n": None}
+    ours.set_many(values)
+    assert django.get_many(list(values)) == values
+    django.set_many({k + "2": v for k, v in values.items()})
+    assert ours.get_many([k + "2" for k in values]) == {
+        k + "2": v for k, v in values.items()
+    }
+
+
+@pytest.mark.parametrize("flags", [1, 16])
+def test_corrupt_value_returns_the_default(flags, memcached, make_cache):
+    cache = make_cache(memcached.location)
+    _raw_set(memcached, ":1:bad", b"\x80\xff not a pickle", flags)
+    assert cache.get("bad", MISS) is MISS  # pymemcache's serde would give None
+    assert cache.get_many(["bad"]) == {}
+    assert not cache.has_key("bad")
+    assert cache.get_or_set("bad", "fresh") in ("fresh",)
+
+
+def test_signed_pickle_round_trip_and_incr(memcached, make_cache):
+    cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
+    for value in ({"a": 1}, None, b"", "", 0, False, [b"x"] * 3):
+        cache.set("k", value)
+        assert cache.get("k", MISS) == value and type(cache.get("k")) is type(value)
+    cache.set("n", 1)
+    assert cache.incr("n", 5) == 6 and cache.get("n") == 6
+
+
+def test_signed_pickle_with_pymemcache_key_prefix(memcached, make_cache):
+    opts = {"SERIALIZER": "signed-pickle", "key_prefix": b"pfx."}
+    cache = make_cache(memcached.location, OPTIONS=opts)
+    cache.set("k", {"a": 1})
+    assert cache.get("k") == {"a": 1}
+    assert cache.get_many(["k"]) == {"k": {"a": 1}}
+
+
+def test_signed_pickle_never_unpickles_untrusted_values(
+    memcached, make_cache, tmp_path, caplog
+):
+    marker = tmp_path / "pwned"
+    plant = pickle.dumps(_Plant(str(marker)))
+    signed = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
+    signed.set("good", {"ok": True})
+    mac_and_payload, flags = _raw_get(memcached, ":1:good")
+    rejected = rejected_value_warning.count
+    rejected_value_warning._last = float("-inf")  # let the next one be logged
+    with caplog.at_level(logging.WARNING, logger="django_ocmemcache.security"):
+        _raw_set(memcached, ":1:unsigned", plant, 1)
+        _raw_set(memcached, ":1:badmac", b"\x00" * 32 + plant, flags)
+        _raw_set(memcached, ":1:replayed", mac_and_payload, flags)  # other key
+        tampered = mac_and_payload[:-2] + b"X" + mac_and_payload[-1:]
+        _raw_set(memcached, ":1:tampered", tampered, flags)
+        for key in ("unsigned", "badmac", "replayed", "tampered"):
+            assert signed.get(key, MISS) is MISS, key
+    assert not marker.exists()
+    assert rejected_value_warning.count - rejected == 4
+    assert caplog.records and all(
+        r.name == "django_ocmemcache.security" for r in caplog.records
+    )
+    # The same planted value under plain pickle runs code: the danger is real.
+    make_cache(memcached.location).get("unsigned")
+    assert marker.exists()
+    os.remove(marker)
+
+
+def test_signing_key_rotation(memcached, make_cache):
+    opts = {"SERIALIZER": "signed-pickle"}
+    with override_settings(SECRET_KEY="old-secret"):
+        make_cache(memcached.location, OPTIONS=opts).set("k", "v")
+    with override_settings(SECRET_KEY="new-secret"):
+        assert make_cache(memcached.location, OPTIONS=opts).get("k", MISS) is MISS
+    with override_settings(
+        SECRET_KEY="new-secret", SECRET_KEY_FALLBACKS=["old-secret"]
+    ):
+        cache = make_cache(memcached.location, OPTIONS=opts)
+        assert cache.get("k") == "v"
+        cache.set("k2", "v2")
+    with override_settings(OCMEMCACHE={"SIGNING_KEYS": ["new-secret"]}):
+        assert make_cache(memcached.location, OPTIONS=opts).get("k2") == "v2"
+        assert make_cache(memcached.location, OPTIONS=opts).get("k", MISS) is MISS
+
+
+def test_json_serializer(memcached, make_cache, tmp_path):
+    cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": "json"})
+    cache.set("d", {"a": [1, "é", None]})
+    assert cache.get("d") == {"a": [1, "é", None]}
+    cache.set("n", 1)
+    assert cache.incr("n") == 2
+    with pytest.raises(TypeError):
+        cache.set("o", object())  # not JSON: a programming error
+    marker = tmp_path / "pwned"
+    _raw_set(memcached, ":1:p", pickle.dumps(_Plant(str(marker))), 1)
+    assert cache.get("p", MISS) is MISS and not marker.exists()
