@@ -27,6 +27,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .telemetry import (
     RequestSummary,
+    clear_tracer_context,
     current_summary,
     project_settings,
     queued,
@@ -280,6 +281,7 @@ class RequestSpanMiddleware:
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)
+            clear_tracer_context()  # a Tracer may have stored itself before failing
             return None
         request._ocmemcache_trace = trace
         return trace

@@ -991,7 +991,7 @@ def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
     finally:
         if tracer is not None:
             _safely(tracer.end_span)
-            _safely(_clean_context)
+            _safely(clear_tracer_context)
 
 
 def _safely(fn: Callable[..., Any], *args: Any) -> None:
@@ -1001,7 +1001,8 @@ def _safely(fn: Callable[..., Any], *args: Any) -> None:
         logger.warning("telemetry failed in %s", getattr(fn, "__name__", fn))
 
 
-def _clean_context() -> None:
+def clear_tracer_context() -> None:
+    """Remove any tracer, span and attribute from OpenCensus' execution context."""
     from opencensus.trace import execution_context
 
     execution_context.clean()
