@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
@@ -187,6 +188,23 @@ def _drop_closed_connections(**kwargs: Any) -> None:
 request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
+def _async(name: str) -> Callable[..., Any]:
+    """``a<name>``: run this backend's own ``<name>`` in Django's sync thread.
+
+    Django 5.2's ``BaseCache`` builds ``aincr``, ``aget_or_set``, ``aget_many``
+    … out of several ``aget``/``aset`` calls (``aincr`` is a get then a set,
+    not atomic); here every async variant is the one sync call, with its one span.
+    """
+
+    async def method(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
+        call = sync_to_async(getattr(self, name), thread_sensitive=True)
+        return await call(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = f"a{name}"
+    method.__doc__ = f"Async ``{name}()``: the same call and result."
+    return method
+
+
 class OCMemcacheCache(BaseCache):
     """A Django cache backend for memcached with tracing, metrics and failure policy.
 
@@ -194,6 +212,24 @@ class OCMemcacheCache(BaseCache):
     ``,`` (``"127.0.0.1:11211"``, ``"unix:/path"``, ``"[::1]:11211"``) or a list.
     ``params`` is the rest of the ``CACHES`` entry. Raises
     ``ImproperlyConfigured`` naming the setting at fault.
+
+    Rules shared by every method (Django's cache contract, memcached's limits):
+
+    - ``key``: any ``str``; the full key ``KEY_PREFIX:VERSION:key`` must be at
+      most 250 bytes of UTF-8 with no space or control character (memcached
+      ``KEY_MAX_LENGTH``, text protocol), else ``InvalidCacheKey`` (a
+      ``ValueError``) is raised before anything is sent. ``version``: an int,
+      default ``VERSION``.
+    - ``timeout``: seconds (int or float); ``DEFAULT_TIMEOUT`` means ``TIMEOUT``,
+      ``None`` never expires, ``0`` or less expires at once, over 30 days is
+      sent as an absolute Unix time (``get_backend_timeout``).
+    - Failures to reach memcached raise ``ServerUnavailable`` /
+      ``ConnectionError`` (refused, reset, a server marked down),
+      ``DeadlineExceeded`` / ``TimeoutError`` (``timeout``, ``DEADLINE``) or
+      ``BadReply``; with ``OPTIONS["IGNORE_EXCEPTIONS"]`` they become misses
+      (``get``: ``default``; ``get_many``: the servers that answered;
+      ``add``/``delete``/``touch``/``cas``: ``False``; ``incr``/``decr``:
+      ``ValueError``). Values that cannot be pickled always raise.
     """
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
@@ -431,8 +467,30 @@ class OCMemcacheCache(BaseCache):
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> Any:
-        """Return the cached value, or store and return ``default`` (or its result)."""
-        return super().get_or_set(key, default, timeout=timeout, version=version)
+        """Return the cached value, or store and return ``default`` (or its result).
+
+        A callable ``default`` runs outside this call: cache calls it makes are
+        calls of their own (spans, metrics), and its run time does not count
+        against ``DEADLINE``.
+        """
+        value = self.get(key, _MISSING, version=version)
+        if value is not _MISSING:
+            return value
+        if callable(default):
+            default = self._run_outside_call(default)
+        self.add(key, default, timeout=timeout, version=version)
+        # Read again: another caller may have added a value since the get().
+        return self.get(key, default, version=version)
+
+    def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
+        st = _state
+        saved = st.depth, st.hits, st.misses, st.error
+        st.depth = 0
+        try:
+            return fn()
+        finally:
+            st.depth, st.hits, st.misses, st.error = saved
+            nodes.deadline_scope(self._deadline)  # the rest of the call starts afresh
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
@@ -541,3 +599,25 @@ class OCMemcacheCache(BaseCache):
             "totals": totals,
             "process": {"hits": pool.hits, "misses": pool.misses},
         }
+
+    # -- async variants: each is the sync call above, run by sync_to_async ----
+
+    aadd = _async("add")
+    aget = _async("get")
+    aset = _async("set")
+    atouch = _async("touch")
+    adelete = _async("delete")
+    aget_many = _async("get_many")
+    aset_many = _async("set_many")
+    adelete_many = _async("delete_many")
+    aincr = _async("incr")
+    adecr = _async("decr")
+    aget_or_set = _async("get_or_set")
+    ahas_key = _async("has_key")
+    aincr_version = _async("incr_version")
+    adecr_version = _async("decr_version")
+    aclear = _async("clear")
+    aclose = _async("close")
+    agets = _async("gets")
+    acas = _async("cas")
+    aget_stats = _async("get_stats")

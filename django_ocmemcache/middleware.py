@@ -25,7 +25,14 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .telemetry import RequestSummary, current_summary, project_settings, queued
+from .telemetry import (
+    RequestSummary,
+    clear_tracer_context,
+    current_summary,
+    project_settings,
+    queued,
+    quiet_opencensus_clock,
+)
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
@@ -62,6 +69,7 @@ class TraceConfig:
         from opencensus.trace import samplers
         from opencensus.trace.propagation import trace_context_http_header_format
 
+        quiet_opencensus_clock()
         trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE", {})
 
         def load(name: str, default: Callable[[], Any]) -> Any:
@@ -225,6 +233,12 @@ class RequestSpanMiddleware:
     ``cache.errors``, ``cache.duration_ms``. Status is an error for HTTP >= 500.
     With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
     ``Server-Timing: cache;dur=<ms>;desc="<n> calls, <h> hits, <m> misses"``.
+
+    Raises ``ImproperlyConfigured`` when Django builds the middleware chain if it
+    is listed before opencensus-ext-django's ``OpencensusMiddleware``, or if
+    ``settings.OCMEMCACHE`` is invalid. A tracing failure while serving (a
+    sampler or propagator that raises) is logged as a warning and costs the
+    request its span, never its response.
     """
 
     sync_capable = True
@@ -267,6 +281,7 @@ class RequestSpanMiddleware:
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)
+            clear_tracer_context()  # a Tracer may have stored itself before failing
             return None
         request._ocmemcache_trace = trace
         return trace

@@ -37,6 +37,7 @@ import queue
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -185,9 +186,22 @@ class MetricsStore:
     def _table(self) -> dict[MetricKey, list[Any]]:
         table: dict[MetricKey, list[Any]] = {}
         with self._lock:
+            # A server that starts a thread per request (runserver) and is never
+            # scraped would otherwise keep every ended thread and its table.
+            self._fold_ended()
             self._tables.append((threading.current_thread(), table))
         self._local.table = table
         return table
+
+    def _fold_ended(self) -> None:
+        # Caller holds self._lock.
+        live = []
+        for thread, table in self._tables:
+            if thread.is_alive():
+                live.append((thread, table))
+            else:
+                _merge(self._retired, table.copy())
+        self._tables = live
 
     def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
         """Add one call that took ``ms`` milliseconds."""
@@ -212,16 +226,10 @@ class MetricsStore:
         while collecting never makes count and buckets disagree.
         """
         with self._lock:
-            live = []
-            for thread, table in self._tables:
-                if thread.is_alive():
-                    live.append((thread, table))
-                else:
-                    _merge(self._retired, table.copy())
-            self._tables = live
+            self._fold_ended()
             total: dict[MetricKey, list[Any]] = {}
             _merge(total, self._retired)
-            for _, table in live:
+            for _, table in self._tables:
                 _merge(total, table.copy())
         for entry in total.values():
             entry[_COUNT] = sum(entry[_BUCKETS:])
@@ -289,6 +297,22 @@ current_summary: contextvars.ContextVar[RequestSummary | None] = contextvars.Con
 # -- tracing interface ----------------------------------------------------------
 
 
+def quiet_opencensus_clock() -> None:
+    """Ignore the ``DeprecationWarning`` OpenCensus raises on Python 3.12+.
+
+    OpenCensus stamps every span start and end with ``datetime.utcnow()``: one
+    warning per stamp that nobody using this package can act on (OpenCensus is
+    no longer maintained), and under ``-W error`` an exception that would cost
+    every span. The filter matches only that message from OpenCensus' modules.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"datetime\.datetime\.utc(now|fromtimestamp)\(\) is deprecated",
+        category=DeprecationWarning,
+        module=r"opencensus(\.|$)",
+    )
+
+
 class Tracing:
     """What a cache call needs from a tracing library (the internal interface).
 
@@ -320,6 +344,7 @@ class OpenCensusTracing(Tracing):
         from opencensus.trace import span as span_module
         from opencensus.trace.status import Status
 
+        quiet_opencensus_clock()
         self._context = execution_context
         self._span_type = span_module.Span
         self._client_kind = span_module.SpanKind.CLIENT
@@ -502,9 +527,13 @@ def span_queues() -> list[SpanQueue]:
 
 
 def flush(timeout: float = 5.0) -> bool:
-    """Export queued spans, waiting at most ``timeout`` seconds in total.
+    """Wait until the spans queued so far have been handed to their exporters.
 
-    Return True if every queue drained. For tests and shutdown hooks.
+    ``timeout`` is in seconds (float) and shared by every queue of the process.
+    Return True if every queue drained, False if the time ran out first (an
+    exporter that hangs). Never raises: an exporter's own errors are counted
+    (``SpanQueue.failures``), not propagated. For tests and shutdown hooks; at
+    exit it runs with ``OCMEMCACHE["EXIT_FLUSH_TIMEOUT"]``.
     """
     deadline = time.monotonic() + timeout
     ok = True
@@ -525,6 +554,11 @@ atexit.register(_flush_at_exit)
 
 
 def _after_fork_in_child() -> None:
+    # A lock another thread held at fork() stays held forever in the child:
+    # start with fresh ones before taking them.
+    global _queues_lock
+    _queues_lock = threading.Lock()
+    METRICS._lock = threading.Lock()
     METRICS.reset()
     for q in span_queues():
         q._after_fork()
@@ -957,7 +991,7 @@ def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
     finally:
         if tracer is not None:
             _safely(tracer.end_span)
-            _safely(_clean_context)
+            _safely(clear_tracer_context)
 
 
 def _safely(fn: Callable[..., Any], *args: Any) -> None:
@@ -967,7 +1001,8 @@ def _safely(fn: Callable[..., Any], *args: Any) -> None:
         logger.warning("telemetry failed in %s", getattr(fn, "__name__", fn))
 
 
-def _clean_context() -> None:
+def clear_tracer_context() -> None:
+    """Remove any tracer, span and attribute from OpenCensus' execution context."""
     from opencensus.trace import execution_context
 
     execution_context.clean()

@@ -16,10 +16,15 @@ from django.views.decorators.http import require_GET
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Serve this process's cache metrics (``pymemcache_*``) for Prometheus.
+    """Serve this process's cache metrics for Prometheus.
 
-    Content type ``text/plain; version=0.0.4`` (prometheus_client's
-    ``CONTENT_TYPE_LATEST``); 405 for anything but GET/HEAD.
+    Return a 200 ``HttpResponse`` in the Prometheus text exposition format
+    (content type: prometheus_client's ``CONTENT_TYPE_LATEST``) with the families
+    ``pymemcache_latency_ms`` (histogram, milliseconds), ``pymemcache_calls_total``,
+    ``pymemcache_lookups_total``, ``django_ocmemcache_spans_dropped_total`` and
+    ``django_ocmemcache_span_export_failures_total``; figures are cumulative since
+    the process started (or forked). Only GET is allowed (``require_GET``: 405
+    otherwise, HEAD included); the response is never cached (``never_cache``).
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -15,7 +15,6 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -35,28 +34,15 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # One SERVER span per request, its cache calls as children, and the request's
+    # cache summary (README, "Request spans").
+    "django_ocmemcache.middleware.RequestSpanMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
 ]
 
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-# The request span (one SERVER span per request, the cache calls as its children)
-# and the /metrics page come with the telemetry work; the site runs without them
-# and picks them up as soon as those modules exist. The telemetry demo (a Zipkin
-# receiver, Prometheus scraping /metrics) is added by the telemetry work.
-HAS_REQUEST_SPAN = _module_exists("django_ocmemcache.middleware")
-HAS_METRICS_VIEW = _module_exists("django_ocmemcache.views")
-if HAS_REQUEST_SPAN:
-    MIDDLEWARE.insert(0, "django_ocmemcache.middleware.RequestSpanMiddleware")
 
 # Traces go to a Zipkin v2 collector when EXAMPLE_ZIPKIN=host:port names one (the
 # demo starts a small receiver), through OpenCensus' own ZipkinExporter; every

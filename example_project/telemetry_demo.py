@@ -37,6 +37,7 @@ P95_GET_MS = (
     "histogram_quantile(0.95, sum by (le) "
     '(pymemcache_latency_ms_bucket{method="get",status="ok"}))'
 )
+GETS = 'sum(pymemcache_latency_ms_count{method="get",status="ok"})'
 
 
 class ZipkinReceiver:
@@ -267,12 +268,16 @@ def show_metrics(stack: Any, site: str) -> bool:
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
     ratio = prom.value(HIT_RATIO)
     p95 = prom.value(P95_GET_MS)
-    if ratio is None or p95 is None:
+    gets = prom.value(GETS)
+    if ratio is None or p95 is None or gets is None:
         print("   UNEXPECTED: prometheus has no figures for pymemcache_* yet")
         return False
     print(f"   hit ratio of get:   {ratio:.2f}   <- {HIT_RATIO}")
     print(f"   p95 latency of get: {p95:.3f} ms <- {P95_GET_MS}")
+    print(f"   get calls counted:  {gets:.0f}      <- {GETS}")
     print(
-        "   (each gunicorn worker serves its own figures; a scrape is answered by one)"
+        "   (each gunicorn worker serves its own figures and a scrape is answered by\n"
+        "   one of them, so these are one worker's; over a few calls the p95 is\n"
+        "   about the slowest, interpolated within its histogram bucket)"
     )
     return True

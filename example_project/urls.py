@@ -1,6 +1,6 @@
-from django.conf import settings
 from django.urls import path
-from django.utils.module_loading import import_string
+
+from django_ocmemcache.views import metrics
 
 from . import views
 
@@ -10,12 +10,6 @@ urlpatterns = [
     path("fragment/", views.fragment, name="fragment"),
     path("cached/", views.cached, name="cached"),
     path("guestbook/", views.guestbook, name="guestbook"),
+    # The cache metrics in Prometheus' text format (README, "Metrics").
+    path("metrics", metrics, name="metrics"),
 ]
-
-# Prometheus scrape endpoint, once the telemetry work provides the view.
-if settings.HAS_METRICS_VIEW:
-    urlpatterns.append(
-        path(
-            "metrics", import_string("django_ocmemcache.views.metrics"), name="metrics"
-        )
-    )

@@ -307,3 +307,35 @@ def test_get_stats_with_a_dead_server(memcached_factory, make_cache):
     stats = cache.get_stats()
     assert stats["servers"][down.location] == {"error": "ConnectionRefusedError"}
     assert isinstance(stats["servers"][up.location]["uptime"], int)
+
+
+@pytest.mark.extra
+def test_get_or_set_callable_time_is_not_part_of_the_deadline(memcached, make_cache):
+    """The callable is the caller's work (a slow query), not memcached's: a value
+    that took longer than DEADLINE to compute is still stored and returned."""
+    cache = make_cache(memcached.location, OPTIONS={"DEADLINE": 0.2})
+
+    def slow() -> str:
+        time.sleep(0.3)
+        return "computed"
+
+    assert cache.get_or_set("slow-default", slow) == "computed"
+    assert cache.get("slow-default") == "computed"
+
+
+@pytest.mark.extra
+def test_async_incr_is_memcached_incr(memcached, make_cache):
+    """``aincr`` is the server's atomic ``incr`` (Django 5.2's BaseCache would do a
+    get then a set): concurrent async increments never lose an update."""
+    import asyncio
+
+    cache = make_cache(memcached.location)
+    cache.set("acount", 0)
+
+    async def bump() -> None:
+        await asyncio.gather(*(cache.aincr("acount") for _ in range(50)))
+
+    before = int(memcached.stats()["incr_hits"])
+    asyncio.run(bump())
+    assert cache.get("acount") == 50
+    assert int(memcached.stats()["incr_hits"]) - before == 50

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+import warnings
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -127,3 +130,43 @@ def test_span_queue_worker_stops_when_idle_and_restarts():
     q.export([2])
     assert q.flush(timeout=5)
     assert exported == [1, 2]
+
+
+def test_ended_threads_are_folded_without_a_scrape():
+    # A thread per request (runserver) and nobody scraping /metrics: the tables of
+    # ended threads must not pile up until the next snapshot.
+    store = telemetry.MetricsStore()
+    key = ("c", "get", "")
+    for _ in range(20):
+        t = threading.Thread(target=store.record, args=(key, 0.2, 1, 0))
+        t.start()
+        t.join()
+    assert len(store._tables) <= 2
+    assert store.snapshot()[key][telemetry._COUNT] == 20
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_does_not_inherit_a_held_lock():
+    # gunicorn --preload forks workers; a scrape or a new thread holding a lock at
+    # that moment must not leave the child waiting on it forever.
+    telemetry.METRICS.record(("c", "get", ""), 0.2, 1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        with telemetry.METRICS._lock, telemetry._queues_lock:
+            pid = os.fork()
+            if pid == 0:  # the child: figures start from zero, locks are free
+                ok = telemetry.METRICS.snapshot() == {} and telemetry.flush(1.0)
+                os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a lock held at fork()")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert telemetry.METRICS.snapshot() != {}  # the parent keeps its figures
+    telemetry.METRICS.reset()

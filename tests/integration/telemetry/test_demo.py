@@ -71,6 +71,8 @@ def test_demo_prints_a_span_tree_and_prometheus_figures():
     p95 = re.search(r"p95 latency of get: +([\d.]+) ms", out)
     assert ratio and 0 < float(ratio.group(1)) <= 1, out
     assert p95 and float(p95.group(1)) > 0, out
+    gets = re.search(r"get calls counted: +(\d+)", out)
+    assert gets and int(gets.group(1)) >= 1, out
     stopped = re.search(r"stopped prometheus \(pid (\d+)\)", out)
     assert stopped, out
     assert not Path(f"/proc/{stopped.group(1)}").exists()

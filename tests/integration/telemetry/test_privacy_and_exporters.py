@@ -154,3 +154,55 @@ def test_dead_collector_changes_nothing(site):
     assert time.perf_counter() - start < 2.0
     assert telemetry.queued(dead).flush(timeout=10)  # tried, failed, moved on
     assert telemetry.queued(dead).exported > 0
+
+
+class RaisingSampler:
+    def should_sample(self, span_context):
+        raise RuntimeError("sampler is broken")
+
+
+def test_raising_sampler_changes_nothing_for_requests(site, exporter, caplog):
+    site.OPENCENSUS = {"TRACE": {"SAMPLER": RaisingSampler(), "EXPORTER": exporter}}
+    caplog.set_level(logging.WARNING, logger="django_ocmemcache.telemetry")
+    response = Client().get("/squares/9")
+    assert (response.status_code, response.content) == (200, b"81")
+    assert "request span not opened" in caplog.text
+    assert exporter.collected() == []
+    assert telemetry.METRICS.snapshot()[("default", "get", "")][0] == 2
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="OpenCensus' utcnow() warns on Python 3.12+"
+)
+def test_spans_survive_warnings_as_errors(memcached):
+    # Under -W error, OpenCensus' deprecated datetime.utcnow() would raise on every
+    # span start and end: cache spans would vanish and request spans fail to open.
+    script = textwrap.dedent(f"""
+        import django
+        from django.conf import settings
+        settings.configure()
+        django.setup()
+        from opencensus.trace import samplers
+        from opencensus.trace.tracer import Tracer
+        from django_ocmemcache import telemetry
+        from django_ocmemcache.backend import OCMemcacheCache
+
+        class Keep:
+            spans = []
+            def export(self, spans):
+                self.spans.extend(spans)
+
+        cache = OCMemcacheCache("{memcached.location}", {{}})
+        keep = Keep()
+        with Tracer(sampler=samplers.AlwaysOnSampler(), exporter=keep).span("p"):
+            cache.get("k")
+        assert telemetry.flush(5)
+        print(sorted(s.name for s in keep.spans))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        capture_output=True, text=True, timeout=20, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['cache.get', 'p']"

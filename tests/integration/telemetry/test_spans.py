@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 
@@ -13,7 +14,7 @@ from opencensus.trace.span import SpanKind
 from opencensus.trace.tracer import Tracer
 
 from django_ocmemcache import telemetry
-from tests.integration.telemetry.conftest import attrs
+from tests.integration.telemetry.conftest import OUR_BACKEND, attrs
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +213,43 @@ def test_bad_key_with_trace_keys_still_gets_an_error_span(
     assert span.name == "cache.get"
     assert attrs(span)["error.type"] == "InvalidCacheKey"
     assert "cache.key" not in attrs(span)
+
+
+def test_calls_inside_a_get_or_set_callable_are_their_own(site, exporter, memcached):
+    site.CACHES = {
+        "default": {"BACKEND": OUR_BACKEND, "LOCATION": memcached.location},
+        # Another KEY_PREFIX, so the alias lookup can tell the two entries apart.
+        "other": {
+            "BACKEND": OUR_BACKEND,
+            "LOCATION": memcached.location,
+            "KEY_PREFIX": "o",
+        },
+    }
+    cache, other = caches["default"], caches["other"]
+    tracer = Tracer(sampler=samplers.AlwaysOnSampler(), exporter=exporter)
+    with tracer.span("parent"):
+        cache.get_or_set("gos-outer", lambda: other.get("inner", 5))
+    names = sorted(s.name for s in exporter.collected())
+    assert names == ["cache.get", "cache.get_or_set", "parent"]
+    assert ("other", "get", "") in telemetry.METRICS.snapshot()
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "span"),
+    [
+        ("aget_or_set", ("agos", 1), "cache.get_or_set"),
+        ("aincr", ("anum",), "cache.incr"),
+        ("ahas_key", ("anum",), "cache.has_key"),
+    ],
+)
+def test_async_variants_make_one_span_of_their_own(site, exporter, method, args, span):
+    cache = caches["default"]
+    cache.set("anum", 1)
+    tracer = Tracer(sampler=samplers.AlwaysOnSampler(), exporter=exporter)
+
+    async def call():
+        with tracer.span("parent"):
+            await getattr(cache, method)(*args)
+
+    asyncio.run(call())
+    assert [s.name for s in exporter.collected()] == [span, "parent"]
