@@ -135,7 +135,8 @@ def get_many_cold_case(servers: int) -> Case:
     """``get_many`` of 100 keys never asked for before (all misses).
 
     Our client remembers each key's server on several servers; this case shows
-    the cost when it has nothing to remember yet.
+    the cost when it has nothing to remember yet. The keys name the contender:
+    our three contenders share one client pool (same servers and options).
     """
 
     def build(c: Contender, env: Env) -> Callable[[int], None]:
@@ -146,7 +147,7 @@ def get_many_cold_case(servers: int) -> Case:
         def fn(n: int) -> None:
             for _ in range(n):
                 i = next(counter)
-                call([f"{head}cold{i}_{j}" for j in range(BATCH)])
+                call([f"{head}cold_{c.name}_{i}_{j}" for j in range(BATCH)])
 
         return fn
 
