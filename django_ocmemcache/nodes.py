@@ -11,7 +11,9 @@ Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
   a reply, so a late reply is never read as the answer to the next command.
 - pymemcache's readers buffer a reply line until ``\\r\\n`` and a value of
   whatever size the ``VALUE`` line claims; ``_ReplyBounds`` stops a garbage
-  server at ``MAX_LINE_BYTES`` per line and ``MAX_VALUE_BYTES`` per value.
+  server at ``MAX_LINE_BYTES`` per line and ``MAX_VALUE_BYTES`` per value, once
+  a reply passes ``LAZY_BOUNDS_BYTES`` (a shorter one cannot hold more memory,
+  and is then not parsed a second time on the hot path).
 - ``HashClient`` keeps its failure state per instance (one per thread here),
   returns ``default``/``False`` silently while a server is "retrying", and can
   wait up to twice ``dead_timeout`` before sending traffic to a server that came
@@ -76,79 +78,130 @@ def _check_deadline() -> float | None:
 
 
 class _ReplyBounds:
-    """Follows the reply stream to refuse over-long lines and huge values."""
+    """Follows the reply stream to refuse over-long lines and huge values.
+
+    ``line`` holds the unfinished line (at most ``MAX_LINE_BYTES``), ``skip``
+    the value bytes (and their CR LF) still to come. A whole reply in one chunk
+    (the common case) costs one ``find`` per line and one slice per value.
+    """
 
     __slots__ = ("line", "skip")
 
     def __init__(self) -> None:
-        self.line = bytearray()
+        self.line = b""
+        self.skip = 0
+
+    def reset(self) -> None:
+        self.line = b""
         self.skip = 0
 
     def feed(self, data: bytes) -> None:
-        i, n = 0, len(data)
+        n = len(data)
+        i = self.skip
+        if i >= n:
+            self.skip = i - n
+            return
+        self.skip = 0
+        if self.line:
+            # An unfinished line is short (bounded below): finish it in one piece.
+            data, n, i = self.line + data[i:], len(self.line) + n - i, 0
+            self.line = b""
         while i < n:
-            if self.skip:
-                take = min(self.skip, n - i)
-                self.skip -= take
-                i += take
-                continue
-            j = data.find(b"\n", i)
-            stop = n if j == -1 else j + 1
-            if len(self.line) + stop - i > MAX_LINE_BYTES:
+            j = data.find(b"\r\n", i)
+            if j == -1:
+                if n - i > MAX_LINE_BYTES:
+                    raise BadReply(
+                        f"memcached reply line longer than {MAX_LINE_BYTES} bytes"
+                    )
+                self.line = data[i:]
+                return
+            if j + 2 - i > MAX_LINE_BYTES:
                 raise BadReply(
                     f"memcached reply line longer than {MAX_LINE_BYTES} bytes"
                 )
-            self.line += data[i:stop]
-            i = stop
-            if self.line.endswith(b"\r\n"):
-                self._end_line()
+            # Only VALUE / VA lines announce a value (0x56: "V").
+            i = j + 2 + (_announced(data, i, j) if data[i] == 0x56 else 0)
+            if i > n:
+                self.skip = i - n
+                return
 
-    def _end_line(self) -> None:
-        parts = bytes(self.line).split()
-        self.line.clear()
-        if len(parts) >= 4 and parts[0] == b"VALUE":
-            size = parts[3]
-        elif len(parts) >= 2 and parts[0] == b"VA":  # meta command value
-            size = parts[1]
-        else:
-            return
-        if not size.isdigit():
-            return  # pymemcache rejects the line itself
-        if int(size) > MAX_VALUE_BYTES:
-            raise BadReply(
-                f"memcached reply announces a {int(size)}-byte value "
-                f"(more than {MAX_VALUE_BYTES})"
-            )
-        self.skip = int(size) + 2
+
+def _announced(data: bytes, start: int, end: int) -> int:
+    """Bytes of value (with its CR LF) that follow the line ``data[start:end]``."""
+    if data.startswith(b"VALUE ", start):
+        parts = data[start:end].split()
+        size = parts[3] if len(parts) >= 4 else b""
+    elif data.startswith(b"VA ", start):  # meta command value
+        parts = data[start:end].split()
+        size = parts[1] if len(parts) >= 2 else b""
+    else:
+        return 0
+    if not size.isdigit():
+        return 0  # pymemcache rejects the line itself
+    if int(size) > MAX_VALUE_BYTES:
+        raise BadReply(
+            f"memcached reply announces a {int(size)}-byte value "
+            f"(more than {MAX_VALUE_BYTES})"
+        )
+    return int(size) + 2
+
+
+#: Bytes of one reply held before ``_ReplyBounds`` parses it: a reply this short
+#: cannot hold memory past the bound, so the common small reply is not parsed.
+LAZY_BOUNDS_BYTES = 64 * 1024
 
 
 class _GuardedSocket:
-    """A connected socket whose waits never pass the operation deadline."""
+    """A connected socket whose waits never pass the operation deadline, and
+    whose replies are checked by ``_ReplyBounds`` once they pass
+    ``LAZY_BOUNDS_BYTES`` (the chunks received until then are replayed)."""
 
     def __init__(self, sock: Any, timeout: float | None) -> None:
         self._sock = sock
         self._base = timeout
         self._current = timeout
         self._bounds = _ReplyBounds()
+        self._held: list[bytes] | None = []  # None: the bounds follow the reply
+        self._received = 0
 
     def _clamp(self) -> None:
-        left = _check_deadline()
+        # Inlined time_left(): this runs before every send and receive.
+        at = getattr(_local, "at", None)
         want = self._base
-        if left is not None and (want is None or left < want):
-            want = left
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("memcached operation exceeded its DEADLINE")
+            if want is None or left < want:
+                want = left
         if want != self._current:
             self._sock.settimeout(want)
             self._current = want
 
     def sendall(self, data: bytes) -> None:
         self._clamp()
-        self._bounds = _ReplyBounds()  # a new command: a new reply follows
+        # A new command: a new reply follows.
+        if self._held is None:
+            self._bounds.reset()
+            self._held = []
+        else:
+            self._held.clear()
+        self._received = 0
         self._sock.sendall(data)
 
     def recv(self, size: int) -> bytes:
         self._clamp()
         data = self._sock.recv(size)
-        self._bounds.feed(data)
+        held = self._held
+        if held is None:
+            self._bounds.feed(data)
+            return data
+        self._received += len(data)
+        held.append(data)
+        if self._received > LAZY_BOUNDS_BYTES:
+            self._held = None
+            for chunk in held:
+                self._bounds.feed(chunk)
         return data
 
     def settimeout(self, value: float | None) -> None:
@@ -331,9 +384,10 @@ class ShardedClient:
         return self.hasher.get_node(text)  # type: ignore[union-attr]
 
     def _call(self, node: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        name = self._names[node]
         _check_deadline()
-        if not self.health.available(node):
+        health = self.health
+        if node in health.down and not health.available(node):
+            name = self._names[node]
             exc: Exception = ServerUnavailable(
                 f"memcached {name} is marked down after a failure; skipped until "
                 "its next probe"
@@ -341,7 +395,7 @@ class ShardedClient:
             exc.ocmemcache_server = name  # type: ignore[attr-defined]
             raise exc
         client = self.clients[node]
-        generation = self.health.generation.get(node, 0)
+        generation = health.generation.get(node, 0)
         if client.generation != generation:
             client.close()  # opened before the server failed: never reuse it
             client.generation = generation
@@ -349,17 +403,19 @@ class ShardedClient:
             result = getattr(client, method)(*args, **kwargs)
         except Exception as exc:
             try:
-                exc.ocmemcache_server = name  # type: ignore[attr-defined]
+                exc.ocmemcache_server = self._names[node]  # type: ignore[attr-defined]
             except AttributeError:
                 pass
             if _marks_down(exc):
-                self.health.failed(node)
+                health.failed(node)
             raise
-        self.health.ok(node)
+        if node in health.down:
+            health.ok(node)
         return result
 
     def _key_call(self, method: str, key: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self.node_for(key), method, key, *args, **kwargs)
+        node = self._single if self._single is not None else self.node_for(key)
+        return self._call(node, method, key, *args, **kwargs)
 
     def get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
         return self._key_call("get", key, *args, **kwargs)
