@@ -130,3 +130,34 @@ def test_listed_before_opencensus_ext_django_is_an_error(site):
     ]
     with pytest.raises(ImproperlyConfigured, match="list it after"):
         Client().get("/squares/1")
+
+
+def test_unsampled_request_builds_no_tracer(site, exporter, monkeypatch):
+    """The sampler says no: no OpenCensus Tracer is built (it would record nothing
+    and costs ~40 us), no span is exported, the context stays clear, and the
+    request's cache summary still reaches Server-Timing and the metrics. A sampled
+    ``traceparent`` still wins over the sampler."""
+    from opencensus.trace import tracer as tracer_module
+
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = samplers.AlwaysOffSampler()
+    site.OCMEMCACHE = {"SERVER_TIMING": True}
+    built = []
+    real = tracer_module.Tracer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tracer_module.Tracer, "__init__", counting_init)
+    response = Client().get("/squares/9")
+    assert built == [] and exporter.collected() == []
+    assert tracer_is_clear()
+    assert response.headers["Server-Timing"].endswith(
+        'desc="3 calls, 1 hits, 1 misses"'
+    )
+    assert telemetry.METRICS.snapshot()  # the cache calls were still measured
+
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    Client().get("/squares/2", HTTP_TRACEPARENT=f"00-{trace_id}-b7ad6b7169203331-01")
+    assert built == [1]
+    assert {s.context.trace_id for s in exporter.collected()} == {trace_id}
