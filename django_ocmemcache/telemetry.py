@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import collections
 import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 import os
-import queue
 import socket
 import threading
 import time
@@ -337,7 +338,15 @@ class Tracing:
 
 
 class OpenCensusTracing(Tracing):
-    """``Tracing`` over OpenCensus' execution context and ``ContextTracer``."""
+    """``Tracing`` over OpenCensus' execution context and ``ContextTracer``.
+
+    A cache span is not an OpenCensus ``Span``: ``open_span`` returns a
+    ``_CacheSpan`` (plain values: name, the tracer's ``SpanContext``, the
+    parent span id, attributes, wall-clock start) and ``close_span`` hands one
+    tuple to the tracer's ``SpanQueue``, whose thread builds the ``SpanData``
+    (``cache_span_data``). The current span is never changed by a cache call.
+    ``mark_error`` also accepts a real ``Span`` (``root_span``).
+    """
 
     def __init__(self) -> None:
         from opencensus.trace import execution_context
@@ -345,9 +354,7 @@ class OpenCensusTracing(Tracing):
         from opencensus.trace.status import Status
 
         quiet_opencensus_clock()
-        self._context = execution_context
         self._span_type = span_module.Span
-        self._client_kind = span_module.SpanKind.CLIENT
         self._status = Status
         var = getattr(execution_context._current_span_slot, "contextvar", None)
         if var is not None:
@@ -365,26 +372,159 @@ class OpenCensusTracing(Tracing):
         tracer = parent.context_tracer
         if tracer is None:
             return None
-        if not isinstance(tracer.exporter, SpanQueue):
+        sink = tracer.exporter
+        if type(sink) is not SpanQueue:
             # Whoever made this tracer, its exporter runs off the request thread.
-            tracer.exporter = queued(tracer.exporter)
-        span = tracer.start_span(name)
-        span.span_kind = self._client_kind
-        for key, value in attributes.items():
-            span.add_attribute(key, value)
-        return span
+            sink = tracer.exporter = queued(sink)
+        return _CacheSpan(
+            sink, name, tracer.span_context, parent.span_id, attributes, time.time()
+        )
 
     def set_attributes(self, span: Any, attributes: dict[str, Any]) -> None:
-        for key, value in attributes.items():
-            span.add_attribute(key, value)
+        span.attributes.update(attributes)
 
     def mark_error(self, span: Any, code: int, error_type: str) -> None:
+        if type(span) is _CacheSpan:
+            span.code = code
+            span.error = error_type
+            span.attributes[ATTR_ERROR_TYPE] = error_type
+            return
         span.set_status(self._status(code, error_type))
         span.add_attribute(ATTR_ERROR_TYPE, error_type)
 
     def close_span(self, span: Any) -> None:
-        self._context.set_current_span(span)
-        span.context_tracer.end_span()
+        span.sink.put(
+            (span.name, span.context, span.parent_id, span.attributes,
+             span.start, time.time(), span.code, span.error)
+        )  # fmt: skip
+
+
+class _CacheSpan:
+    """A sampled cache span while its call runs (see ``OpenCensusTracing``)."""
+
+    __slots__ = ("sink", "name", "context", "parent_id", "attributes", "start",
+                 "code", "error")  # fmt: skip
+
+    def __init__(self, sink: SpanQueue, name: str, context: Any, parent_id: str,
+                 attributes: dict[str, Any], start: float) -> None:  # fmt: skip
+        self.sink = sink
+        self.name = name
+        self.context = context
+        self.parent_id = parent_id
+        self.attributes = attributes
+        self.start = start
+        self.code: int | None = None
+        self.error: str | None = None
+
+
+#: A cache span as queued: (name, SpanContext, parent span id, attributes,
+#: start, end (``time.time()`` seconds), status code or None, error type or None).
+SpanRecord = tuple[
+    str, Any, str, dict[str, Any], float, float, "int | None", "str | None"
+]
+
+_ZERO_SPAN_ID = "0" * 16
+_iso_second: list[Any] = [None, ""]  # [whole second, "YYYY-MM-DDTHH:MM:SS"]
+
+
+def iso_timestamp(seconds: float) -> str:
+    """``time.time()`` seconds as OpenCensus stamps spans (``to_iso_str``):
+    UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, the microseconds rounded as
+    ``datetime.fromtimestamp`` rounds them."""
+    fraction, whole = math.modf(seconds)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    cached = _iso_second  # the export thread formats runs of one second
+    if cached[0] != whole:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        cached[0], cached[1] = whole, text  # a racing writer writes the same
+        return f"{text}.{micros:06d}Z"
+    return f"{cached[1]}.{micros:06d}Z"
+
+
+def new_span_id() -> str:
+    """16 lowercase hex digits, never all zeros (W3C / OpenCensus span id)."""
+    while True:
+        span_id = os.urandom(8).hex()
+        if span_id != _ZERO_SPAN_ID:
+            return span_id
+
+
+class _SpanDataBuilder:
+    """Builds cache spans' ``SpanData`` on the export thread (``build``).
+
+    The containers are OpenCensus' own (``BoundedDict``, ``BoundedList``) with
+    the sizes a ``Span`` gives them, made without their constructors: the
+    ``threading.Lock`` each would create guards only writes, and exporters
+    only read, so the spans of one builder share one lock.
+    """
+
+    def __init__(self) -> None:
+        from opencensus.trace import span as span_module
+        from opencensus.trace.span_data import SpanData
+        from opencensus.trace.status import Status
+
+        self.m = span_module
+        self.span_data = SpanData
+        self.status = Status
+        self.client = span_module.SpanKind.CLIENT
+        self.lock = threading.Lock()
+
+    def build(self, records: list[SpanRecord]) -> list[Any]:
+        """The ``SpanData`` of queued cache spans, in order."""
+        m, lock, deque = self.m, self.lock, collections.deque
+        new, span_data, status = object.__new__, self.span_data, self.status
+        bounded_list, bounded_dict = m.BoundedList, m.BoundedDict
+        n_annotations, n_events = m.MAX_NUM_ANNOTATIONS, m.MAX_NUM_MESSAGE_EVENTS
+        n_links, n_attributes = m.MAX_NUM_LINKS, m.MAX_NUM_ATTRIBUTES
+        ids = os.urandom(8 * len(records)).hex()
+        out = []
+        for i, record in enumerate(records):
+            name, context, parent_id, attrs, start, end, code, error = record
+            span_id = ids[16 * i : 16 * i + 16]
+            if span_id == _ZERO_SPAN_ID:
+                span_id = new_span_id()
+            dropped = len(attrs) - n_attributes  # add_attribute keeps the last
+            attributes = new(bounded_dict)
+            attributes.__dict__ = {
+                "maxlen": n_attributes, "dropped": max(0, dropped), "_lock": lock,
+                "_dict": collections.OrderedDict(
+                    list(attrs.items())[-n_attributes:] if dropped > 0 else attrs
+                ),
+            }  # fmt: skip
+            lists = []
+            for maxlen in (n_annotations, n_events, n_links):
+                bounded = new(bounded_list)
+                bounded.__dict__ = {
+                    "dropped": 0, "_dq": deque((), maxlen), "_lock": lock
+                }  # fmt: skip
+                lists.append(bounded)
+            out.append(tuple.__new__(span_data, (
+                name, context, span_id, parent_id, attributes,
+                iso_timestamp(start), iso_timestamp(end), 0, None, *lists,
+                status(OK) if code is None else status(code, error),
+                None, self.client,
+            )))  # fmt: skip
+        return out
+
+
+_builder: _SpanDataBuilder | None = None
+
+
+def cache_span_data(records: list[SpanRecord]) -> list[Any]:
+    """Build the ``opencensus.trace.span_data.SpanData`` of queued cache spans.
+
+    The same fields ``ContextTracer.end_span`` gives a ``Span`` it ended, in
+    the same types: kind CLIENT, no children, annotations, message events,
+    links or stack trace, ``same_process_as_parent_span`` None, status OK or
+    ``Status(code, error type)``, attributes in a ``BoundedDict`` of 32, a new
+    random span id, ISO timestamps as ``opencensus.common.utils.to_iso_str``.
+    """
+    global _builder
+    if _builder is None:
+        _builder = _SpanDataBuilder()
+    return _builder.build(records)
 
 
 _tracing: Tracing | None = None
@@ -402,42 +542,73 @@ def tracing() -> Tracing:
 
 
 class SpanQueue:
-    """An exporter that hands span batches to a worker thread.
+    """An exporter that hands spans to a worker thread.
 
-    ``export(span_datas)`` never blocks: when ``maxsize`` batches are waiting
-    the batch is dropped and counted (``dropped`` spans). The wrapped exporter
-    runs on a daemon thread; its exceptions are counted (``failures``) and
-    logged at most once a minute, so a raising, hanging or unreachable exporter
-    changes nothing for requests, and the process still exits. The worker ends
-    after ``idle`` seconds without spans and starts again on the next export.
+    Two kinds of items wait in one bounded deque: ``export(span_datas)`` (a
+    list of ``SpanData``, as ``ContextTracer.end_span`` hands request spans to
+    its exporter) and ``put(record)`` (one cache span as a ``SpanRecord``,
+    whose ``SpanData`` the worker builds). Neither blocks nor takes a lock in
+    the common case: when ``maxsize`` items are waiting the item is dropped
+    and its spans counted (``dropped``); the worker is woken only when it
+    sleeps. The worker waits ``linger`` seconds after waking so spans travel
+    in batches, calls the wrapped exporter's ``export(list)`` on a daemon
+    thread, counts its exceptions (``failures``) and logs them at most once a
+    minute, so a raising, hanging or unreachable exporter changes nothing for
+    requests, and the process still exits. The worker ends after ``idle``
+    seconds without spans and starts again on the next item.
     """
 
-    def __init__(self, exporter: Any, maxsize: int = 1000, idle: float = 30.0):
+    def __init__(self, exporter: Any, maxsize: int = 1000, idle: float = 30.0,
+                 linger: float = 0.005) -> None:  # fmt: skip
         self.exporter = exporter
+        self.maxsize = maxsize
         self.idle = idle
+        self.linger = linger
         self.dropped = 0
         self.failures = 0
         self.exported = 0
-        self._queue: queue.Queue[list[Any]] = queue.Queue(maxsize)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._last_log = 0.0
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()  # set: the worker has items to take
+        self._done = threading.Condition()  # notified when a batch is exported
+        self._busy = False  # the worker holds items taken from the deque
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # start/stop of the worker
 
     def export(self, span_datas: list[Any]) -> None:
-        try:
-            self._queue.put_nowait(span_datas)
-        except queue.Full:
+        """Queue a list of ready ``SpanData`` (the OpenCensus exporter API)."""
+        items = self._items
+        if len(items) >= self.maxsize:
             self.dropped += len(span_datas)
             return
+        items.append(span_datas)
+        if not self._wake.is_set():
+            self._start()
+
+    def put(self, record: SpanRecord) -> None:
+        """Queue one cache span (a ``SpanRecord`` tuple, see ``cache_span_data``)."""
+        items = self._items
+        if len(items) >= self.maxsize:
+            self.dropped += 1
+            return
+        items.append(record)
+        if not self._wake.is_set():
+            self._start()
+
+    def emit(self, span_datas: list[Any]) -> None:
+        self.export(span_datas)
+
+    def _start(self) -> None:
         with self._lock:  # the worker decides to stop under this lock too
+            self._wake.set()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="ocmemcache-span-export", daemon=True
                 )
                 self._thread.start()
-
-    def emit(self, span_datas: list[Any]) -> None:
-        self.export(span_datas)
 
     @property
     def running(self) -> bool:
@@ -445,56 +616,76 @@ class SpanQueue:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
+    @property
+    def pending(self) -> int:
+        """Items (span lists or cache spans) waiting for the worker."""
+        return len(self._items)
+
     def _run(self) -> None:
-        q = self._queue
+        items, wake = self._items, self._wake
         while True:
-            try:
-                batches = [q.get(timeout=self.idle)]
-            except queue.Empty:
+            if not wake.wait(self.idle):
                 with self._lock:
-                    if q.empty():
+                    if not items and not wake.is_set():
                         self._thread = None
                         return
                 continue
-            while len(batches) < 64:
+            if self.linger:
+                time.sleep(self.linger)  # let a burst of calls queue up
+            wake.clear()
+            while items:
+                self._busy = True
                 try:
-                    batches.append(q.get_nowait())
-                except queue.Empty:
-                    break
-            spans = [span for batch in batches for span in batch]
-            try:
-                self.exporter.export(spans)
-                self.exported += len(spans)
-            except Exception as exc:
-                self.failures += 1
-                now = time.monotonic()
-                if now - self._last_log > 60:
-                    self._last_log = now
-                    logger.warning(
-                        "span exporter %s failed (%s); spans dropped",
-                        type(self.exporter).__name__,
-                        type(exc).__name__,
-                    )
-            finally:
-                for _ in batches:
-                    q.task_done()
+                    self._export_some(items)
+                finally:
+                    with self._done:
+                        self._busy = False
+                        self._done.notify_all()
+
+    def _export_some(self, items: collections.deque[Any]) -> None:
+        spans: list[Any] = []
+        records: list[SpanRecord] = []
+        places: list[int] = []  # where each record's SpanData goes, in order
+        try:
+            for _ in range(min(len(items), 512)):
+                item = items.popleft()
+                if type(item) is tuple:
+                    places.append(len(spans))
+                    records.append(item)
+                    spans.append(None)
+                else:
+                    spans.extend(item)
+            if records:
+                for place, data in zip(places, cache_span_data(records), strict=True):
+                    spans[place] = data
+            self.exporter.export(spans)
+            self.exported += len(spans)
+        except Exception as exc:
+            self.failures += 1
+            now = time.monotonic()
+            if now - self._last_log > 60:
+                self._last_log = now
+                logger.warning(
+                    "span exporter %s failed (%s); spans dropped",
+                    type(self.exporter).__name__,
+                    type(exc).__name__,
+                )
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for queued spans; True if none is left."""
-        q = self._queue
         deadline = time.monotonic() + timeout
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
+        with self._done:
+            while self._items or self._busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                q.all_tasks_done.wait(remaining)
+                if self._items and not self._wake.is_set():
+                    self._start()  # never leave items without a worker
+                self._done.wait(min(remaining, 0.05))
         return True
 
     def _after_fork(self) -> None:
-        self._queue = queue.Queue(self._queue.maxsize)
-        self._thread = None
-        self._lock = threading.Lock()
+        self._fresh_state()
 
 
 _queues: dict[int, SpanQueue] = {}
@@ -514,7 +705,7 @@ def queued(exporter: Any) -> SpanQueue:
                 size = DEFAULTS["SPAN_QUEUE_SIZE"]
             if len(_queues) >= 64:  # exporters made per request: forget idle ones
                 for key, q in list(_queues.items()):
-                    if not q.running and q._queue.empty():
+                    if not q.running and not q.pending:
                         del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size)
         return found

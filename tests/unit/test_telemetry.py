@@ -170,3 +170,131 @@ def test_forked_child_does_not_inherit_a_held_lock():
     assert os.waitstatus_to_exitcode(status) == 0
     assert telemetry.METRICS.snapshot() != {}  # the parent keeps its figures
     telemetry.METRICS.reset()
+
+
+def _old_path_span_data(tracer, name, attrs, error=None):
+    """What a cache span was before spans became records: a ContextTracer Span."""
+    from opencensus.trace.span import SpanKind
+    from opencensus.trace.status import Status
+
+    span = tracer.start_span(name)
+    span.span_kind = SpanKind.CLIENT
+    for key, value in attrs.items():
+        span.add_attribute(key, value)
+    if error is not None:
+        span.set_status(Status(error[0], error[1]))
+        span.add_attribute(telemetry.ATTR_ERROR_TYPE, error[1])
+    span.add_attribute(telemetry.ATTR_HIT, False)
+    tracer.end_span()
+    return tracer.exporter.exported.pop()
+
+
+def _comparable(sd):
+    """Every SpanData field an exporter reads, ids and timestamps left out."""
+    return {
+        "name": sd.name,
+        "context": sd.context,
+        "parent_span_id": sd.parent_span_id,
+        "attributes": (type(sd.attributes), sd.attributes.maxlen,
+                       list(sd.attributes.items())),
+        "child_span_count": sd.child_span_count,
+        "stack_trace": sd.stack_trace,
+        "containers": [(type(c), c._dq.maxlen, list(c))
+                       for c in (sd.annotations, sd.message_events, sd.links)],
+        "status": (type(sd.status), sd.status.code, sd.status.message,
+                   sd.status.details, sd.status.canonical_code),
+        "same_process_as_parent_span": sd.same_process_as_parent_span,
+        "span_kind": sd.span_kind,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("error", [None, (telemetry.UNAVAILABLE, "ServerUnavailable")])
+def test_cache_span_record_exports_the_span_data_a_context_tracer_made(error):
+    import re
+    from datetime import datetime, timezone
+
+    from opencensus.trace import execution_context
+    from opencensus.trace.samplers import AlwaysOnSampler
+    from opencensus.trace.span_data import SpanData
+    from opencensus.trace.tracer import Tracer
+
+    class Sink:
+        def __init__(self):
+            self.exported = []
+
+        def export(self, spans):
+            self.exported.extend(spans)
+
+    attrs = {
+        telemetry.ATTR_DB_SYSTEM: "memcached",
+        telemetry.ATTR_OPERATION: "get",
+        telemetry.ATTR_ALIAS: "default",
+        telemetry.ATTR_SERVER_PORT: 11211,
+    }
+    telemetry.quiet_opencensus_clock()  # the reference path stamps with utcnow()
+    reference = Sink()
+    tracer = Tracer(sampler=AlwaysOnSampler(), exporter=reference)
+    try:
+        root = tracer.start_span("request")
+        old = _old_path_span_data(tracer.tracer, "cache.get", attrs, error)
+        assert execution_context.get_current_span() is root
+        sink = Sink()
+        tracer.tracer.exporter = telemetry.queued(sink)
+        tracing = telemetry.OpenCensusTracing()
+        before = datetime.now(timezone.utc).isoformat()[:26]
+        span = tracing.open_span(tracing.parent(), "cache.get", dict(attrs))
+        if error is not None:
+            tracing.mark_error(span, *error)
+        tracing.set_attributes(span, {telemetry.ATTR_HIT: False})
+        tracing.close_span(span)
+        assert execution_context.get_current_span() is root  # never changed
+        assert telemetry.flush(5)
+        after = datetime.now(timezone.utc).isoformat()[:26]
+    finally:
+        execution_context.clean()
+    [new] = sink.exported
+    assert type(new) is SpanData
+    assert _comparable(new) == _comparable(old)
+    assert new.parent_span_id == root.span_id
+    assert re.fullmatch("[0-9a-f]{16}", new.span_id) and new.span_id != old.span_id
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
+    for sd in (old, new):
+        assert re.fullmatch(stamp, sd.start_time) and re.fullmatch(stamp, sd.end_time)
+    assert before <= new.start_time[:-1] <= new.end_time[:-1] <= after
+
+
+def test_iso_timestamp_matches_opencensus_to_iso_str():
+    from datetime import datetime, timezone
+
+    from opencensus.common.utils import to_iso_str
+
+    now = time.time()
+    moments = [0.0, 1.25, 1_700_000_000.999999, 1_700_000_000.1234567, 4_102_444_799.5]
+    for seconds in moments + [now + i / 7_000_000 for i in range(200)]:
+        naive = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+        assert telemetry.iso_timestamp(seconds) == to_iso_str(naive), seconds
+
+
+def test_span_queue_takes_cache_span_records_and_counts_drops():
+    exported = []
+
+    class Sink:
+        def export(self, spans):
+            exported.extend(spans)
+
+    q = telemetry.SpanQueue(Sink(), maxsize=3, linger=0.05)
+    record = ("cache.get", None, "a" * 16, {}, time.time(), time.time(), None, None)
+    for _ in range(5):
+        q.put(record)
+    q.export(["ready"])
+    assert q.dropped == 3  # two records and the list did not fit
+    assert q.flush(timeout=5)
+    assert [type(s).__name__ for s in exported] == ["SpanData"] * 3
+    assert q.exported == 3
+    exported.clear()
+    q.put(record)
+    q.export(["ready", "too"])
+    q.put(record)
+    assert q.flush(timeout=5)
+    names = [getattr(s, "name", s) for s in exported]
+    assert names == ["cache.get", "ready", "too", "cache.get"]  # queue order
