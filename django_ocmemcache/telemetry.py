@@ -454,10 +454,12 @@ def new_span_id() -> str:
 class _SpanDataBuilder:
     """Builds cache spans' ``SpanData`` on the export thread (``build``).
 
-    The containers are OpenCensus' own (``BoundedDict``, ``BoundedList``) with
-    the sizes a ``Span`` gives them, made without their constructors: the
-    ``threading.Lock`` each would create guards only writes, and exporters
-    only read, so the spans of one builder share one lock.
+    The containers are OpenCensus' own, with the sizes a ``Span`` gives them.
+    ``SpanData`` is OpenCensus' immutable record of an ended span and exporters
+    only read it, so: each ``BoundedDict`` of attributes is made without its
+    constructor and shares the builder's lock (the ``threading.Lock`` each
+    would create guards only writes), and the empty annotations, message
+    events and links are three ``BoundedList`` objects shared by every cache span.
     """
 
     def __init__(self) -> None:
@@ -465,19 +467,26 @@ class _SpanDataBuilder:
         from opencensus.trace.span_data import SpanData
         from opencensus.trace.status import Status
 
-        self.m = span_module
         self.span_data = SpanData
         self.status = Status
+        self.bounded_dict = span_module.BoundedDict
+        self.maxlen = span_module.MAX_NUM_ATTRIBUTES
         self.client = span_module.SpanKind.CLIENT
         self.lock = threading.Lock()
+        self.empty = tuple(
+            span_module.BoundedList(n)
+            for n in (
+                span_module.MAX_NUM_ANNOTATIONS,
+                span_module.MAX_NUM_MESSAGE_EVENTS,
+                span_module.MAX_NUM_LINKS,
+            )
+        )
 
     def build(self, records: list[SpanRecord]) -> list[Any]:
         """The ``SpanData`` of queued cache spans, in order."""
-        m, lock, deque = self.m, self.lock, collections.deque
-        new, span_data, status = object.__new__, self.span_data, self.status
-        bounded_list, bounded_dict = m.BoundedList, m.BoundedDict
-        n_annotations, n_events = m.MAX_NUM_ANNOTATIONS, m.MAX_NUM_MESSAGE_EVENTS
-        n_links, n_attributes = m.MAX_NUM_LINKS, m.MAX_NUM_ATTRIBUTES
+        span_data, status, bounded_dict = self.span_data, self.status, self.bounded_dict
+        lock, maxlen, empty, client = self.lock, self.maxlen, self.empty, self.client
+        ordered, new = collections.OrderedDict, object.__new__
         ids = os.urandom(8 * len(records)).hex()
         out = []
         for i, record in enumerate(records):
@@ -485,26 +494,19 @@ class _SpanDataBuilder:
             span_id = ids[16 * i : 16 * i + 16]
             if span_id == _ZERO_SPAN_ID:
                 span_id = new_span_id()
-            dropped = len(attrs) - n_attributes  # add_attribute keeps the last
+            dropped = len(attrs) - maxlen  # add_attribute keeps the last ones
             attributes = new(bounded_dict)
             attributes.__dict__ = {
-                "maxlen": n_attributes, "dropped": max(0, dropped), "_lock": lock,
-                "_dict": collections.OrderedDict(
-                    list(attrs.items())[-n_attributes:] if dropped > 0 else attrs
+                "maxlen": maxlen, "dropped": max(0, dropped), "_lock": lock,
+                "_dict": ordered(
+                    list(attrs.items())[-maxlen:] if dropped > 0 else attrs
                 ),
             }  # fmt: skip
-            lists = []
-            for maxlen in (n_annotations, n_events, n_links):
-                bounded = new(bounded_list)
-                bounded.__dict__ = {
-                    "dropped": 0, "_dq": deque((), maxlen), "_lock": lock
-                }  # fmt: skip
-                lists.append(bounded)
             out.append(tuple.__new__(span_data, (
                 name, context, span_id, parent_id, attributes,
-                iso_timestamp(start), iso_timestamp(end), 0, None, *lists,
+                iso_timestamp(start), iso_timestamp(end), 0, None, *empty,
                 status(OK) if code is None else status(code, error),
-                None, self.client,
+                None, client,
             )))  # fmt: skip
         return out
 
@@ -747,8 +749,9 @@ atexit.register(_flush_at_exit)
 def _after_fork_in_child() -> None:
     # A lock another thread held at fork() stays held forever in the child:
     # start with fresh ones before taking them.
-    global _queues_lock
+    global _queues_lock, _builder
     _queues_lock = threading.Lock()
+    _builder = None  # its lock too
     METRICS._lock = threading.Lock()
     METRICS.reset()
     for q in span_queues():
