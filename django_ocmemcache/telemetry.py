@@ -21,7 +21,9 @@ tracing vocabulary sits behind ``Tracing`` (find the parent span, open a span
 with attributes, mark an error, close it) so that an OpenTelemetry
 implementation can sit beside ``OpenCensusTracing``. Telemetry never changes a
 cache result and never raises into the caller; spans are exported off the
-request thread through ``SpanQueue``.
+request thread through ``SpanQueue``. A sampled cache span is not an OpenCensus
+``Span``: the calling thread queues its values as one tuple (~1 µs) and the
+export thread builds the ``SpanData`` a ``ContextTracer`` would have exported.
 """
 
 from __future__ import annotations
