@@ -356,18 +356,7 @@ class OCMemcacheCache(BaseCache):
         version: int | None = None,
     ) -> None:
         """Store ``value``; if the server refuses it, the old value is deleted."""
-        key = self._key(key, version)
-        client = self._client()
-        try:
-            stored = client.set(key, value, self.get_backend_timeout(timeout))
-        except MemcacheServerError as exc:
-            if not _is_too_large(exc):
-                raise
-            stored = False
-        if not stored:
-            # Make sure the key doesn't keep its old value when the server refuses
-            # the new one (memcached's 1 MB item size limit).
-            client.delete(key)
+        self._set_one(self._key(key, version), value, self.get_backend_timeout(timeout))
 
     @operation("touch", _false)
     def touch(
@@ -422,6 +411,8 @@ class OCMemcacheCache(BaseCache):
         except MemcacheServerError as exc:
             if not _is_too_large(exc):
                 raise
+        # Make sure the key doesn't keep its old value when the server refuses
+        # the new one (memcached's 1 MB item size limit).
         client.delete(key)
         return False
 
