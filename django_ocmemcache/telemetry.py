@@ -91,6 +91,9 @@ DEFAULTS: dict[str, Any] = {
     "EXIT_FLUSH_TIMEOUT": 1.0,  # seconds spent exporting queued spans at exit
     "PROMETHEUS_REGISTER": False,  # also register with prometheus_client.REGISTRY
     "SIGNING_KEYS": None,  # signed-pickle keys, newest first (serializers.py)
+    "METRICS_ALLOWED_NETWORKS": None,  # views.metrics: client networks (CIDR)
+    "METRICS_BEARER_TOKEN": None,  # views.metrics: "Authorization: Bearer <token>"
+    "FOLLOW_PARENT_SAMPLED": True,  # a sampled traceparent is traced, sampler or not
 }
 
 # Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
@@ -116,7 +119,10 @@ def project_settings() -> dict[str, Any]:
             + ", ".join(sorted(DEFAULTS))
         )
     conf = {**DEFAULTS, **given}
-    for name in ("METRICS", "TRACING", "SERVER_TIMING", "PROMETHEUS_REGISTER"):
+    for name in (
+        "METRICS", "TRACING", "SERVER_TIMING", "PROMETHEUS_REGISTER",
+        "FOLLOW_PARENT_SAMPLED",
+    ):  # fmt: skip
         if not isinstance(conf[name], bool):
             raise ImproperlyConfigured(
                 f"OCMEMCACHE[{name!r}] must be True or False, not {conf[name]!r}"
@@ -132,7 +138,43 @@ def project_settings() -> dict[str, Any]:
             "OCMEMCACHE['EXIT_FLUSH_TIMEOUT'] must be a number of seconds >= 0, "
             f"not {wait!r}"
         )
+    conf["METRICS_ALLOWED_NETWORKS"] = allowed_networks(
+        conf["METRICS_ALLOWED_NETWORKS"]
+    )
+    token = conf["METRICS_BEARER_TOKEN"]
+    if token is not None and not (isinstance(token, str) and token):
+        raise ImproperlyConfigured(
+            "OCMEMCACHE['METRICS_BEARER_TOKEN'] must be a non-empty string or None, "
+            f"not {token!r}"
+        )
     return conf
+
+
+def allowed_networks(value: Any) -> tuple[Any, ...] | None:
+    """Parse ``OCMEMCACHE["METRICS_ALLOWED_NETWORKS"]``: ``None``, or a list of
+    networks (``"10.0.0.0/8"``) or addresses (``"::1"``) as ``ipaddress`` networks.
+
+    Raises ``ImproperlyConfigured`` naming the value that is not one.
+    """
+    import ipaddress
+
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ImproperlyConfigured(
+            "OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] must be a list of networks "
+            f"such as ['10.0.0.0/8', '::1'], or None; not {value!r}"
+        )
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ImproperlyConfigured(
+                f"OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] holds {item!r}, which is "
+                "not an IP network or address"
+            ) from None
+    return tuple(networks)
 
 
 def status_code(exc: BaseException) -> int:
@@ -1046,6 +1088,11 @@ def prometheus_registry() -> Any:
         registry.register(PrometheusCollector())
         _registry = registry
     return _registry
+
+
+def metrics_registry() -> Any:
+    """The registry ``views.metrics`` serves (see ``prometheus_registry``)."""
+    return prometheus_registry()
 
 
 class MetricProducer:
