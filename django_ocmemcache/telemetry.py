@@ -1117,11 +1117,10 @@ class MetricProducer:
         from opencensus.metrics.label_value import LabelValue
 
         snap = self.store.snapshot()
-        # OpenCensus exporters expect naive UTC datetimes.
+        # Points carry naive UTC datetimes; start timestamps are ISO strings, as
+        # OpenCensus' own stats give them (exporters parse them with strptime).
         now = datetime.now(timezone.utc).replace(tzinfo=None)
-        start = datetime.fromtimestamp(self.store.start_time, timezone.utc).replace(
-            tzinfo=None
-        )
+        start = iso_start(self.store.start_time)
         keys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)]
         options = value.BucketOptions(value.Explicit(list(self.store.bounds)))
         dist, counts = [], []
@@ -1244,8 +1243,20 @@ def _safely(fn: Callable[..., Any], *args: Any) -> None:
         logger.warning("telemetry failed in %s", getattr(fn, "__name__", fn))
 
 
+def iso_start(seconds: float) -> str:
+    """``time.time()`` seconds as the ISO string OpenCensus gives start times."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def clear_tracer_context() -> None:
     """Remove any tracer, span and attribute from OpenCensus' execution context."""
     from opencensus.trace import execution_context
 
     execution_context.clean()
+
+
+# OpenCensus stats views over METRICS (imports OpenCensus only when called).
+from .telemetry_stats import enable_metrics_views, stop_views_export  # noqa: E402

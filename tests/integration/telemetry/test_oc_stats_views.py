@@ -87,7 +87,7 @@ def test_views_are_registered_with_the_seed_names_and_tag_keys(site, view_manage
     latency = mtvm._registered_views["pymemcache/latency"]
     assert {"method", "status", "error"} <= set(latency.columns)
     assert latency.measure.unit == "ms"
-    bounds = latency.aggregation.aggregation_data.bounds
+    bounds = latency.aggregation.new_aggregation_data().bounds
     assert list(bounds) == list(telemetry.LATENCY_BOUNDS_MS)
     assert bounds[0] < 0.1  # sub-millisecond buckets for a loopback memcached
 
