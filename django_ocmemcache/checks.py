@@ -2,8 +2,8 @@
 
 Ids: ``E001`` invalid configuration; ``W001`` no timeouts; ``W002`` pymemcache's
 ``ignore_exc`` set; ``W003`` unsigned pickle to a server that is neither loopback
-nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``; ``W005`` (``--deploy``)
-the metrics view is routed but open to anyone. Each has a hint.
+nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``; ``W005``
+(``--deploy``) the metrics view is routed but open to anyone. Each has a hint.
 """
 
 from __future__ import annotations

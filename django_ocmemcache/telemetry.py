@@ -1259,4 +1259,7 @@ def clear_tracer_context() -> None:
 
 
 # OpenCensus stats views over METRICS (imports OpenCensus only when called).
-from .telemetry_stats import enable_metrics_views, stop_views_export  # noqa: E402
+from . import telemetry_stats as _stats  # noqa: E402
+
+enable_metrics_views = _stats.enable_metrics_views
+stop_views_export = _stats.stop_views_export

@@ -72,7 +72,7 @@ def gunicorn_site(memcached, tmp_path):
         "OCMEMCACHE_LOCATION": memcached.location,
         "PYTHONPATH": str(ROOT),
     }
-    log = open(tmp_path / "gunicorn.log", "wb")
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "gunicorn",

@@ -58,9 +58,9 @@ def test_batch_size_only_for_two_keys_or_more(site, exporter):
 
 def test_error_type_on_failure(site, exporter):
     cache = caches["default"]
-    with Tracer(sampler=samplers.AlwaysOnSampler(), exporter=exporter).span("p"):
-        with pytest.raises(ValueError):
-            cache.incr("never-set")
+    tracer = Tracer(sampler=samplers.AlwaysOnSampler(), exporter=exporter)
+    with tracer.span("p"), pytest.raises(ValueError):
+        cache.incr("never-set")
     (incr,) = exporter.by_name("cache.incr")
     assert attrs(incr)["error.type"] == "ValueError"
     assert incr.status.code == telemetry.INVALID_ARGUMENT
