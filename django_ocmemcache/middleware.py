@@ -36,9 +36,11 @@ from .telemetry import (
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
-ATTR_HTTP_METHOD = "http.method"
+ATTR_HTTP_REQUEST_METHOD = "http.request.method"
+ATTR_HTTP_RESPONSE_STATUS = "http.response.status_code"
+ATTR_HTTP_METHOD = "http.method"  # deprecated name, kept one release
 ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.status_code"
+ATTR_HTTP_STATUS = "http.status_code"  # deprecated name, kept one release
 ATTR_ERROR_TYPE = "error.type"
 ATTR_CACHE_CALLS = "cache.calls"
 ATTR_CACHE_HITS = "cache.hits"
@@ -46,8 +48,10 @@ ATTR_CACHE_MISSES = "cache.misses"
 ATTR_CACHE_ERRORS = "cache.errors"
 ATTR_CACHE_TIME = "cache.duration_ms"
 
-#: opencensus-ext-django keeps its request span under this execution-context key.
+#: opencensus-ext-django keeps its request span and request under these
+#: execution-context keys.
 EXT_DJANGO_SPAN_KEY = "django_span"
+EXT_DJANGO_REQUEST_KEY = "django_request"
 
 
 class _NullExporter:
@@ -68,6 +72,12 @@ class _AlwaysOn:
 
 
 _ALWAYS_ON = _AlwaysOn()
+
+
+def _noop_tracer_type() -> type:
+    from opencensus.trace.tracers.noop_tracer import NoopTracer
+
+    return NoopTracer
 
 
 class TraceConfig:
@@ -98,8 +108,42 @@ class TraceConfig:
         return any(path.startswith(p.lstrip("/")) for p in self.excluded)
 
 
+#: Methods named as they are on request spans (RFC 9110, RFC 5789 PATCH); any
+#: other method is "_OTHER" (OpenTelemetry's rule: no cardinality from clients).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER_METHOD = "_OTHER"
+
+
+def span_method(method: str | None) -> str:
+    """The method as request spans carry it: itself if standard, else ``_OTHER``."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
+
+
+class _MetaHeaders:
+    """``request.META`` as the ``get(name)`` mapping OpenCensus' propagators read.
+
+    ``request.headers`` would build a dict of every header on each request
+    (~10 us); a propagator reads one or two.
+    """
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.meta.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+
 class _RequestTrace:
-    """The tracing state of one request: span (ours or opencensus-ext-django's)."""
+    """The tracing state of one request: span (ours or opencensus-ext-django's).
+
+    ``span`` is None when the request is not sampled (or excluded); ``own``
+    says the span is ours to end; ``outer`` that opencensus-ext-django's
+    middleware, listed before ours, traces this request (sampled or not).
+    """
 
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
         from opencensus.trace import execution_context
@@ -110,23 +154,37 @@ class _RequestTrace:
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
         self.done = False
-        outer = execution_context.get_opencensus_attr(EXT_DJANGO_SPAN_KEY)
-        if outer is not None and outer is execution_context.get_current_span():
-            self.span, self.outer = outer, True  # opencensus-ext-django's span
+        self.noop = mw.noop_tracer
+        if execution_context.get_opencensus_attr(EXT_DJANGO_REQUEST_KEY) is request:
+            # opencensus-ext-django decided (and sampled) this request: its span
+            # is a real Span when sampled, a BlankSpan otherwise. Never a second
+            # sampling decision or span; its tracer stays until the response
+            # closes (its process_response needs it).
+            self.outer = True
+            span = execution_context.get_opencensus_attr(EXT_DJANGO_SPAN_KEY)
+            if span is not None and span is execution_context.get_current_span():
+                self.span = span
             return
-        # Whatever an earlier request left in this thread's context is stale:
-        # cache calls must not join that trace.
-        execution_context.clean()
+        if (
+            execution_context.get_current_span() is not None
+            or execution_context.get_opencensus_attrs()
+            or type(execution_context.get_opencensus_tracer()) is not self.noop
+        ):
+            # Whatever an earlier request left in this thread's context is
+            # stale: cache calls must not join that trace.
+            execution_context.clean()
         if not mw.config.is_excluded(request.path):
-            self._open(mw.config, request)
+            self._open(mw, request)
 
-    def _open(self, config: TraceConfig, request: Any) -> None:
+    def _open(self, mw: RequestSpanMiddleware, request: Any) -> None:
         from opencensus.trace import span as span_module
         from opencensus.trace import tracer as tracer_module
 
-        context = config.propagator.from_headers(request.headers)
+        config = mw.config
+        context = config.propagator.from_headers(_MetaHeaders(request.META))
         if not (
-            context.trace_options.get_enabled() or config.sampler.should_sample(context)
+            (mw.follow_parent and context.trace_options.get_enabled())
+            or config.sampler.should_sample(context)
         ):
             # Not sampled: nothing would be recorded, so build no tracer (an
             # unsampled OpenCensus Tracer costs ~40 us a request); cache calls
@@ -134,13 +192,15 @@ class _RequestTrace:
             return
         tracer = tracer_module.Tracer(
             span_context=context,
-            sampler=_ALWAYS_ON,  # the sampler above decided, once
+            sampler=_ALWAYS_ON,  # the decision above, once
             exporter=config.exporter,
             propagator=config.propagator,
         )  # stores itself in the execution context
-        span = tracer.start_span(request.method)
+        method = span_method(request.method)
+        span = tracer.start_span(method if method != OTHER_METHOD else "HTTP")
         span.span_kind = span_module.SpanKind.SERVER
-        span.add_attribute(ATTR_HTTP_METHOD, request.method)
+        span.add_attribute(ATTR_HTTP_REQUEST_METHOD, method)
+        span.add_attribute(ATTR_HTTP_METHOD, method)  # deprecated name
         self.tracer, self.span, self.own = tracer, span, True
 
     def exception(self, exc: BaseException) -> None:
@@ -154,11 +214,18 @@ class _RequestTrace:
             entry = summary.server_timing()
             prior = response.headers.get("Server-Timing")
             response.headers["Server-Timing"] = f"{prior}, {entry}" if prior else entry
+        streaming = getattr(response, "streaming", False)
         if self.span is not None:
             self._annotate(request, response.status_code)
-        if getattr(response, "streaming", False) or self.outer:
+            if streaming and self.outer:
+                # opencensus-ext-django ends its span before the body is sent:
+                # cache calls made while sending it are still its children.
+                _stream_under(response, self.span, self.ctx)
+        if streaming or self.outer:
             # Streaming content is still to come; opencensus-ext-django ends its
             # span after us and leaves its tracer behind: finish on close.
+            self.route = _route(request)
+            self.status = response.status_code
             _on_close(response, self.end)
         else:
             self.end()
@@ -166,24 +233,31 @@ class _RequestTrace:
     def _annotate(self, request: Any, status: int) -> None:
         from opencensus.trace import utils
 
-        span, s = self.span, self.summary
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None) if match is not None else None
-        span.name = f"{request.method} {route}" if route else request.method
+        span = self.span
+        route = _route(request)
+        method = span_method(request.method)
+        name = method if method != OTHER_METHOD else "HTTP"
+        span.name = f"{name} {route}" if route else name
         span.add_attribute(ATTR_HTTP_ROUTE, route or "")
-        span.add_attribute(ATTR_HTTP_STATUS, status)
+        span.add_attribute(ATTR_HTTP_RESPONSE_STATUS, status)
+        span.add_attribute(ATTR_HTTP_STATUS, status)  # deprecated name
+        self._summarise()
+        if status >= 500:
+            span.set_status(utils.status_from_http_code(status))
+
+    def _summarise(self) -> None:
+        span, s = self.span, self.summary
         span.add_attribute(ATTR_CACHE_CALLS, s.calls)
         span.add_attribute(ATTR_CACHE_HITS, s.hits)
         span.add_attribute(ATTR_CACHE_MISSES, s.misses)
         span.add_attribute(ATTR_CACHE_ERRORS, s.errors)
         span.add_attribute(ATTR_CACHE_TIME, round(s.milliseconds, 3))
-        if status >= 500:
-            span.set_status(utils.status_from_http_code(status))
 
     def _end_span(self) -> None:
         if self.own and self.span is not None:
             own, self.own = self.span, False
             try:
+                self._summarise()  # a streaming body's calls count too
                 self.ctx.set_current_span(own)
                 self.tracer.end_span()
             except Exception:
@@ -195,11 +269,63 @@ class _RequestTrace:
             return
         self.done = True
         self._end_span()
-        self.ctx.clean()  # no tracer, span or attrs left for the next request
+        ctx = self.ctx
+        if (
+            self.outer
+            or ctx.get_current_span() is not None
+            or ctx.get_opencensus_attrs()
+            or type(ctx.get_opencensus_tracer()) is not self.noop
+        ):
+            ctx.clean()  # no tracer, span or attrs left for the next request
         try:
             current_summary.reset(self.token)
         except ValueError:  # another context (ASGI close): nothing to restore
             current_summary.set(None)
+
+
+def _route(request: Any) -> str | None:
+    match = getattr(request, "resolver_match", None)
+    return getattr(match, "route", None) if match is not None else None
+
+
+def _stream_under(response: Any, span: Any, ctx: Any) -> None:
+    """Make ``span`` the current span while each chunk of ``response`` is made."""
+    if getattr(response, "is_async", False):
+        chunks = response.streaming_content
+
+        async def under_async() -> Any:
+            async for chunk in _aiter_under(chunks, span, ctx):
+                yield chunk
+
+        response.streaming_content = under_async()
+        return
+    iterator = iter(response.streaming_content)
+
+    def under() -> Any:
+        while True:
+            ctx.set_current_span(span)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                ctx.set_current_span(None)
+            yield chunk
+
+    response.streaming_content = under()
+
+
+async def _aiter_under(chunks: Any, span: Any, ctx: Any) -> Any:
+    iterator = chunks.__aiter__()
+    while True:
+        ctx.set_current_span(span)
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            ctx.set_current_span(None)
+        yield chunk
 
 
 EXT_DJANGO_MIDDLEWARE = "opencensus.ext.django.middleware.OpencensusMiddleware"
@@ -265,7 +391,10 @@ class RequestSpanMiddleware:
         _check_order()
         self.get_response = get_response
         self.config = TraceConfig()
-        self.server_timing = project_settings()["SERVER_TIMING"]
+        conf = project_settings()
+        self.server_timing = conf["SERVER_TIMING"]
+        self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
+        self.noop_tracer = _noop_tracer_type()
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
