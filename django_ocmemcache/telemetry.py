@@ -51,7 +51,10 @@ logger = logging.getLogger("django_ocmemcache.telemetry")
 # -- vocabulary ---------------------------------------------------------------
 
 SPAN_PREFIX = "cache."
-ATTR_DB_SYSTEM = "db.system"
+#: OpenTelemetry semantic conventions for database client spans (v1.33+).
+ATTR_DB_SYSTEM_NAME = "db.system.name"
+ATTR_DB_SYSTEM = "db.system"  # deprecated by db.system.name; kept one release
+DB_SYSTEM = "memcached"
 ATTR_OPERATION = "db.operation.name"
 ATTR_BATCH_SIZE = "db.operation.batch.size"
 ATTR_HIT = "cache.hit"
@@ -859,12 +862,15 @@ class CacheTelemetry:
               args: tuple[Any, ...], kwargs: Any) -> Any:  # fmt: skip
         try:
             attrs: dict[str, Any] = {
-                ATTR_DB_SYSTEM: "memcached",
+                ATTR_DB_SYSTEM_NAME: DB_SYSTEM,
+                ATTR_DB_SYSTEM: DB_SYSTEM,
                 ATTR_OPERATION: name,
                 ATTR_ALIAS: self.alias,
             }
             if name in _BATCH and args and hasattr(args[0], "__len__"):
-                attrs[ATTR_BATCH_SIZE] = len(args[0])
+                size = len(args[0])
+                if size > 1:  # semantic conventions: only for batches of 2+
+                    attrs[ATTR_BATCH_SIZE] = size
             if name in _VERSION_ARG and (args or "key" in kwargs):
                 try:
                     self._key_attributes(attrs, cache, name, args, kwargs)
@@ -951,7 +957,8 @@ class CacheTelemetry:
             attrs[ATTR_HIT] = hits > 0 and misses == 0  # get_or_set re-reads
         elif name == "get_many":
             attrs[ATTR_HITS] = hits
-            attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
+            if hits + misses > 1:  # keys looked up (a generator has no len)
+                attrs[ATTR_BATCH_SIZE] = hits + misses
         if err is not None:
             tracing.mark_error(span, status_code(err), type(err).__name__)
             if ignored:
