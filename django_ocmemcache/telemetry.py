@@ -707,18 +707,32 @@ class SpanQueue:
             if records:
                 for place, data in zip(places, cache_span_data(records), strict=True):
                     spans[place] = data
-            self.exporter.export(spans)
-            self.exported += len(spans)
+            watch = _exporter_logs
+            watch.failure = None
+            watch.active = True
+            try:
+                self.exporter.export(spans)
+            finally:
+                watch.active = False
+            if watch.failure is not None:  # it caught its own error and logged it
+                self._failed(watch.failure)
+            else:
+                self.exported += len(spans)
         except Exception as exc:
-            self.failures += 1
-            now = time.monotonic()
-            if now - self._last_log > 60:
-                self._last_log = now
-                logger.warning(
-                    "span exporter %s failed (%s); spans dropped",
-                    type(self.exporter).__name__,
-                    type(exc).__name__,
-                )
+            self._failed(type(exc).__name__)
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._last_log > 60:
+            self._last_log = now
+            logger.warning(
+                "span exporter %s failed (%s); spans dropped. Failures are "
+                "counted in django_ocmemcache_span_export_failures_total and "
+                "logged at most once a minute per exporter.",
+                type(self.exporter).__name__,
+                why,
+            )
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for queued spans; True if none is left."""
@@ -735,6 +749,48 @@ class SpanQueue:
 
     def _after_fork(self) -> None:
         self._fresh_state()
+
+
+class _ExporterLogs(threading.local):
+    """Per thread: ``active`` while a ``SpanQueue`` worker is inside an
+    exporter's ``export``; ``failure`` the first error that exporter logged."""
+
+    active = False
+    failure: str | None = None
+
+
+_exporter_logs = _ExporterLogs()
+
+
+class _ExporterErrorFilter(logging.Filter):
+    """Takes the ERROR records an exporter logs while it exports on a span
+    queue's thread: the queue counts them as a failed export and logs once a
+    minute instead. OpenCensus' Zipkin exporter, for one, catches its own
+    errors and logs each through the root logger (one line per request).
+    Records of any other thread, or outside ``export``, pass untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        watch = _exporter_logs
+        if not watch.active or record.levelno < logging.ERROR:
+            return True
+        if watch.failure is None:
+            try:
+                text = record.getMessage()
+            except Exception:
+                text = str(record.msg)
+            watch.failure = f"logged on {record.name!r}: {text[:120]}"
+        return False
+
+
+_error_filter = _ExporterErrorFilter()
+
+
+def _watch_logs_of(exporter: Any) -> None:
+    """Put the filter on the root logger and on the exporter's module logger."""
+    for log in (logging.getLogger(), logging.getLogger(type(exporter).__module__)):
+        if _error_filter not in log.filters:
+            log.addFilter(_error_filter)
 
 
 _queues: dict[int, SpanQueue] = {}
@@ -757,6 +813,7 @@ def queued(exporter: Any) -> SpanQueue:
                     if not q.running and not q.pending:
                         del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size)
+            _watch_logs_of(exporter)
         return found
 
 
