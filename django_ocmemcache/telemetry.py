@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_ALLOWED_NETWORKS": None,  # views.metrics: client networks (CIDR)
     "METRICS_BEARER_TOKEN": None,  # views.metrics: "Authorization: Bearer <token>"
     "FOLLOW_PARENT_SAMPLED": True,  # a sampled traceparent is traced, sampler or not
+    "METRICS_FLUSH_INTERVAL": 1.0,  # seconds; multiprocess mode's file writes
 }
 
 # Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
@@ -140,6 +141,12 @@ def project_settings() -> dict[str, Any]:
         raise ImproperlyConfigured(
             "OCMEMCACHE['EXIT_FLUSH_TIMEOUT'] must be a number of seconds >= 0, "
             f"not {wait!r}"
+        )
+    every = conf["METRICS_FLUSH_INTERVAL"]
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or every <= 0:
+        raise ImproperlyConfigured(
+            "OCMEMCACHE['METRICS_FLUSH_INTERVAL'] must be a number of seconds > 0, "
+            f"not {every!r}"
         )
     conf["METRICS_ALLOWED_NETWORKS"] = allowed_networks(
         conf["METRICS_ALLOWED_NETWORKS"]
@@ -1059,6 +1066,10 @@ def for_cache(cache: Any, server: Any, params: Mapping[str, Any]) -> Any:
     conf = project_settings()
     if not (conf["METRICS"] or conf["TRACING"]):
         return None
+    if conf["METRICS"]:
+        from . import telemetry_multiproc
+
+        telemetry_multiproc.writer(conf["METRICS_FLUSH_INTERVAL"])  # if multiprocess
     return CacheTelemetry(cache, server, params, conf)
 
 
@@ -1155,7 +1166,13 @@ def prometheus_registry() -> Any:
 
 
 def metrics_registry() -> Any:
-    """The registry ``views.metrics`` serves (see ``prometheus_registry``)."""
+    """The registry ``views.metrics`` serves: this process's figures
+    (``prometheus_registry``), or in prometheus_client's multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``) the sum over every process's files."""
+    from . import telemetry_multiproc
+
+    if telemetry_multiproc.multiprocess_dir() is not None:
+        return telemetry_multiproc.multiprocess_registry()
     return prometheus_registry()
 
 
@@ -1244,8 +1261,12 @@ def install() -> None:
     """Validate ``settings.OCMEMCACHE`` at startup (``AppConfig.ready``) and,
     with ``PROMETHEUS_REGISTER``, add the collector to prometheus_client's
     default registry."""
+    from .telemetry_multiproc import multiprocess_dir
+
     conf = project_settings()
-    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
+    # In multiprocess mode a MultiProcessCollector on the default registry
+    # already reads this package's files: registering would count twice.
+    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"] and not multiprocess_dir():
         global _default_registered
         if not _default_registered:
             from prometheus_client import REGISTRY
