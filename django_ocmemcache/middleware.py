@@ -19,6 +19,7 @@ cache call on the same thread never lands in a finished trace.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -72,12 +73,6 @@ class _AlwaysOn:
 
 
 _ALWAYS_ON = _AlwaysOn()
-
-
-def _noop_tracer_type() -> type:
-    from opencensus.trace.tracers.noop_tracer import NoopTracer
-
-    return NoopTracer
 
 
 class TraceConfig:
@@ -146,53 +141,45 @@ class _RequestTrace:
     """
 
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
-        from opencensus.trace import execution_context
-
-        self.ctx = execution_context
+        self.ctx = ctx = mw.ctx
         self.span: Any = None
-        self.own = self.outer = False
+        self.own = self.outer = self.done = False
+        self.noop = mw.noop_tracer
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
-        self.done = False
-        self.noop = mw.noop_tracer
-        if execution_context.get_opencensus_attr(EXT_DJANGO_REQUEST_KEY) is request:
+        attrs = ctx.get_opencensus_attrs()
+        if attrs and attrs.get(EXT_DJANGO_REQUEST_KEY) is request:
             # opencensus-ext-django decided (and sampled) this request: its span
             # is a real Span when sampled, a BlankSpan otherwise. Never a second
             # sampling decision or span; its tracer stays until the response
             # closes (its process_response needs it).
             self.outer = True
-            span = execution_context.get_opencensus_attr(EXT_DJANGO_SPAN_KEY)
-            if span is not None and span is execution_context.get_current_span():
+            span = attrs.get(EXT_DJANGO_SPAN_KEY)
+            if span is not None and span is ctx.get_current_span():
                 self.span = span
             return
         if (
-            execution_context.get_current_span() is not None
-            or execution_context.get_opencensus_attrs()
-            or type(execution_context.get_opencensus_tracer()) is not self.noop
+            attrs
+            or ctx.get_current_span() is not None
+            or type(ctx.get_opencensus_tracer()) is not self.noop
         ):
             # Whatever an earlier request left in this thread's context is
             # stale: cache calls must not join that trace.
-            execution_context.clean()
-        if not mw.config.is_excluded(request.path):
-            self._open(mw, request)
+            ctx.clean()
+        if mw.excluded and request.path.lstrip("/").startswith(mw.excluded):
+            return
+        context = mw.sampled_context(request.META)
+        if context is not None:
+            self._open(mw, request, context)
 
-    def _open(self, mw: RequestSpanMiddleware, request: Any) -> None:
+    def _open(self, mw: RequestSpanMiddleware, request: Any, context: Any) -> None:
         from opencensus.trace import span as span_module
         from opencensus.trace import tracer as tracer_module
 
         config = mw.config
-        context = config.propagator.from_headers(_MetaHeaders(request.META))
-        if not (
-            (mw.follow_parent and context.trace_options.get_enabled())
-            or config.sampler.should_sample(context)
-        ):
-            # Not sampled: nothing would be recorded, so build no tracer (an
-            # unsampled OpenCensus Tracer costs ~40 us a request); cache calls
-            # then find no sampled parent and open no span, as they would anyway.
-            return
         tracer = tracer_module.Tracer(
             span_context=context,
-            sampler=_ALWAYS_ON,  # the decision above, once
+            sampler=_ALWAYS_ON,  # the decision was made, once
             exporter=config.exporter,
             propagator=config.propagator,
         )  # stores itself in the execution context
@@ -281,6 +268,31 @@ class _RequestTrace:
             current_summary.reset(self.token)
         except ValueError:  # another context (ASGI close): nothing to restore
             current_summary.set(None)
+
+
+class _NotSampled:
+    """Trace options of a request without an incoming context."""
+
+    @staticmethod
+    def get_enabled() -> bool:
+        return False
+
+
+class _Probe:
+    """What OpenCensus' samplers read of a new ``SpanContext``: its trace
+    options and trace id (made on first read, as ``generate_trace_id`` does)."""
+
+    __slots__ = ("_trace_id",)
+    trace_options = _NotSampled()
+
+    def __init__(self) -> None:
+        self._trace_id: str | None = None
+
+    @property
+    def trace_id(self) -> str:
+        if self._trace_id is None:
+            self._trace_id = f"{random.getrandbits(128):032x}"
+        return self._trace_id
 
 
 def _route(request: Any) -> str | None:
@@ -394,10 +406,51 @@ class RequestSpanMiddleware:
         conf = project_settings()
         self.server_timing = conf["SERVER_TIMING"]
         self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
-        self.noop_tracer = _noop_tracer_type()
+        self.excluded = tuple(p.lstrip("/") for p in self.config.excluded)
+        self._bind_opencensus()
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+
+    def _bind_opencensus(self) -> None:
+        from opencensus.trace import execution_context, samplers
+        from opencensus.trace.propagation import trace_context_http_header_format
+        from opencensus.trace.span_context import SpanContext
+        from opencensus.trace.tracers.noop_tracer import NoopTracer
+
+        self.ctx = execution_context
+        self.noop_tracer = NoopTracer
+        self.span_context = SpanContext
+        # Without a traceparent header, the default propagator makes a new
+        # context and OpenCensus' own samplers read only its trace id: decide
+        # on a _Probe that makes the id only if asked (AlwaysOff never asks).
+        self.quick = type(self.config.propagator) is (
+            trace_context_http_header_format.TraceContextPropagator
+        ) and type(self.config.sampler) in (
+            samplers.AlwaysOffSampler,
+            samplers.AlwaysOnSampler,
+            samplers.ProbabilitySampler,
+        )
+
+    def sampled_context(self, meta: Any) -> Any:
+        """The request's ``SpanContext`` if it is to be traced, else None.
+
+        The sampler is asked once; a sampled incoming ``traceparent`` decides
+        alone unless ``OCMEMCACHE["FOLLOW_PARENT_SAMPLED"]`` is False.
+        """
+        sampler = self.config.sampler
+        if self.quick and "HTTP_TRACEPARENT" not in meta:
+            probe = _Probe()
+            if not sampler.should_sample(probe):
+                return None
+            return self.span_context(trace_id=probe.trace_id)
+        context = self.config.propagator.from_headers(_MetaHeaders(meta))
+        options = context.trace_options
+        if options.get_enabled():
+            if self.follow_parent:
+                return context
+            options.set_enabled(False)  # the sampler must not see the flag
+        return context if sampler.should_sample(context) else None
 
     def __call__(self, request: Any) -> Any:
         if self.is_async:

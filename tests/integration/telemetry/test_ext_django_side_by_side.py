@@ -179,3 +179,26 @@ def test_follow_parent_sampled_off_lets_the_local_sampler_decide(site, exporter)
     Client().get("/squares/3", HTTP_TRACEPARENT=TRACEPARENT)
     (request,) = server_spans(exporter)
     assert request.context.trace_id == TRACEPARENT.split("-")[1]  # trace continued
+
+
+def test_follow_parent_sampled_off_with_a_probability_sampler(site, exporter):
+    """OpenCensus' ProbabilitySampler itself says yes to a sampled context: with
+    the setting off it must not see the incoming flag."""
+    site.OCMEMCACHE = {"FOLLOW_PARENT_SAMPLED": False}
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = samplers.ProbabilitySampler(rate=0.0)
+    for _ in range(3):
+        Client().get("/squares/2", HTTP_TRACEPARENT=TRACEPARENT)
+    assert exporter.collected() == []
+    site.OCMEMCACHE = {}
+    Client().get("/squares/2", HTTP_TRACEPARENT=TRACEPARENT)
+    assert len(server_spans(exporter)) == 1
+
+
+def test_probability_sampler_without_traceparent(site, exporter):
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = samplers.ProbabilitySampler(rate=1.0)
+    Client().get("/squares/2")
+    (request,) = server_spans(exporter)
+    assert len(request.context.trace_id) == 32
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = samplers.ProbabilitySampler(rate=0.0)
+    Client().get("/squares/3")
+    assert len(server_spans(exporter)) == 1
