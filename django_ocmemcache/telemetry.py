@@ -267,12 +267,14 @@ class MetricsStore:
         entry = table.get(key)
         if entry is None:
             entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
-        entry[_COUNT] += 1
+        # No entry[_COUNT] += 1: snapshot() counts the buckets.
         entry[_SUM] += ms
         entry[_SUMSQ] += ms * ms
-        entry[_HITS] += hits
-        entry[_MISSES] += misses
-        entry[_BUCKETS + bisect.bisect_left(self.bounds, ms)] += 1
+        if hits:
+            entry[_HITS] += hits
+        if misses:
+            entry[_MISSES] += misses
+        entry[_BUCKETS + _bisect(self.bounds, ms)] += 1
 
     def snapshot(self) -> dict[MetricKey, list[Any]]:
         """Return the sum over all threads: ``{key: entry}`` (copies).
@@ -308,6 +310,8 @@ def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
             for i, value in enumerate(entry):
                 have[i] += value
 
+
+_bisect = bisect.bisect_left
 
 METRICS = MetricsStore()
 
@@ -415,6 +419,21 @@ class OpenCensusTracing(Tracing):
             self._current: Callable[[], Any] = lambda: var.get(None)
         else:  # thread-local runtime context (no contextvars)
             self._current = execution_context.get_current_span
+        current, span_type = self._current, self._span_type
+        if var is not None:
+            get = var.get
+
+            def parent() -> Any:  # runs on every cache call: one lookup, one test
+                span = get(None)
+                return span if span.__class__ is span_type else None
+
+        else:
+
+            def parent() -> Any:
+                span = current()
+                return span if span.__class__ is span_type else None
+
+        self.parent = parent  # type: ignore[method-assign]
 
     def parent(self) -> Any:
         span = self._current()
@@ -892,6 +911,8 @@ class CacheTelemetry:
         self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
     ) -> None:
         self.metrics = conf["METRICS"]
+        self.record = METRICS.record
+        self.ok_keys: dict[str, MetricKey] = {}
         self.tracing = tracing() if conf["TRACING"] else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
@@ -993,24 +1014,6 @@ class CacheTelemetry:
             logger.debug("cache alias not found", exc_info=True)
         return "unknown"
 
-    def finish_call(self, call: _Call, state: Any, exc: BaseException | None) -> None:
-        elapsed = time.perf_counter() - call.t0
-        err = exc if exc is not None else state.error
-        hits, misses = state.hits, state.misses
-        if self.metrics:
-            METRICS.record(
-                (self.alias or "unknown", call.name,
-                 "" if err is None else type(err).__name__),
-                elapsed * 1000.0, hits, misses,
-            )  # fmt: skip
-        summary = current_summary.get()
-        if summary is not None:
-            summary.add(elapsed, hits, misses, err is not None)
-        if call.span is not None:
-            # The backend passes an error IGNORE_EXCEPTIONS turned into a miss
-            # as both `exc` and `state.error`.
-            self._close(call, hits, misses, err, err is state.error)
-
     def _close(self, call: _Call, hits: int, misses: int,
                err: BaseException | None, ignored: bool) -> None:  # fmt: skip
         tracing = self.tracing
@@ -1032,6 +1035,10 @@ class CacheTelemetry:
         tracing.close_span(span)
 
 
+_clock = time.perf_counter
+_summary = current_summary.get
+
+
 class _Call:
     __slots__ = ("tel", "name", "span", "t0")
 
@@ -1039,12 +1046,40 @@ class _Call:
         self.tel = tel
         self.name = name
         self.span = span
-        self.t0 = time.perf_counter()
+        self.t0 = _clock()
 
     def finish(self, state: Any, exc: BaseException | None) -> None:
-        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises."""
+        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises.
+
+        ``CacheTelemetry.finish_call`` written out: this runs on every call.
+        """
         try:
-            self.tel.finish_call(self, state, exc)
+            elapsed = _clock() - self.t0
+            tel = self.tel
+            err = exc if exc is not None else state.error
+            hits, misses = state.hits, state.misses
+            if tel.metrics:
+                if err is None:  # the common key, made once per method
+                    key = tel.ok_keys.get(self.name)
+                    if key is None or key[0] != (tel.alias or "unknown"):
+                        key = tel.ok_keys[self.name] = (
+                            tel.alias or "unknown", self.name, "",
+                        )  # fmt: skip
+                else:
+                    key = (tel.alias or "unknown", self.name, type(err).__name__)
+                tel.record(key, elapsed * 1000.0, hits, misses)
+            summary = _summary()
+            if summary is not None:
+                summary.calls += 1
+                summary.hits += hits
+                summary.misses += misses
+                summary.seconds += elapsed
+                if err is not None:
+                    summary.errors += 1
+            if self.span is not None:
+                # The backend passes an error IGNORE_EXCEPTIONS turned into a
+                # miss as both `exc` and `state.error`.
+                tel._close(self, hits, misses, err, err is state.error)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 
