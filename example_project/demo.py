@@ -408,6 +408,11 @@ def demo(args: argparse.Namespace) -> int:
         if args.telemetry:
             receiver = telemetry_demo.start_zipkin(stack)
             env["EXAMPLE_ZIPKIN"] = f"127.0.0.1:{receiver.port}"
+            # prometheus_client's multiprocess mode: every worker writes its
+            # figures there and /metrics serves the whole site's sum.
+            multiproc = workdir / "prometheus-multiproc"
+            multiproc.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         migrate(env)
         url = start_gunicorn(stack, env, workdir, args)
 
@@ -419,7 +424,12 @@ def demo(args: argparse.Namespace) -> int:
         ok = fragment_ok and page_ok and figures["get-hits"] > 0
         if args.telemetry:
             ok = telemetry_demo.show_trace(receiver) and ok
-            ok = telemetry_demo.show_metrics(stack, url) and ok
+            ok = (
+                telemetry_demo.show_metrics(
+                    stack, url, workers=args.workers, squares=len(timings)
+                )
+                and ok
+            )
         if len(timings) > 1 and timings[-1] >= timings[0]:
             print("UNEXPECTED: the last run was not faster than the first")
             ok = False
