@@ -259,14 +259,11 @@ class MetricsStore:
         self._tables = live
 
     def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
-        """Add one call that took ``ms`` milliseconds."""
+        """Add one call that took ``ms`` milliseconds (runs on every call)."""
         try:
-            table = self._local.table
-        except AttributeError:
-            table = self._table()
-        entry = table.get(key)
-        if entry is None:
-            entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
+            entry = self._local.table[key]
+        except (AttributeError, KeyError):
+            entry = self._new_entry(key)
         # No entry[_COUNT] += 1: snapshot() counts the buckets.
         entry[_SUM] += ms
         entry[_SUMSQ] += ms * ms
@@ -275,6 +272,14 @@ class MetricsStore:
         if misses:
             entry[_MISSES] += misses
         entry[_BUCKETS + _bisect(self.bounds, ms)] += 1
+
+    def _new_entry(self, key: MetricKey) -> list[Any]:
+        try:
+            table = self._local.table
+        except AttributeError:
+            table = self._table()
+        entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
+        return entry
 
     def snapshot(self) -> dict[MetricKey, list[Any]]:
         """Return the sum over all threads: ``{key: entry}`` (copies).
@@ -913,6 +918,7 @@ class CacheTelemetry:
         self.metrics = conf["METRICS"]
         self.record = METRICS.record
         self.ok_keys: dict[str, MetricKey] = {}
+        self._cache_type = type(cache)
         self.tracing = tracing() if conf["TRACING"] else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
@@ -931,17 +937,26 @@ class CacheTelemetry:
         Never raises: a failure here costs the call its span, nothing else.
         """
         span = None
-        try:
-            if self.alias is None:
-                self.alias = self._find_alias(cache)
-            tracing = self.tracing
-            if tracing is not None:
+        tracing = self.tracing
+        if tracing is not None:
+            try:
                 parent = tracing.parent()
                 if parent is not None:
+                    if self.alias is None:
+                        self.alias = self._find_alias()
                     span = self._open(tracing, parent, cache, name, args, kwargs)
-        except Exception:
-            logger.debug("cache telemetry failed", exc_info=True)
-        return _Call(self, name, span)
+            except Exception:
+                logger.debug("cache telemetry failed", exc_info=True)
+        return _new_call(_Call, (self, name, span, _clock()))
+
+    def metric_key(self, name: str, err: BaseException | None) -> MetricKey:
+        """``(cache, method, error class or "")``; the ok key is made once."""
+        if self.alias is None:
+            self.alias = self._find_alias()
+        if err is not None:
+            return (self.alias, name, type(err).__name__)
+        key = self.ok_keys[name] = (self.alias, name, "")
+        return key
 
     def _open(self, tracing: Tracing, parent: Any, cache: Any, name: str,
               args: tuple[Any, ...], kwargs: Any) -> Any:  # fmt: skip
@@ -989,7 +1004,7 @@ class CacheTelemetry:
         else:
             attrs.update(self.server)
 
-    def _find_alias(self, cache: Any) -> str:
+    def _find_alias(self) -> str:
         """The ``CACHES`` alias whose entry built this backend, else "unknown".
 
         Django does not tell a backend its alias: match ``BACKEND``,
@@ -998,7 +1013,7 @@ class CacheTelemetry:
         try:
             from django.conf import settings
 
-            cls = type(cache)
+            cls = self._cache_type
             names = {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
             for alias, entry in settings.CACHES.items():
                 rest = {
@@ -1014,11 +1029,10 @@ class CacheTelemetry:
             logger.debug("cache alias not found", exc_info=True)
         return "unknown"
 
-    def _close(self, call: _Call, hits: int, misses: int,
+    def _close(self, name: str, span: Any, hits: int, misses: int,
                err: BaseException | None, ignored: bool) -> None:  # fmt: skip
         tracing = self.tracing
         assert tracing is not None
-        span, name = call.span, call.name
         attrs: dict[str, Any] = {}
         if name in _SINGLE_READS and err is None:
             attrs[ATTR_HIT] = hits > 0 and misses == 0  # get_or_set re-reads
@@ -1037,36 +1051,29 @@ class CacheTelemetry:
 
 _clock = time.perf_counter
 _summary = current_summary.get
+_new_call = tuple.__new__
 
 
-class _Call:
-    __slots__ = ("tel", "name", "span", "t0")
+class _Call(tuple):  # type: ignore[type-arg]
+    """One outermost call: ``(telemetry, method, span or None, start)``.
 
-    def __init__(self, tel: CacheTelemetry, name: str, span: Any) -> None:
-        self.tel = tel
-        self.name = name
-        self.span = span
-        self.t0 = _clock()
+    A tuple: made in C on every call, no ``__init__`` to run.
+    """
+
+    __slots__ = ()
 
     def finish(self, state: Any, exc: BaseException | None) -> None:
-        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises.
-
-        ``CacheTelemetry.finish_call`` written out: this runs on every call.
-        """
+        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises."""
         try:
-            elapsed = _clock() - self.t0
-            tel = self.tel
+            tel, name, span, t0 = self
+            elapsed = _clock() - t0
             err = exc if exc is not None else state.error
-            hits, misses = state.hits, state.misses
+            hits = state.hits
+            misses = state.misses
             if tel.metrics:
-                if err is None:  # the common key, made once per method
-                    key = tel.ok_keys.get(self.name)
-                    if key is None or key[0] != (tel.alias or "unknown"):
-                        key = tel.ok_keys[self.name] = (
-                            tel.alias or "unknown", self.name, "",
-                        )  # fmt: skip
-                else:
-                    key = (tel.alias or "unknown", self.name, type(err).__name__)
+                key = tel.ok_keys.get(name) if err is None else None
+                if key is None:
+                    key = tel.metric_key(name, err)
                 tel.record(key, elapsed * 1000.0, hits, misses)
             summary = _summary()
             if summary is not None:
@@ -1076,10 +1083,10 @@ class _Call:
                 summary.seconds += elapsed
                 if err is not None:
                     summary.errors += 1
-            if self.span is not None:
+            if span is not None:
                 # The backend passes an error IGNORE_EXCEPTIONS turned into a
                 # miss as both `exc` and `state.error`.
-                tel._close(self, hits, misses, err, err is state.error)
+                tel._close(name, span, hits, misses, err, err is state.error)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 
