@@ -43,6 +43,8 @@ from pymemcache.serde import (
     python_memcache_serializer,
 )
 
+from .conf import project_setting
+
 security_logger = logging.getLogger("django_ocmemcache.security")
 
 
@@ -143,8 +145,7 @@ def signing_keys() -> list[bytes]:
     """
     from django.conf import settings
 
-    conf = getattr(settings, "OCMEMCACHE", None) or {}
-    secrets = conf.get("SIGNING_KEYS")
+    secrets = project_setting("SIGNING_KEYS")
     if secrets is None:
         secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
     if isinstance(secrets, (str, bytes)) or not all(secrets):

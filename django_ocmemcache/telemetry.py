@@ -881,10 +881,11 @@ class CacheTelemetry:
             logger.debug("cache alias not found", exc_info=True)
         return "unknown"
 
-    def finish_call(self, call: _Call, state: Any, exc: BaseException | None) -> None:
+    def finish_call(self, call: _Call, hits: int, misses: int,
+                    raised: BaseException | None,
+                    ignored: BaseException | None) -> None:  # fmt: skip
         elapsed = time.perf_counter() - call.t0
-        err = exc if exc is not None else state.error
-        hits, misses = state.hits, state.misses
+        err = raised if raised is not None else ignored
         if self.metrics:
             METRICS.record(
                 (self.alias or "unknown", call.name,
@@ -895,9 +896,7 @@ class CacheTelemetry:
         if summary is not None:
             summary.add(elapsed, hits, misses, err is not None)
         if call.span is not None:
-            # The backend passes an error IGNORE_EXCEPTIONS turned into a miss
-            # as both `exc` and `state.error`.
-            self._close(call, hits, misses, err, err is state.error)
+            self._close(call, hits, misses, err, err is ignored)
 
     def _close(self, call: _Call, hits: int, misses: int,
                err: BaseException | None, ignored: bool) -> None:  # fmt: skip
@@ -928,10 +927,13 @@ class _Call:
         self.span = span
         self.t0 = time.perf_counter()
 
-    def finish(self, state: Any, exc: BaseException | None) -> None:
-        """End the call; ``state`` has ``hits``, ``misses``, ``error``. Never raises."""
+    def finish(self, hits: int, misses: int, raised: BaseException | None,
+               ignored: BaseException | None) -> None:  # fmt: skip
+        """End the call: keys found and not found, the exception that leaves
+        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
+        miss (``ignored``), if any. Never raises."""
         try:
-            self.tel.finish_call(self, state, exc)
+            self.tel.finish_call(self, hits, misses, raised, ignored)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 
