@@ -26,7 +26,7 @@ from .client.pool import ClientPool, drop_closed_connections, get_pool
 from .conf import BackendOptions, parse_location
 from .fallback import FallbackPool, get_fallback_pool
 from .policy import get_policy
-from .protocol import MAX_RELATIVE_EXPTIME
+from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
 from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
@@ -184,11 +184,6 @@ def _reason(exc: Exception) -> str:
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
 
-def _is_too_large(exc: MemcacheServerError) -> bool:
-    # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
-    return "too large" in str(exc)
-
-
 def _drop_closed_connections(**kwargs: Any) -> None:
     # A kept connection outlives the memcached process it was opened to; after
     # a restart between requests, drop it before this request's first call
@@ -333,7 +328,7 @@ class OCMemcacheCache(BaseCache):
                 self._client().add(key, value, self.get_backend_timeout(timeout))
             )
         except MemcacheServerError as exc:
-            if _is_too_large(exc):
+            if is_too_large(str(exc)):
                 return False
             raise
 
@@ -398,7 +393,7 @@ class OCMemcacheCache(BaseCache):
         try:
             failed = self._client().set_many(values, exptime)
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
             failed = [k for k, v in values.items() if not self._set_one(k, v, exptime)]
         return [safe[k][0] for k in failed]
@@ -409,7 +404,7 @@ class OCMemcacheCache(BaseCache):
             if client.set(key, value, exptime):
                 return True
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
         # Make sure the key doesn't keep its old value when the server refuses
         # the new one (memcached's 1 MB item size limit).
@@ -564,19 +559,7 @@ class OCMemcacheCache(BaseCache):
         Per-server stats are memcached's ``stats`` (``get_hits``,
         ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
         """
-        servers: dict[str, dict[str, Any]] = {}
-        for name, client in self._pool.server_clients().items():
-            try:
-                raw = client.stats()
-            except Exception as exc:  # one dead server must not hide the others
-                servers[name] = {"error": type(exc).__name__}
-                continue
-            servers[name] = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode() if isinstance(v, bytes) else v
-                )
-                for k, v in raw.items()
-            }
+        servers = self._pool.server_stats()
         totals: dict[str, Any] = {}
         for field in ("get_hits", "get_misses", "curr_items", "bytes", "evictions",
                       "cmd_get", "cmd_set", "curr_connections"):  # fmt: skip

@@ -26,3 +26,11 @@ def exptime_for(ttl: int, now: float) -> int | None:
     if ttl > MAX_RELATIVE_EXPTIME:
         return int(now) + ttl
     return ttl
+
+
+def is_too_large(reply: str | bytes) -> bool:
+    """True for memcached's refusal of a value over its item size limit (``-I``):
+    ``SERVER_ERROR object too large for cache``."""
+    if isinstance(reply, bytes):
+        return b"too large" in reply
+    return "too large" in reply

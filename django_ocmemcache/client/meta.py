@@ -28,6 +28,8 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
+from ..protocol import is_too_large
+
 T = TypeVar("T")
 
 #: Send at most this many request bytes per round trip, so a pipeline of large
@@ -200,7 +202,7 @@ def _parse_set(reader: Reader) -> int | str:
         return NOT_STORED
     if line.startswith(b"SERVER_ERROR"):
         # memcached has read (and dropped) the value: the stream is in sync.
-        return TOO_LARGE if b"too large" in line else line.decode(errors="replace")
+        return TOO_LARGE if is_too_large(line) else line.decode(errors="replace")
     _raise_error(line)
     raise AssertionError  # pragma: no cover
 

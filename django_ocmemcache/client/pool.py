@@ -92,6 +92,24 @@ class ClientPool:
         by_node = {hash_node(s): server_name(s) for s in self.servers}
         return {by_node[node]: c for node, c in client.clients.items()}
 
+    def server_stats(self) -> dict[str, dict[str, Any]]:
+        """memcached ``stats`` of each server, by ``server_name``, as text
+        (``{"error": exception class name}`` for a server that failed)."""
+        servers: dict[str, dict[str, Any]] = {}
+        for name, client in self.server_clients().items():
+            try:
+                raw = client.stats()
+            except Exception as exc:  # one dead server must not hide the others
+                servers[name] = {"error": type(exc).__name__}
+                continue
+            servers[name] = {
+                (k.decode() if isinstance(k, bytes) else k): (
+                    v.decode() if isinstance(v, bytes) else v
+                )
+                for k, v in raw.items()
+            }
+        return servers
+
     def disconnect(self) -> None:
         """Close this thread's connections (they reopen on next use)."""
         client = self._local.__dict__.pop("client", None)
