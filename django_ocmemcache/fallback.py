@@ -75,8 +75,8 @@ from .client import meta
 from .client.pool import ClientPool, Registry, get_pool
 from .client.sharded import node_for, wire_key
 from .conf import parse_fallback_location, server_name
-from .policy import LogLimiter
 from .protocol import exptime_for
+from .ratelimit import LogLimiter
 from .serializers import DEFAULT_SERDE
 
 logger = logging.getLogger("django_ocmemcache")

@@ -25,8 +25,6 @@ import os
 import socket
 import ssl
 import threading
-import time
-import weakref
 from collections import Counter
 from typing import Any
 
@@ -36,6 +34,8 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
     MemcacheUnknownError,
 )
+
+from .ratelimit import LogLimiter
 
 logger = logging.getLogger("django_ocmemcache")
 
@@ -113,29 +113,6 @@ def server_of(exc: BaseException) -> str:
     return getattr(exc, "ocmemcache_server", None) or "?"
 
 
-class LogLimiter:
-    """At most one log line per subject per ``interval`` seconds, process-wide.
-
-    One limiter per kind of message (ignored failures, old servers of a
-    migration, span exporters); ``allow(subject, interval)`` is True when the
-    line may be written now.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.last: dict[str, float] = {}
-        _limiters.add(self)
-
-    def allow(self, subject: str, interval: float) -> bool:
-        now = time.monotonic()
-        with self.lock:
-            if now - self.last.get(subject, -interval) < interval:
-                return False
-            self.last[subject] = now
-            return True
-
-
-_limiters: weakref.WeakSet[LogLimiter] = weakref.WeakSet()
 _limiter = LogLimiter()
 
 
@@ -205,8 +182,6 @@ def get_policy(owner: Any, ignore: bool) -> ErrorPolicy:
 def _after_fork_in_child() -> None:
     global _policies_lock
     _policies_lock = threading.Lock()
-    for limiter in list(_limiters):
-        limiter.lock = threading.Lock()
     for policy in _policies.values():
         policy._lock = threading.Lock()
 

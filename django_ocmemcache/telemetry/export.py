@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import PROJECT_DEFAULTS, project_settings
-from ..policy import LogLimiter
+from ..ratelimit import LogLimiter
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
