@@ -285,8 +285,9 @@ def _before(report: dict[str, Any]) -> list[str]:
     out = [
         "",
         f"After vs before (`{commit[:12]}`, run as `django_ocmemcache_before` in "
-        "the same process): the median of the paired ratios after/before "
-        "(throughput; higher is better), then client CPU µs per unit after / "
+        "the same process): the median of the paired ratios after/before of "
+        "throughput, then of CPU speed (before's CPU time / after's for the same "
+        "batch); higher is better. In brackets: client CPU µs per unit after / "
         "before.",
         "",
         "| case | " + " | ".join(labels[n] for n in pairs) + " |",
@@ -302,7 +303,8 @@ def _before(report: dict[str, Any]) -> list[str]:
                 continue
             after = case["results"][n]["cpu_us_per_unit"]
             b = case["results"][n.replace("ours", "before", 1)]["cpu_us_per_unit"]
-            cells.append(f"{ratio:.3f}× ({after:.1f} / {b:.1f})")
+            cpu = case.get("cpu_vs_before", {}).get(n, float("nan"))
+            cells.append(f"{ratio:.3f}× / {cpu:.3f}× ({after:.1f} / {b:.1f})")
             if case["unit"] != "req/s" and (worst is None or ratio < worst[0]):
                 worst = (ratio, case["name"], labels[n])
         out.append(f"| {case['name']} | " + " | ".join(cells) + " |")
@@ -462,6 +464,12 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
                 },
                 "vs_before": {  # ours* over before* in the same repeat
                     n: round(harness.paired_ratio(r, results[b]), 3)
+                    for n, r in results.items()
+                    if n.startswith("ours")
+                    and (b := n.replace("ours", "before", 1)) in results
+                },
+                "cpu_vs_before": {  # before*'s CPU over ours*, same repeat
+                    n: round(harness.paired_cpu_ratio(r, results[b]), 3)
                     for n, r in results.items()
                     if n.startswith("ours")
                     and (b := n.replace("ours", "before", 1)) in results
