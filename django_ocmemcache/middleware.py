@@ -26,43 +26,32 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .telemetry import (
-    RequestSummary,
-    clear_tracer_context,
-    current_summary,
-    project_settings,
-    queued,
-    quiet_opencensus_clock,
+from .conf import project_settings
+from .telemetry.hook import RequestSummary, current_summary
+from .telemetry.opencensus import TraceConfig, clear_tracer_context
+from .telemetry.semconv import (
+    ATTR_CACHE_CALLS,
+    ATTR_CACHE_ERRORS,
+    ATTR_CACHE_HITS,
+    ATTR_CACHE_MISSES,
+    ATTR_CACHE_TIME,
+    ATTR_ERROR_TYPE,
+    ATTR_HTTP_METHOD,
+    ATTR_HTTP_REQUEST_METHOD,
+    ATTR_HTTP_RESPONSE_STATUS,
+    ATTR_HTTP_ROUTE,
+    ATTR_HTTP_STATUS,
+    HTTP_KNOWN_METHODS,
+    HTTP_OTHER_METHOD,
+    HTTP_OTHER_SPAN_NAME,
 )
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
-
-ATTR_HTTP_REQUEST_METHOD = "http.request.method"
-ATTR_HTTP_RESPONSE_STATUS = "http.response.status_code"
-ATTR_HTTP_METHOD = "http.method"  # deprecated name, kept one release
-ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.status_code"  # deprecated name, kept one release
-ATTR_ERROR_TYPE = "error.type"
-ATTR_CACHE_CALLS = "cache.calls"
-ATTR_CACHE_HITS = "cache.hits"
-ATTR_CACHE_MISSES = "cache.misses"
-ATTR_CACHE_ERRORS = "cache.errors"
-ATTR_CACHE_TIME = "cache.duration_ms"
 
 #: opencensus-ext-django keeps its request span and request under these
 #: execution-context keys.
 EXT_DJANGO_SPAN_KEY = "django_span"
 EXT_DJANGO_REQUEST_KEY = "django_request"
-
-
-class _NullExporter:
-    """Drops spans: the default when ``OPENCENSUS["TRACE"]`` names no exporter."""
-
-    def export(self, span_datas: Any) -> None:
-        pass
-
-    def emit(self, span_datas: Any) -> None:
-        pass
 
 
 class _AlwaysOn:
@@ -75,45 +64,9 @@ class _AlwaysOn:
 _ALWAYS_ON = _AlwaysOn()
 
 
-class TraceConfig:
-    """``settings.OPENCENSUS["TRACE"]``, loaded once per middleware instance."""
-
-    def __init__(self) -> None:
-        from django.conf import settings
-        from opencensus.common import configuration
-        from opencensus.trace import samplers
-        from opencensus.trace.propagation import trace_context_http_header_format
-
-        quiet_opencensus_clock()
-        trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE", {})
-
-        def load(name: str, default: Callable[[], Any]) -> Any:
-            value = trace.get(name) or default()
-            return configuration.load(value) if isinstance(value, str) else value
-
-        self.sampler = load("SAMPLER", samplers.ProbabilitySampler)
-        self.exporter = queued(load("EXPORTER", _NullExporter))
-        self.propagator = load(
-            "PROPAGATOR", trace_context_http_header_format.TraceContextPropagator
-        )
-        self.excluded = list(trace.get("EXCLUDELIST_PATHS") or [])
-
-    def is_excluded(self, path: str) -> bool:
-        path = path.lstrip("/")
-        return any(path.startswith(p.lstrip("/")) for p in self.excluded)
-
-
-#: Methods named as they are on request spans (RFC 9110, RFC 5789 PATCH); any
-#: other method is "_OTHER" (OpenTelemetry's rule: no cardinality from clients).
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-)
-OTHER_METHOD = "_OTHER"
-
-
 def span_method(method: str | None) -> str:
     """The method as request spans carry it: itself if standard, else ``_OTHER``."""
-    return method if method in KNOWN_METHODS else OTHER_METHOD
+    return method if method in HTTP_KNOWN_METHODS else HTTP_OTHER_METHOD
 
 
 class _MetaHeaders:
@@ -184,7 +137,9 @@ class _RequestTrace:
             propagator=config.propagator,
         )  # stores itself in the execution context
         method = span_method(request.method)
-        span = tracer.start_span(method if method != OTHER_METHOD else "HTTP")
+        span = tracer.start_span(
+            method if method != HTTP_OTHER_METHOD else HTTP_OTHER_SPAN_NAME
+        )
         span.span_kind = span_module.SpanKind.SERVER
         span.add_attribute(ATTR_HTTP_REQUEST_METHOD, method)
         span.add_attribute(ATTR_HTTP_METHOD, method)  # deprecated name
@@ -223,7 +178,7 @@ class _RequestTrace:
         span = self.span
         route = _route(request)
         method = span_method(request.method)
-        name = method if method != OTHER_METHOD else "HTTP"
+        name = method if method != HTTP_OTHER_METHOD else HTTP_OTHER_SPAN_NAME
         span.name = f"{name} {route}" if route else name
         span.add_attribute(ATTR_HTTP_ROUTE, route or "")
         span.add_attribute(ATTR_HTTP_RESPONSE_STATUS, status)

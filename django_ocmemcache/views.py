@@ -46,7 +46,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from .telemetry import metrics_registry, project_settings
+    from .conf import project_settings
+    from .telemetry.metrics import metrics_registry
 
     denied = _denied(request, project_settings())
     if denied is not None:

@@ -18,6 +18,7 @@ from opencensus.stats import aggregation_data, stats
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from django_ocmemcache import telemetry
+from django_ocmemcache.telemetry import semconv
 from tests.memcached import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -88,7 +89,7 @@ def test_views_are_registered_with_the_seed_names_and_tag_keys(site, view_manage
     assert {"method", "status", "error"} <= set(latency.columns)
     assert latency.measure.unit == "ms"
     bounds = latency.aggregation.new_aggregation_data().bounds
-    assert list(bounds) == list(telemetry.LATENCY_BOUNDS_MS)
+    assert list(bounds) == list(semconv.LATENCY_BOUNDS_MS)
     assert bounds[0] < 0.1  # sub-millisecond buckets for a loopback memcached
 
 

@@ -11,14 +11,14 @@ from django.test import Client
 from opencensus.trace import samplers
 from opencensus.trace.tracer import Tracer
 
-from django_ocmemcache import telemetry
+from django_ocmemcache.telemetry import semconv
 from tests.integration.telemetry.conftest import attrs
 
 pytestmark = pytest.mark.integration
 
 
 def test_names_come_from_one_module():
-    names = telemetry.semconv if hasattr(telemetry, "semconv") else telemetry
+    names = semconv
     assert names.ATTR_DB_SYSTEM_NAME == "db.system.name"
     assert names.ATTR_DB_SYSTEM == "db.system"
     assert names.ATTR_OPERATION == "db.operation.name"
@@ -63,4 +63,4 @@ def test_error_type_on_failure(site, exporter):
         cache.incr("never-set")
     (incr,) = exporter.by_name("cache.incr")
     assert attrs(incr)["error.type"] == "ValueError"
-    assert incr.status.code == telemetry.INVALID_ARGUMENT
+    assert incr.status.code == semconv.INVALID_ARGUMENT

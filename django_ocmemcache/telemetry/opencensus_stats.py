@@ -1,17 +1,20 @@
-"""OpenCensus stats views over the per-thread metric aggregates.
+"""The cache metrics for OpenCensus stats: views, and a ``MetricProducer``.
 
 ``enable_metrics_views()`` registers the views ``pymemcache/latency``
 (distribution, ms), ``pymemcache/calls`` and ``pymemcache/lookups`` (counts)
 with ``opencensus.stats.stats.stats.view_manager``, so that every stats exporter
-registered there (opencensus-ext-prometheus, Stackdriver, Azure, the OC agent, or
-one's own) gets them, as it would with the original OpenCensus pymemcache
-integration. Nothing is recorded through ``stats.record()`` (60+ µs a call):
-each view's ``ViewData`` is a ``LiveViewData`` whose aggregation data is folded
-from ``METRICS`` when an exporter reads it, so a pull exporter (Prometheus) sees
-the figures of the moment it is scraped and ``stats.stats.get_metrics()`` (the
-producer push exporters poll) too. Exporters that only learn of new data
-through ``export(view_datas)`` (which OpenCensus calls from ``record()``) are
-handed the views by a daemon thread every ``interval`` seconds.
+registered there (opencensus-ext-prometheus, one's own, ``stats.stats``
+pollers) gets them, as with the original OpenCensus pymemcache integration.
+Nothing is recorded through ``stats.record()`` (60+ µs a call): each view's
+``ViewData`` is a live one whose aggregation data is folded from ``METRICS``
+when an exporter reads it, so a pull exporter (Prometheus) sees the figures of
+the moment it is scraped, and ``stats.stats.get_metrics()`` too. Exporters that
+only learn of data through ``export(view_datas)`` (which OpenCensus calls from
+``record()``) are handed the views by a daemon thread every ``interval`` s.
+
+``MetricProducer`` gives the same figures to OpenCensus *metrics* exporters.
+Beside ``opencensus.py`` (OpenCensus is imported lazily, only here, there and
+in ``middleware.py``), so that neither module passes 600 lines.
 """
 
 from __future__ import annotations
@@ -20,33 +23,120 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
-from .telemetry import (
+from .metrics import (
     _BUCKETS,
     _COUNT,
     _SUM,
     _SUMSQ,
+    METRICS,
+    MetricsStore,
+    lookup_totals,
+)
+from .semconv import (
+    CALL_TAG_KEYS,
     LATENCY_BOUNDS_MS,
+    LOOKUP_TAG_KEYS,
     MEASURE_CALLS,
     MEASURE_LATENCY,
     MEASURE_LOOKUPS,
-    METRICS,
-    TAG_CACHE,
-    TAG_ERROR,
-    TAG_METHOD,
-    TAG_RESULT,
-    TAG_STATUS,
-    MetricsStore,
-    _lookups,
-    iso_start,
 )
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
-#: The seed's tag keys (method, error, status) and the cache alias or LABEL.
-CALL_COLUMNS = (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)
-LOOKUP_COLUMNS = (TAG_CACHE, TAG_METHOD, TAG_RESULT)
+
+def iso_start(seconds: float) -> str:
+    """``time.time()`` seconds as the ISO string OpenCensus gives start times."""
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class MetricProducer:
+    """An OpenCensus ``MetricProducer`` over ``METRICS`` for stats exporters.
+
+    For OpenCensus *metrics* exporters (``export_metrics``), e.g.
+    ``get_exporter_thread([telemetry.metric_producer()], exporter)``; exporters
+    registered with ``stats.view_manager`` get the same figures through
+    ``enable_metrics_views()`` (use one or the other, or figures come twice).
+    Metrics: ``pymemcache/latency`` (cumulative distribution, ms),
+    ``pymemcache/calls`` and ``pymemcache/lookups`` (cumulative int64). Start
+    timestamps are ISO strings, as OpenCensus' own stats give them.
+    """
+
+    def __init__(self, store: MetricsStore = METRICS) -> None:
+        self.store = store
+
+    def get_metrics(self) -> list[Any]:
+        from opencensus.metrics.export import metric as m
+        from opencensus.metrics.export import metric_descriptor as md
+        from opencensus.metrics.export import point, time_series, value
+        from opencensus.metrics.label_key import LabelKey
+        from opencensus.metrics.label_value import LabelValue
+
+        snap = self.store.snapshot()
+        # Points carry naive UTC datetimes; start timestamps are ISO strings, as
+        # OpenCensus' own stats give them (exporters parse them with strptime).
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        start = iso_start(self.store.start_time)
+        keys = [LabelKey(k, "") for k in CALL_TAG_KEYS]
+        options = value.BucketOptions(value.Explicit(list(self.store.bounds)))
+        dist, counts = [], []
+        for (cache, method, error), e in sorted(snap.items()):
+            status = "error" if error else "ok"
+            labels = [LabelValue(v) for v in (cache, method, status, error)]
+            n = e[_COUNT]
+            ssd = max(0.0, e[_SUMSQ] - e[_SUM] ** 2 / n) if n else 0.0
+            d = value.ValueDistribution(
+                n, e[_SUM] if n else 0, ssd, options,
+                [value.Bucket(c) for c in e[_BUCKETS:]],
+            )  # fmt: skip
+            dist.append(time_series.TimeSeries(labels, [point.Point(d, now)], start))
+            counts.append(
+                time_series.TimeSeries(
+                    labels, [point.Point(value.ValueLong(n), now)], start
+                )
+            )
+        lookups = []
+        for (cache, method), pair in sorted(lookup_totals(snap).items()):
+            for result, n in zip(("hit", "miss"), pair, strict=True):
+                labels = [LabelValue(cache), LabelValue(method), LabelValue(result)]
+                lookups.append(
+                    time_series.TimeSeries(
+                        labels, [point.Point(value.ValueLong(n), now)], start
+                    )
+                )
+        out = []
+        kind = md.MetricDescriptorType
+        if dist:
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_LATENCY, "Latency of cache calls", "ms",
+                kind.CUMULATIVE_DISTRIBUTION, keys), dist))  # fmt: skip
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_CALLS, "Cache calls", "1",
+                kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
+        if lookups:
+            lkeys = [LabelKey(k, "") for k in LOOKUP_TAG_KEYS]
+            out.append(m.Metric(md.MetricDescriptor(
+                MEASURE_LOOKUPS, "Keys looked up by cache reads", "1",
+                kind.CUMULATIVE_INT64, lkeys), lookups))  # fmt: skip
+        return out
+
+
+_producer: MetricProducer | None = None
+
+
+def metric_producer() -> MetricProducer:
+    """The process-wide OpenCensus ``MetricProducer`` of cache metrics."""
+    global _producer
+    if _producer is None:
+        _producer = MetricProducer()
+    return _producer
+
+
+# -- stats views ------------------------------------------------------------------
+
 #: Seconds a fold is reused: one exporter pass reads the map many times.
 FOLD_REUSE = 0.05
 
@@ -72,7 +162,7 @@ def _fold(store: MetricsStore) -> dict[str, dict[tuple[str, ...], Any]]:
         )
         calls[key] = CountAggregationData(n)
     lookups: dict[tuple[str, ...], Any] = {}
-    for (cache, method), (hits, misses) in _lookups(snap).items():
+    for (cache, method), (hits, misses) in lookup_totals(snap).items():
         lookups[(cache, method, "hit")] = CountAggregationData(hits)
         lookups[(cache, method, "miss")] = CountAggregationData(misses)
     return {MEASURE_LATENCY: latency, MEASURE_CALLS: calls, MEASURE_LOOKUPS: lookups}
@@ -130,7 +220,7 @@ def _views() -> list[Any]:
     lookups = measure.MeasureInt(
         MEASURE_LOOKUPS, "Keys looked up by cache reads, by result", "1"
     )
-    columns = [TagKey(k) for k in CALL_COLUMNS]
+    columns = [TagKey(k) for k in CALL_TAG_KEYS]
     return [
         view.View(
             MEASURE_LATENCY, "The distribution of the latencies", columns, latency,
@@ -142,7 +232,7 @@ def _views() -> list[Any]:
         ),
         view.View(
             MEASURE_LOOKUPS, "Keys looked up by cache reads, by result",
-            [TagKey(k) for k in LOOKUP_COLUMNS], lookups,
+            [TagKey(k) for k in LOOKUP_TAG_KEYS], lookups,
             aggregation.CountAggregation(),
         ),
     ]  # fmt: skip

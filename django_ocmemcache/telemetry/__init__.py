@@ -1,0 +1,75 @@
+"""Observing cache calls: spans, metrics, the per-request summary.
+
+Knows no sockets (nothing here imports ``client``, nor the other way round).
+
+- ``semconv``: every span / metric / tag / attribute name.
+- ``tracing``: the ``Tracing`` interface a tracing library implements, and
+  ``status_code(exc)``.
+- ``opencensus``: the OpenCensus implementation, ``TraceConfig``,
+  ``root_span``; ``opencensus_stats``: the metrics as OpenCensus stats views
+  (``enable_metrics_views``) and ``MetricProducer``.
+- ``metrics``: per-thread aggregates (``METRICS``), the Prometheus collector,
+  prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``).
+- ``export``: the bounded span queue off the request thread, ``flush()``.
+- ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
+
+The names documented in README.md are importable from here:
+``django_ocmemcache.telemetry.flush``, ``metric_producer``,
+``enable_metrics_views``, ``root_span``.
+"""
+
+from __future__ import annotations
+
+from .export import SpanQueue, flush, span_queues
+from .hook import CacheTelemetry, RequestSummary, current_summary, for_cache
+from .metrics import (
+    METRICS,
+    MetricsStore,
+    PrometheusCollector,
+    install,
+    metrics_registry,
+    prometheus_registry,
+)
+from .opencensus import (
+    OpenCensusTracing,
+    TraceConfig,
+    clear_tracer_context,
+    queued,
+    quiet_opencensus_clock,
+    root_span,
+)
+from .opencensus_stats import (
+    MetricProducer,
+    enable_metrics_views,
+    metric_producer,
+    stop_views_export,
+)
+from .tracing import Tracing, status_code
+
+__all__ = [
+    "METRICS",
+    "CacheTelemetry",
+    "MetricProducer",
+    "MetricsStore",
+    "OpenCensusTracing",
+    "PrometheusCollector",
+    "RequestSummary",
+    "SpanQueue",
+    "TraceConfig",
+    "Tracing",
+    "clear_tracer_context",
+    "current_summary",
+    "enable_metrics_views",
+    "flush",
+    "for_cache",
+    "install",
+    "metric_producer",
+    "metrics_registry",
+    "prometheus_registry",
+    "queued",
+    "quiet_opencensus_clock",
+    "root_span",
+    "span_queues",
+    "status_code",
+    "stop_views_export",
+]

@@ -1,0 +1,450 @@
+"""Call metrics: per-thread aggregates, and the Prometheus collector over them.
+
+OpenCensus' ``stats.record()`` costs 60+ µs per call, so nothing is recorded
+through it: each thread adds its calls to its own table without a lock
+(``MetricsStore.record``), and the tables are summed when an exporter collects
+(``PrometheusCollector`` here, ``opencensus.MetricProducer`` for OpenCensus
+stats exporters). Metric and label names are in ``semconv``. Several
+processes (gunicorn workers) share their figures through prometheus_client's
+multiprocess files (``MultiprocessWriter``, below).
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ..conf import project_settings
+from .export import span_queues
+from .semconv import (
+    LATENCY_BOUNDS_MS,
+    PROM_CALLS,
+    PROM_EXPORT_FAILURES,
+    PROM_LATENCY,
+    PROM_LOOKUPS,
+    PROM_SPANS_DROPPED,
+    TAG_CACHE,
+    TAG_ERROR,
+    TAG_METHOD,
+    TAG_RESULT,
+    TAG_STATUS,
+)
+
+logger = logging.getLogger("django_ocmemcache.telemetry")
+
+# An entry: [count, sum_ms, sum_sq_ms, hits, misses, bucket_0 .. bucket_n]
+_COUNT, _SUM, _SUMSQ, _HITS, _MISSES, _BUCKETS = range(6)
+MetricKey = tuple[str, str, str]  # (cache, method, error class name or "")
+
+
+class MetricsStore:
+    """Cumulative call metrics, written per thread without locks.
+
+    Each thread owns a dict ``{(cache, method, error): entry}``; collectors sum
+    the dicts of every thread (threads that ended are folded into one).
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
+        self.bounds = bounds
+        self.start_time = time.time()
+        self._local = threading.local()
+        self._tables: list[tuple[threading.Thread, dict[MetricKey, list[Any]]]] = []
+        self._retired: dict[MetricKey, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def _table(self) -> dict[MetricKey, list[Any]]:
+        table: dict[MetricKey, list[Any]] = {}
+        with self._lock:
+            # A server that starts a thread per request (runserver) and is never
+            # scraped would otherwise keep every ended thread and its table.
+            self._fold_ended()
+            self._tables.append((threading.current_thread(), table))
+        self._local.table = table
+        return table
+
+    def _fold_ended(self) -> None:
+        # Caller holds self._lock.
+        live = []
+        for thread, table in self._tables:
+            if thread.is_alive():
+                live.append((thread, table))
+            else:
+                _merge(self._retired, table.copy())
+        self._tables = live
+
+    def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
+        """Add one call that took ``ms`` milliseconds (runs on every call)."""
+        try:
+            entry = self._local.table[key]
+        except (AttributeError, KeyError):
+            entry = self._new_entry(key)
+        # No entry[_COUNT] += 1: snapshot() counts the buckets.
+        entry[_SUM] += ms
+        entry[_SUMSQ] += ms * ms
+        if hits:
+            entry[_HITS] += hits
+        if misses:
+            entry[_MISSES] += misses
+        entry[_BUCKETS + _bisect(self.bounds, ms)] += 1
+
+    def _new_entry(self, key: MetricKey) -> list[Any]:
+        try:
+            table = self._local.table
+        except AttributeError:
+            table = self._table()
+        entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
+        return entry
+
+    def snapshot(self) -> dict[MetricKey, list[Any]]:
+        """Return the sum over all threads: ``{key: entry}`` (copies).
+
+        ``entry[_COUNT]`` is recomputed from the buckets, so a call recorded
+        while collecting never makes count and buckets disagree.
+        """
+        with self._lock:
+            self._fold_ended()
+            total: dict[MetricKey, list[Any]] = {}
+            _merge(total, self._retired)
+            for _, table in self._tables:
+                _merge(total, table.copy())
+        for entry in total.values():
+            entry[_COUNT] = sum(entry[_BUCKETS:])
+        return total
+
+    def reset(self) -> None:
+        """Forget every figure (tests; a forked child starts from zero)."""
+        with self._lock:
+            for _, table in self._tables:
+                table.clear()
+            self._retired.clear()
+            self.start_time = time.time()
+
+
+def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
+    for key, entry in table.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = list(entry)
+        else:
+            for i, value in enumerate(entry):
+                have[i] += value
+
+
+_bisect = bisect.bisect_left
+
+METRICS = MetricsStore()
+
+
+def lookup_totals(snap: dict[MetricKey, list[Any]]) -> dict[tuple[str, str], list[int]]:
+    """Hits and misses per (cache, method) of a ``MetricsStore.snapshot()``."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for (cache, method, _error), entry in snap.items():
+        if entry[_HITS] or entry[_MISSES]:
+            pair = out.setdefault((cache, method), [0, 0])
+            pair[0] += entry[_HITS]
+            pair[1] += entry[_MISSES]
+    return out
+
+
+class PrometheusCollector:
+    """A ``prometheus_client`` collector over ``METRICS``.
+
+    Families: ``pymemcache_latency_ms`` (histogram, milliseconds),
+    ``pymemcache_calls_total``, ``pymemcache_lookups_total`` (label ``result``),
+    ``django_ocmemcache_spans_dropped_total``,
+    ``django_ocmemcache_span_export_failures_total``.
+    """
+
+    def __init__(self, store: MetricsStore = METRICS) -> None:
+        self.store = store
+
+    def describe(self) -> list[Any]:
+        return []  # families are generated per scrape
+
+    def collect(self) -> Any:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snap = self.store.snapshot()
+        labels = [TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR]
+        latency = HistogramMetricFamily(
+            PROM_LATENCY,
+            "Latency of cache calls in milliseconds (pymemcache/latency)",
+            labels=labels,
+        )
+        calls = CounterMetricFamily(
+            PROM_CALLS, "Cache calls (pymemcache/calls)", labels=labels
+        )
+        for (cache, method, error), entry in sorted(snap.items()):
+            values = [cache, method, "error" if error else "ok", error]
+            cumulative, buckets = 0, []
+            for bound, count in zip(self.store.bounds, entry[_BUCKETS:], strict=False):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", entry[_COUNT]))
+            latency.add_metric(values, buckets, entry[_SUM])
+            calls.add_metric(values, entry[_COUNT])
+        yield latency
+        yield calls
+        lookups = CounterMetricFamily(
+            PROM_LOOKUPS,
+            "Keys looked up by cache reads, by result (pymemcache/lookups)",
+            labels=[TAG_CACHE, TAG_METHOD, TAG_RESULT],
+        )
+        for (cache, method), (hits, misses) in sorted(lookup_totals(snap).items()):
+            lookups.add_metric([cache, method, "hit"], hits)
+            lookups.add_metric([cache, method, "miss"], misses)
+        yield lookups
+        queues = span_queues()
+        yield CounterMetricFamily(
+            PROM_SPANS_DROPPED,
+            "Spans dropped because the export queue was full",
+            value=sum(q.dropped for q in queues),
+        )
+        yield CounterMetricFamily(
+            PROM_EXPORT_FAILURES,
+            "Span exports that failed",
+            value=sum(q.failures for q in queues),
+        )
+
+
+_registry: Any = None
+
+
+def prometheus_registry() -> Any:
+    """A ``prometheus_client.CollectorRegistry`` holding only our collector."""
+    global _registry
+    if _registry is None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PrometheusCollector())
+        _registry = registry
+    return _registry
+
+
+def metrics_registry() -> Any:
+    """The registry ``views.metrics`` serves: this process's figures
+    (``prometheus_registry``), or in prometheus_client's multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``) the sum over every process's files."""
+    if multiprocess_dir() is not None:
+        return multiprocess_registry()
+    return prometheus_registry()
+
+
+_default_registered = False
+
+
+def install() -> None:
+    """Validate ``settings.OCMEMCACHE`` at startup (``AppConfig.ready``) and,
+    with ``PROMETHEUS_REGISTER``, add the collector to prometheus_client's
+    default registry (not in multiprocess mode: a ``MultiProcessCollector``
+    there already reads this package's files, it would count twice)."""
+    conf = project_settings()
+    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"] and not multiprocess_dir():
+        global _default_registered
+        if not _default_registered:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.register(PrometheusCollector())
+            _default_registered = True
+
+
+# -- several processes: prometheus_client's multiprocess mode ---------------------
+#
+# With PROMETHEUS_MULTIPROC_DIR set (gunicorn, uWSGI, any pre-fork server), each
+# process writes its figures to prometheus_client's files in that directory and
+# views.metrics, whichever worker answers, serves their sum (MultiProcessCollector).
+# Cache calls stay as cheap as in one process: they only add to this thread's
+# aggregates; a daemon thread writes what was added since its last pass every
+# OCMEMCACHE["METRICS_FLUSH_INTERVAL"] seconds, and so do a scrape answered by this
+# process and the process' exit (atexit: a worker that reaches max_requests, or is
+# replaced on SIGHUP, leaves nothing behind). Files of workers that ended keep
+# counting, so counters never go down.
+
+
+def multiprocess_dir() -> str | None:
+    """``PROMETHEUS_MULTIPROC_DIR`` (or prometheus_client's older lowercase
+    name), or None when prometheus_client's multiprocess mode is off."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir"  # noqa: SIM112 (prometheus_client reads both)
+    )
+
+
+class MultiprocessWriter:
+    """Writes the growth of ``store`` (and of the span queues' counters) to
+    prometheus_client's multiprocess files, as counters and a histogram with
+    the names ``PrometheusCollector`` serves in one process."""
+
+    def __init__(self, store: MetricsStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self.lock = threading.Lock()
+        self._fresh()
+
+    def _fresh(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)
+        # registry=None: these objects only write files; the multiprocess
+        # collector reads every process's files back.
+        self.latency = Histogram(
+            PROM_LATENCY,
+            "Latency of cache calls in milliseconds (pymemcache/latency)",
+            labels,
+            buckets=list(self.store.bounds),
+            registry=None,
+        )
+        self.calls = Counter(
+            PROM_CALLS, "Cache calls (pymemcache/calls)", labels, registry=None
+        )
+        self.lookups = Counter(
+            PROM_LOOKUPS,
+            "Keys looked up by cache reads, by result (pymemcache/lookups)",
+            (TAG_CACHE, TAG_METHOD, TAG_RESULT),
+            registry=None,
+        )
+        self.dropped = Counter(
+            PROM_SPANS_DROPPED,
+            "Spans dropped because the export queue was full",
+            registry=None,
+        )
+        self.failures = Counter(
+            PROM_EXPORT_FAILURES, "Span exports that failed", registry=None
+        )
+        self.written: dict[MetricKey, list[Any]] = {}
+        self.queue_counts = [0, 0]  # dropped, failures already written
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    def start(self) -> None:
+        """Start the flushing thread of this process (idempotent)."""
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(
+                    target=self._run, name="ocmemcache-metrics-flush", daemon=True
+                )
+                self.thread.start()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while self.thread is me:
+            self.wake.wait(self.interval)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what this process added since the last flush. Never raises."""
+        try:
+            with self.lock:
+                self._flush()
+        except Exception:
+            logger.warning("cache metrics not written to %s", multiprocess_dir())
+            logger.debug("multiprocess flush failed", exc_info=True)
+
+    def _flush(self) -> None:
+        snap = self.store.snapshot()
+        written = self.written
+        lookups: dict[tuple[str, str], list[int]] = {}
+        for key, entry in snap.items():
+            old = written.get(key)
+            if old is not None and old[_COUNT] == entry[_COUNT]:
+                continue  # no call since the last flush
+            cache, method, error = key
+            labels = (cache, method, "error" if error else "ok", error)
+            if old is None:
+                old = [0] * len(entry)
+            child = self.latency.labels(*labels)
+            for i, (now, was) in enumerate(
+                zip(entry[_BUCKETS:], old[_BUCKETS:], strict=True)
+            ):
+                if now != was:
+                    # prometheus_client keeps multiprocess histogram buckets
+                    # non-cumulative (observe() adds 1 to one bucket), as here.
+                    child._buckets[i].inc(now - was)
+            child._sum.inc(entry[_SUM] - old[_SUM])
+            self.calls.labels(*labels).inc(entry[_COUNT] - old[_COUNT])
+            pair = lookups.setdefault((cache, method), [0, 0])
+            pair[0] += entry[_HITS] - old[_HITS]
+            pair[1] += entry[_MISSES] - old[_MISSES]
+            written[key] = entry
+        for (cache, method), (hits, misses) in lookups.items():
+            if hits or misses:
+                self.lookups.labels(cache, method, "hit").inc(hits)
+                self.lookups.labels(cache, method, "miss").inc(misses)
+        queues = span_queues()
+        counts = [sum(q.dropped for q in queues), sum(q.failures for q in queues)]
+        for counter, now, was in zip(
+            (self.dropped, self.failures), counts, self.queue_counts, strict=True
+        ):
+            if now > was:
+                counter.inc(now - was)
+            elif now == was == 0:
+                counter.inc(0)  # the family exists from the first flush on
+        self.queue_counts = counts
+
+    def after_fork(self) -> None:
+        # The child starts from zero (METRICS.reset) with files of its own pid;
+        # the parent's thread and lock did not come along.
+        running = self.thread is not None
+        self.lock = threading.Lock()
+        self._fresh()
+        if running:
+            self.start()
+
+
+_writer: MultiprocessWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def multiprocess_writer(interval: float = 1.0) -> MultiprocessWriter | None:
+    """This process's writer, started; None outside multiprocess mode."""
+    global _writer
+    if multiprocess_dir() is None:
+        return None
+    if _writer is None:
+        with _writer_lock:
+            if _writer is None:
+                _writer = MultiprocessWriter(METRICS, interval)
+                atexit.register(_flush_at_exit)
+    _writer.start()
+    return _writer
+
+
+def _flush_at_exit() -> None:
+    if _writer is not None and _writer.pid == os.getpid():
+        _writer.flush()
+
+
+def multiprocess_registry() -> Any:
+    """A registry serving the sum over every process's files (flushes ours first)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    writer = multiprocess_writer(project_settings()["METRICS_FLUSH_INTERVAL"])
+    if writer is not None:
+        writer.flush()
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry)
+    return registry
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread held at fork() stays held forever in the child.
+    global _writer_lock
+    METRICS._lock = threading.Lock()
+    METRICS.reset()
+    _writer_lock = threading.Lock()
+    if _writer is not None:
+        _writer.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
