@@ -2,7 +2,7 @@
 
 The backend calls ``for_cache(cache, server, params)`` once per backend
 instance; the hook it returns has ``start(cache, method, args, kwargs) -> call``
-and ``call.finish(hits, misses, raised, ignored)`` around the outermost call of
+and ``finish(call, hits, misses, raised, ignored)`` around the outermost call of
 each public method (``ignored``: the failure ``IGNORE_EXCEPTIONS`` turned into
 a miss, passed by the backend).
 
@@ -122,8 +122,8 @@ class CacheTelemetry:
             self.server = _server_attributes(servers[0])
         self.multi_server = len(servers) > 1
 
-    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Any:
-        """Begin one outermost call; return the object whose ``finish`` ends it.
+    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Call:
+        """Begin one outermost call; return what ``finish`` takes to end it.
 
         Never raises: a failure here costs the call its span, nothing else.
         """
@@ -138,7 +138,35 @@ class CacheTelemetry:
                     span = self._open(tracing, parent, cache, name, args, kwargs)
             except Exception:
                 logger.debug("cache telemetry failed", exc_info=True)
-        return _new_call(_Call, (self, name, span, _clock()))
+        return (name, span, _clock())
+
+    def finish(self, call: Call, hits: int, misses: int,
+               raised: BaseException | None,
+               ignored: BaseException | None) -> None:  # fmt: skip
+        """End ``call``: keys found and not found, the exception that leaves
+        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
+        miss (``ignored``), if any. Never raises. Runs on every call."""
+        try:
+            name, span, t0 = call
+            elapsed = _clock() - t0
+            err = raised if raised is not None else ignored
+            if self.metrics:
+                key = self.ok_keys.get(name) if err is None else None
+                if key is None:
+                    key = self.metric_key(name, err)
+                self.record(key, elapsed * 1000.0, hits, misses)
+            summary = _summary()
+            if summary is not None:
+                summary.calls += 1
+                summary.hits += hits
+                summary.misses += misses
+                summary.seconds += elapsed
+                if err is not None:
+                    summary.errors += 1
+            if span is not None:
+                self._close(name, span, hits, misses, err, err is ignored)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
 
     def metric_key(self, name: str, err: BaseException | None) -> MetricKey:
         """``(cache, method, error class or "")``; the ok key is made once."""
@@ -242,43 +270,10 @@ class CacheTelemetry:
 
 _clock = time.perf_counter
 _summary = current_summary.get
-_new_call = tuple.__new__
 
-
-class _Call(tuple):  # type: ignore[type-arg]
-    """One outermost call: ``(telemetry, method, span or None, start)``.
-
-    A tuple: made in C on every call, with no ``__init__`` to run.
-    """
-
-    __slots__ = ()
-
-    def finish(self, hits: int, misses: int, raised: BaseException | None,
-               ignored: BaseException | None) -> None:  # fmt: skip
-        """End the call: keys found and not found, the exception that leaves
-        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
-        miss (``ignored``), if any. Never raises. Runs on every call."""
-        try:
-            tel, name, span, t0 = self
-            elapsed = _clock() - t0
-            err = raised if raised is not None else ignored
-            if tel.metrics:
-                key = tel.ok_keys.get(name) if err is None else None
-                if key is None:
-                    key = tel.metric_key(name, err)
-                tel.record(key, elapsed * 1000.0, hits, misses)
-            summary = _summary()
-            if summary is not None:
-                summary.calls += 1
-                summary.hits += hits
-                summary.misses += misses
-                summary.seconds += elapsed
-                if err is not None:
-                    summary.errors += 1
-            if span is not None:
-                tel._close(name, span, hits, misses, err, err is ignored)
-        except Exception:
-            logger.debug("cache telemetry failed", exc_info=True)
+#: One outermost call, as ``start`` returns it: ``(method, span or None, start)``
+#: (``time.perf_counter()`` seconds). A plain tuple: made in C on every call.
+Call = tuple[str, Any, float]
 
 
 def _server_attributes(spec: Any) -> dict[str, Any]:
