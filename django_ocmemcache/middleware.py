@@ -95,12 +95,12 @@ class _RequestTrace:
 
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
         self.ctx = ctx = mw.ctx
+        self.mw = mw
         self.span: Any = None
         self.own = self.outer = self.done = False
-        self.noop = mw.noop_tracer
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
-        attrs = ctx.get_opencensus_attrs()
+        attrs = mw.context_attrs(None)
         if attrs and attrs.get(EXT_DJANGO_REQUEST_KEY) is request:
             # opencensus-ext-django decided (and sampled) this request: its span
             # is a real Span when sampled, a BlankSpan otherwise. Never a second
@@ -111,11 +111,7 @@ class _RequestTrace:
             if span is not None and span is ctx.get_current_span():
                 self.span = span
             return
-        if (
-            attrs
-            or ctx.get_current_span() is not None
-            or type(ctx.get_opencensus_tracer()) is not self.noop
-        ):
+        if attrs or mw.context_in_use():
             # Whatever an earlier request left in this thread's context is
             # stale: cache calls must not join that trace.
             ctx.clean()
@@ -211,14 +207,9 @@ class _RequestTrace:
             return
         self.done = True
         self._end_span()
-        ctx = self.ctx
-        if (
-            self.outer
-            or ctx.get_current_span() is not None
-            or ctx.get_opencensus_attrs()
-            or type(ctx.get_opencensus_tracer()) is not self.noop
-        ):
-            ctx.clean()  # no tracer, span or attrs left for the next request
+        mw = self.mw
+        if self.outer or mw.context_attrs(None) or mw.context_in_use():
+            self.ctx.clean()  # no tracer, span or attrs left for the next request
         try:
             current_summary.reset(self.token)
         except ValueError:  # another context (ASGI close): nothing to restore
@@ -376,6 +367,29 @@ class RequestSpanMiddleware:
         self.ctx = execution_context
         self.noop_tracer = NoopTracer
         self.span_context = SpanContext
+        # The execution context read straight from its context variables (one
+        # C call each; OpenCensus' getters go through RuntimeContext's Python
+        # __getattr__). None means "never set": no attrs, no span, no tracer.
+        ec = execution_context
+        slots = (ec._attrs_slot, ec._current_span_slot, ec._tracer_slot)
+        variables: list[Any] = [getattr(slot, "contextvar", None) for slot in slots]
+        if all(v is not None for v in variables):
+            self.context_attrs = variables[0].get
+            current_span, current_tracer = variables[1].get, variables[2].get
+        else:  # thread-local runtime context (no contextvars)
+            self.context_attrs = lambda _: ec.get_opencensus_attrs()
+            current_span = lambda _: ec.get_current_span()  # noqa: E731
+            current_tracer = lambda _: ec.get_opencensus_tracer()  # noqa: E731
+        no_tracer = (type(None), NoopTracer)
+
+        def context_in_use() -> bool:
+            """True if a span or a (non-noop) tracer is in this context."""
+            return (
+                current_span(None) is not None
+                or type(current_tracer(None)) not in no_tracer
+            )
+
+        self.context_in_use = context_in_use
         # Without a traceparent header, the default propagator makes a new
         # context and OpenCensus' own samplers read only its trace id: decide
         # on a _Probe that makes the id only if asked (AlwaysOff never asks).

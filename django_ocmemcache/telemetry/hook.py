@@ -51,21 +51,37 @@ from .tracing import Tracing, status_code
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
 
-class RequestSummary:
-    """Cache calls made while serving one request (``RequestSpanMiddleware``)."""
+class RequestSummary(list):  # type: ignore[type-arg]
+    """Cache calls made while serving one request (``RequestSpanMiddleware``).
 
-    __slots__ = ("calls", "hits", "misses", "seconds", "errors")
+    One ``(seconds, hits, misses, failed)`` tuple per outermost call, appended
+    by the hook (one C call per cache call); the totals are summed when read.
+    """
 
-    def __init__(self) -> None:
-        self.calls = self.hits = self.misses = self.errors = 0
-        self.seconds = 0.0
+    __slots__ = ()
 
     def add(self, seconds: float, hits: int, misses: int, error: bool) -> None:
-        self.calls += 1
-        self.hits += hits
-        self.misses += misses
-        self.errors += error
-        self.seconds += seconds
+        self.append((seconds, hits, misses, error))
+
+    @property
+    def calls(self) -> int:
+        return len(self)
+
+    @property
+    def seconds(self) -> float:
+        return sum(call[0] for call in self)
+
+    @property
+    def hits(self) -> int:
+        return sum(call[1] for call in self)
+
+    @property
+    def misses(self) -> int:
+        return sum(call[2] for call in self)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for call in self if call[3])
 
     @property
     def milliseconds(self) -> float:
@@ -157,12 +173,7 @@ class CacheTelemetry:
                 self.record(key, elapsed * 1000.0, hits, misses)
             summary = _summary()
             if summary is not None:
-                summary.calls += 1
-                summary.hits += hits
-                summary.misses += misses
-                summary.seconds += elapsed
-                if err is not None:
-                    summary.errors += 1
+                summary.append((elapsed, hits, misses, err is not None))
             if span is not None:
                 self._close(name, span, hits, misses, err, err is ignored)
         except Exception:
