@@ -108,12 +108,10 @@ def operation(
                 except Exception as exc:
                     result = _failed(self, name, exc, on_failure, args, kwargs)
             except BaseException as exc:
-                if call is not None:
-                    tel.finish(call, st.hits, st.misses, exc, st.error)
+                tel.finish(call, st.hits, st.misses, exc, st.error)
                 raise
             else:
-                if call is not None:
-                    tel.finish(call, st.hits, st.misses, None, st.error)
+                tel.finish(call, st.hits, st.misses, None, st.error)
                 return result
             finally:
                 st.depth = 0

@@ -127,6 +127,8 @@ class CacheTelemetry:
         self.ok_keys: dict[str, MetricKey] = {}
         self._cache_type = type(cache)
         self.tracing = tracing() if conf["TRACING"] else None
+        #: The current sampled span, or None (read on every call).
+        self.parent = self.tracing.parent if self.tracing is not None else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
         self._location = server
@@ -144,16 +146,16 @@ class CacheTelemetry:
         Never raises: a failure here costs the call its span, nothing else.
         """
         span = None
-        tracing = self.tracing
-        if tracing is not None:
-            try:
-                parent = tracing.parent()
-                if parent is not None:
-                    if self.alias is None:
-                        self.alias = self._find_alias()
-                    span = self._open(tracing, parent, cache, name, args, kwargs)
-            except Exception:
-                logger.debug("cache telemetry failed", exc_info=True)
+        parent = self.parent
+        try:  # costs nothing unless something raises (Python 3.11+)
+            if parent is not None and parent() is not None:  # a sampled span
+                tracing = self.tracing
+                assert tracing is not None
+                if self.alias is None:
+                    self.alias = self._find_alias()
+                span = self._open(tracing, parent(), cache, name, args, kwargs)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
         return (name, span, _clock())
 
     def finish(self, call: Call, hits: int, misses: int,
