@@ -39,7 +39,9 @@ _MISSING = MISS
 
 
 class _CallState:
-    """What the outermost cache call on this thread has seen so far."""
+    """What the outermost cache call on this thread has seen so far: plain slots
+    behind one thread-local lookup (each attribute of a ``threading.local`` is a
+    lookup of the thread's dict, and a call touches its state ten times)."""
 
     __slots__ = ("depth", "hits", "misses", "error")
 
@@ -49,19 +51,11 @@ class _CallState:
 
 
 class _PerThread(threading.local):
-    # One thread-local lookup per call, then plain slot attributes: each
-    # attribute of a threading.local costs a lookup of the thread's dict
-    # (about 0.05-0.1 us), and a call touches its state ten times.
     def __init__(self) -> None:
         self.state = _CallState()
 
 
 _per_thread = _PerThread()
-
-
-def _call_state() -> _CallState:
-    """This thread's call state (tests read the ignored error from it)."""
-    return _per_thread.state
 
 
 def operation(
@@ -72,8 +66,8 @@ def operation(
 
     ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
     the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
-    return). The ignored failure is kept in the call state's ``error`` (this module's
-    own per-call state) and handed to the telemetry's ``finish``.
+    return). The ignored failure is kept in the call state's ``error`` and
+    handed to the telemetry's ``finish``.
     """
 
     def decorate(fn: F) -> F:
@@ -264,14 +258,11 @@ class OCMemcacheCache(BaseCache):
         self._deadline = options.call_deadline
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
-        self._telemetry = self._load_telemetry(server, params)
-
-    def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
-        """The telemetry hook (``start(cache, method, args, kwargs) -> call``),
-        or ``None`` when ``settings.OCMEMCACHE`` turns metrics and tracing off."""
         from . import telemetry  # imports OpenCensus lazily, only when tracing
 
-        return telemetry.for_cache(self, server, params)
+        #: The telemetry hook (``start`` / ``finish``), or None when
+        #: ``settings.OCMEMCACHE`` turns metrics and tracing off.
+        self._telemetry = telemetry.for_cache(self, server, params)
 
     # -- helpers -----------------------------------------------------------
 
