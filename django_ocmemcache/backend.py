@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys, nodes
+from . import herd, keys, nodes
 from .client import (
     ClientPool,
     default_deadline,
@@ -30,7 +31,7 @@ from .client import (
     parse_location,
 )
 from .conf import BackendOptions
-from .errors import get_policy
+from .errors import get_policy, is_io_error
 from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
 
@@ -54,6 +55,8 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
+    #: ``(outcome, seconds waited)`` of a protected ``get_or_set`` (``herd``).
+    herd: tuple[str, float] | None = None
 
 
 _state = _CallState()
@@ -249,8 +252,11 @@ class OCMemcacheCache(BaseCache):
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
+        self._serde = kwargs["serde"]
         self._errors = get_policy(self._pool, ignore)
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
+        self._herd_wait = self._options.herd_wait
+        self._recache_within = self._options.recache_within
         self._telemetry = self._load_telemetry(server, params)
 
     def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
@@ -462,26 +468,202 @@ class OCMemcacheCache(BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``.
+        against ``DEADLINE``. On a miss only one caller at a time (any thread,
+        process or host) runs it; the others wait up to ``HERD_WAIT`` seconds
+        for its value (``herd.py``). A ``None`` result is stored and returned,
+        as Django 5.2 does.
         """
+        protect = self._herd_wait and callable(default)
+        if protect:
+            if self._telemetry is not None:
+                _state.herd = None
+            if self._recache_within is not None:
+                return self._get_or_recache(key, default, timeout, version)
         value = self.get(key, _MISSING, version=version)
         if value is not _MISSING:
             return value
+        if protect:
+            return self._herd_miss(key, default, timeout, version)
         if callable(default):
             default = self._run_outside_call(default)
-        self.add(key, default, timeout=timeout, version=version)
-        # Read again: another caller may have added a value since the get().
-        return self.get(key, default, version=version)
+        return self._add_and_read(key, default, timeout, version)
+
+    def _add_and_read(
+        self, key: Any, value: Any, timeout: Any, version: int | None
+    ) -> Any:
+        if self.add(key, value, timeout=timeout, version=version):
+            return value
+        # Another caller has stored a value since the get(): return theirs.
+        return self.get(key, value, version=version)
+
+    def _herd_client(self) -> Any:
+        # The (new) servers' sharded client: locks live where values are written.
+        return getattr(self._pool, "new", self._pool).client()
+
+    def _herd_miss(
+        self, key: Any, default: Callable[[], Any], timeout: Any, version: int | None
+    ) -> Any:
+        """Wait for, or become, the one caller that recomputes a missing key."""
+        full = self._key(key, version)
+        client = self._herd_client()
+        deserialize = self._serde.deserialize
+        lock_ttl = max(1, math.ceil(self._herd_wait))
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            poll = client.run_meta(full, herd.claim, full, lock_ttl)
+            if poll is herd.NO_META:
+                self._herd_outcome(herd.UNPROTECTED, started)
+                value = self._run_outside_call(default)
+                return self._add_and_read(key, value, timeout, version)
+            won, item, stale = poll
+            if item is not None:
+                value = deserialize(full, item.value, item.flags)
+                if value is not _MISSING:
+                    if won:  # the last winner finished between get() and now
+                        self._release(client, full)
+                    self._herd_outcome(herd.WAITED, started)
+                    return value
+            if won:
+                return self._recompute(key, full, default, timeout, version, started)
+            if stale is not None:
+                value = deserialize(full, stale.value, stale.flags)
+                if value is not _MISSING:
+                    self._herd_outcome(herd.STALE, started)
+                    return value
+            if time.monotonic() - started >= self._herd_wait:
+                self._herd_outcome(herd.TIMED_OUT, started)
+                value = self._run_outside_call(default)
+                return self._add_and_read(key, value, timeout, version)
+            herd.pause(attempt)
+            attempt += 1
+            nodes.deadline_scope(self._deadline)  # each poll gets a whole DEADLINE
+
+    def _recompute(
+        self,
+        key: Any,
+        full: str | bytes,
+        default: Callable[[], Any],
+        timeout: Any,
+        version: int | None,
+        started: float,
+    ) -> Any:
+        """Run the callable as the winner, store its value, release the lock."""
+        client = self._herd_client()
+        try:
+            value = self._run_outside_call(default)
+        except BaseException:
+            # Release the lock now, so that waiters do not sit out HERD_WAIT.
+            self._release(client, full)
+            raise
+        self._herd_outcome(herd.WON, started)
+        try:
+            stored = self.add(key, value, timeout=timeout, version=version)
+        finally:
+            self._release(client, full)
+        return value if stored else self.get(key, value, version=version)
+
+    def _release(self, client: Any, full: str | bytes) -> None:
+        # Best effort: an unreleased lock ends with its TTL (HERD_WAIT), and
+        # the value computed must not be lost to a failed delete.
+        try:
+            client.run_meta(full, herd.release, full)
+        except Exception as exc:
+            if not is_io_error(exc):
+                raise
+            logger.debug("stampede lock not released: %r", exc)
+
+    def _get_or_recache(
+        self, key: Any, default: Callable[[], Any], timeout: Any, version: int | None
+    ) -> Any:
+        """``get_or_set`` with ``RECACHE_WITHIN``: one caller refreshes a value
+        that is about to expire while everybody else keeps getting it."""
+        full = self._key(key, version)
+        client = self._herd_client()
+        item = client.run_meta(full, herd.recache_get, full, self._recache_within)
+        if item is herd.NO_META:
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+            return self._herd_miss(key, default, timeout, version)
+        if item is not None:
+            value = self._serde.deserialize(full, item.value, item.flags)
+            if value is not _MISSING:
+                self._lookups(1, 0)
+                if not item.win:
+                    return value
+                return self._recompute_early(key, value, default, timeout, version)
+        if self._options.fallback_location is not None:
+            # The old servers may hold it: read through them as get() does.
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+        else:
+            self._lookups(0, 1)
+        return self._herd_miss(key, default, timeout, version)
+
+    def _recompute_early(
+        self,
+        key: Any,
+        current: Any,
+        default: Callable[[], Any],
+        timeout: Any,
+        version: int | None,
+    ) -> Any:
+        started = time.monotonic()
+        try:
+            value = self._run_outside_call(default)
+        except Exception:
+            # The current value is still valid: serve it; it expires as usual
+            # and its next miss is recomputed under the lock.
+            logger.warning(
+                "get_or_set: early recompute (RECACHE_WITHIN) raised; the cached "
+                "value was returned",
+                exc_info=True,
+            )
+            return current
+        self._herd_outcome(herd.EARLY, started)
+        self.set(key, value, timeout=timeout, version=version)
+        return value
+
+    def _herd_outcome(self, outcome: str, started: float) -> None:
+        if self._telemetry is not None:  # the call state only feeds telemetry
+            _state.herd = (outcome, time.monotonic() - started)
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
         st = _state
-        saved = st.depth, st.hits, st.misses, st.error
+        saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:
             return fn()
         finally:
-            st.depth, st.hits, st.misses, st.error = saved
+            st.depth, st.hits, st.misses, st.error, st.herd = saved
             nodes.deadline_scope(self._deadline)  # the rest of the call starts afresh
+
+    @operation("invalidate", _false)
+    def invalidate(
+        self, key: Any, stale_for: int = 30, version: int | None = None
+    ) -> bool:
+        """Delete ``key``, but keep its value for ``get_or_set`` for up to
+        ``stale_for`` seconds: while one caller recomputes it, the others are
+        served the old value instead of waiting. Return True if ``key`` existed.
+
+        ``get``/``has_key``/``get_many`` see a miss at once, as after
+        ``delete``. Needs meta commands; without them this is ``delete``.
+        Raise ``ValueError`` unless ``stale_for`` is 1 to 2592000 (30 days).
+        """
+        if (
+            isinstance(stale_for, bool)
+            or not isinstance(stale_for, int)
+            or not 0 < stale_for <= MAX_RELATIVE_EXPTIME
+        ):
+            raise ValueError(
+                f"invalidate(stale_for=...) takes 1 to {MAX_RELATIVE_EXPTIME} "
+                f"seconds, not {stale_for!r}"
+            )
+        full = self._key(key, version)
+        kept = self._herd_client().run_meta(full, herd.keep_stale, full, stale_for)
+        return self.delete(key, version=version) or kept is True
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
@@ -604,6 +786,7 @@ class OCMemcacheCache(BaseCache):
     aincr = _async("incr")
     adecr = _async("decr")
     aget_or_set = _async("get_or_set")
+    ainvalidate = _async("invalidate")
     ahas_key = _async("has_key")
     aincr_version = _async("incr_version")
     adecr_version = _async("decr_version")

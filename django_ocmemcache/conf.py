@@ -26,6 +26,9 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "no_delay": True,
 }
 
+#: memcached reads an ``exptime`` over 30 days as a Unix time (protocol.txt).
+MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
+
 #: UPPERCASE keys that Django's ``BaseCache`` itself reads from ``OPTIONS`` and
 #: that mean nothing to memcached; accepted and ignored.
 DJANGO_BASECACHE_KEYS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
@@ -65,6 +68,13 @@ class BackendOptions:
     #: uses ``connect_timeout + timeout`` (``client.default_deadline``), and an
     #: explicit ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
+    #: Seconds a ``get_or_set`` caller waits for another caller's recompute of
+    #: a missing key before it runs the callable itself; 0 turns stampede
+    #: protection off (see ``herd.py``).
+    herd_wait: float = 5.0
+    #: Seconds: a ``get_or_set`` hit whose remaining TTL is below this makes
+    #: one caller recompute the value early; ``None`` (default) is off.
+    recache_within: int | None = None
     #: pymemcache keyword arguments, defaults applied.
     client_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +134,24 @@ class BackendOptions:
             raise ImproperlyConfigured(
                 f"OPTIONS['DEADLINE'] must be a positive number of seconds or None, "
                 f"not {self.deadline!r}"
+            )
+        if (
+            isinstance(self.herd_wait, bool)
+            or not isinstance(self.herd_wait, (int, float))
+            or not 0 <= self.herd_wait <= 3600
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['HERD_WAIT'] must be a number of seconds from 0 (off) "
+                f"to 3600, not {self.herd_wait!r}"
+            )
+        if self.recache_within is not None and (
+            isinstance(self.recache_within, bool)
+            or not isinstance(self.recache_within, int)
+            or not 0 < self.recache_within <= MAX_RELATIVE_EXPTIME
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['RECACHE_WITHIN'] must be a whole number of seconds "
+                f"(1 to 30 days) or None, not {self.recache_within!r}"
             )
         for name in ("connect_timeout", "timeout"):
             value = self.client_kwargs.get(name)

@@ -1,0 +1,188 @@
+"""Stampede protection for ``get_or_set``: one recompute per hot key.
+
+When a hot key expires, every request that misses it would run the callable
+at once (cache stampede, thundering herd, dogpile). memcached 1.6's meta
+commands let the server pick one winner atomically:
+
+- ``mg <lock> N<ttl>`` creates a small *lock item* when it is absent and hands
+  the ``W`` (win) flag to exactly one caller, on whatever thread, process or
+  host; everybody else sees ``Z`` until the winner deletes the lock (``md``)
+  or its TTL ends. A waiting caller sends that ``mg`` and an ``mg <key> v f``
+  of the value in one write (one round trip per poll).
+- ``mg <key> v f R<seconds>`` (``OPTIONS["RECACHE_WITHIN"]``) hands ``W`` to
+  one caller when the value's remaining TTL drops below ``<seconds>``, while
+  every caller keeps getting the value: the winner recomputes before expiry.
+- ``invalidate(key, stale_for)`` copies the value to a *stale item* (``ms``
+  with the same bytes and client flags) before the delete; callers waiting on
+  a recompute are served that copy.
+
+Why side items and not ``N`` / ``md I`` on the value's own key: memcached
+hands the empty item ``N`` creates (0 bytes, client flags 0) to a plain
+``get`` as the value ``b""``, and an item marked stale by ``md <key> I`` to a
+plain ``get`` as a hit. Django's ``get``/``has_key`` (this backend's and
+``PyMemcacheCache``'s, on the same servers) must see a miss in both cases.
+The value key therefore only ever holds what a plain ``set`` stores; the lock
+and the stale copy live beside it, on the same server, under keys no Django key
+can take: pymemcache's ``key_prefix``, then a ``\\x01`` control byte (which
+``validate_key`` refuses in every cache key), then the key. ``warm-cache``
+never copies them (they are outside every cache's namespace).
+
+Servers without meta commands (memcached < 1.6 answers ``mn`` with ``ERROR``,
+twemproxy closes the connection) are found out once per server and process,
+logged once, and ``get_or_set`` on their keys behaves as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+from . import meta
+
+logger = logging.getLogger("django_ocmemcache")
+
+#: What the call of ``get_or_set`` became (span attribute ``cache.herd.outcome``).
+WON = "won"  # this caller won the miss and ran the callable
+WAITED = "waited"  # another caller's value arrived while this one waited
+STALE = "stale"  # served the stale copy of an invalidated value
+TIMED_OUT = "timed_out"  # waited HERD_WAIT seconds, then ran the callable
+EARLY = "recomputed_early"  # RECACHE_WITHIN: recomputed a value about to expire
+UNPROTECTED = "unprotected"  # the server has no meta commands
+
+#: Returned by the functions below for a server without meta commands.
+NO_META: Any = type("NoMeta", (), {"__repr__": lambda self: "<no meta commands>"})()
+
+LOCK_MARK = b"\x01lock:"
+STALE_MARK = b"\x01stale:"
+#: memcached ``KEY_MAX_LENGTH`` (bytes); a longer side key is a digest of the key.
+MAX_KEY_BYTES = 250
+
+#: First pause between two polls, and the longest, in seconds. The longest
+#: pause bounds how late a waiter sees the winner's value.
+FIRST_PAUSE = 0.002
+MAX_PAUSE = 0.025
+
+
+def wire_key(node: Any, key: str | bytes) -> bytes:
+    """``key`` as the server sees it: pymemcache's ``key_prefix``, then UTF-8."""
+    raw = key.encode() if isinstance(key, str) else key
+    return node.key_prefix + raw if node.key_prefix else raw
+
+
+def side_key(node: Any, mark: bytes, key: str | bytes) -> bytes:
+    """The lock (``LOCK_MARK``) or stale-copy (``STALE_MARK``) key of ``key``."""
+    raw = key.encode() if isinstance(key, str) else key
+    prefix = node.key_prefix or b""
+    side = prefix + mark + raw
+    if len(side) > MAX_KEY_BYTES:
+        digest = hashlib.blake2b(raw, digest_size=20).hexdigest().encode()
+        side = prefix + mark + b"#" + digest
+    return side
+
+
+# -- which servers speak meta commands ----------------------------------------
+
+_speaks_meta: dict[Any, bool] = {}
+_probe_lock = threading.Lock()
+
+
+def speaks_meta(node: Any) -> bool:
+    """True if ``node``'s server answers meta commands; probed once per process.
+
+    Raises the I/O error when the server cannot be reached at all (that says
+    nothing about the protocol; the next call probes again).
+    """
+    known = _speaks_meta.get(node.server)
+    if known is not None:
+        return known
+    with _probe_lock:
+        known = _speaks_meta.get(node.server)
+        if known is None:
+            known = _speaks_meta[node.server] = _probe(node)
+            if not known:
+                logger.warning(
+                    "memcached %s does not answer meta commands (a proxy such as "
+                    "twemproxy, or memcached < 1.6): get_or_set on its keys has no "
+                    "stampede protection",
+                    _name(node.server),
+                )
+    return known
+
+
+def _probe(node: Any) -> bool:
+    for attempt in (1, 2):
+        try:
+            return meta.noop(node) == b"MN"
+        except (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError):
+            # twemproxy closes the connection on a command it does not know;
+            # a kept connection to a restarted server looks the same once, so
+            # the second try runs on a fresh connection.
+            if attempt == 2:
+                return False
+    return False  # pragma: no cover
+
+
+def _name(server: Any) -> str:
+    return f"{server[0]}:{server[1]}" if isinstance(server, tuple) else str(server)
+
+
+def forget_probes() -> None:
+    """Forget what every server answered (tests; a server replaced in place)."""
+    _speaks_meta.clear()
+
+
+# -- the commands (each takes the key's per-server client first) ---------------
+
+
+def recache_get(node: Any, key: str | bytes, within: int) -> Any:
+    """The value item with ``win`` set for the one early recomputer, ``None``
+    on a miss, or ``NO_META``."""
+    if not speaks_meta(node):
+        return NO_META
+    return meta.get_recache(node, wire_key(node, key), within)
+
+
+def claim(node: Any, key: str | bytes, lock_ttl: int) -> Any:
+    """``(won, item, stale_item)`` of one poll (see ``meta.claim_or_get``), or
+    ``NO_META``."""
+    if not speaks_meta(node):
+        return NO_META
+    return meta.claim_or_get(
+        node,
+        side_key(node, LOCK_MARK, key),
+        lock_ttl,
+        wire_key(node, key),
+        side_key(node, STALE_MARK, key),
+    )
+
+
+def release(node: Any, key: str | bytes) -> None:
+    """Delete the lock and the stale copy of ``key``: waiters stop waiting."""
+    lock, stale = side_key(node, LOCK_MARK, key), side_key(node, STALE_MARK, key)
+    meta.delete_many(node, [(lock, None), (stale, None)])
+
+
+def keep_stale(node: Any, key: str | bytes, stale_for: int) -> Any:
+    """Copy ``key``'s item (bytes and client flags) to its stale item for
+    ``stale_for`` seconds; True if there was one, or ``NO_META``."""
+    if not speaks_meta(node):
+        return NO_META
+    item = meta.get_many(node, [wire_key(node, key)])[0]
+    if item is None or item.value is None:
+        return False
+    stale = side_key(node, STALE_MARK, key)
+    result = meta.set_many(node, [(stale, item.value, item.flags, stale_for)])[0]
+    return isinstance(result, int)
+
+
+def pause(attempt: int) -> None:
+    """Sleep before poll number ``attempt + 1``: 2 ms doubling up to 25 ms,
+    with jitter so waiters released together do not poll in step."""
+    delay = min(FIRST_PAUSE * (2**attempt), MAX_PAUSE)
+    time.sleep(delay * random.uniform(0.8, 1.2))
