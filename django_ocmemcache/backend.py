@@ -473,12 +473,11 @@ class OCMemcacheCache(BaseCache):
         for its value (``herd.py``). A ``None`` result is stored and returned,
         as Django 5.2 does.
         """
+        if self._telemetry is not None:  # the call state only feeds telemetry
+            _state.herd = None
         protect = self._herd_wait and callable(default)
-        if protect:
-            if self._telemetry is not None:
-                _state.herd = None
-            if self._recache_within is not None:
-                return self._get_or_recache(key, default, timeout, version)
+        if protect and self._recache_within is not None:
+            return self._get_or_recache(key, default, timeout, version)
         value = self.get(key, _MISSING, version=version)
         if value is not _MISSING:
             return value

@@ -63,6 +63,10 @@ ATTR_IGNORED = "cache.error.ignored"
 ATTR_SERVER_ADDRESS = "server.address"
 ATTR_SERVER_PORT = "server.port"
 ATTR_ERROR_TYPE = "error.type"
+#: What a stampede-protected ``get_or_set`` became (``herd.WON`` …) and how
+#: long it waited for another caller's recompute, in milliseconds.
+ATTR_HERD_OUTCOME = "cache.herd.outcome"
+ATTR_HERD_WAIT_MS = "cache.herd.wait_ms"
 
 #: Measures kept from the original OpenCensus pymemcache integration.
 MEASURE_LATENCY = "pymemcache/latency"  # milliseconds
@@ -258,6 +262,45 @@ def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
 
 
 METRICS = MetricsStore()
+
+
+#: ``herd`` outcomes, and what each one counts as: (recompute reason or None,
+#: wait result or None). Outcomes are the strings of ``herd.py``.
+HERD_OUTCOMES: dict[str, tuple[str | None, str | None]] = {
+    "won": ("miss", None),
+    "recomputed_early": ("early", None),
+    "unprotected": ("unprotected", None),
+    "timed_out": ("wait_timeout", "timeout"),
+    "waited": (None, "value"),
+    "stale": (None, "stale"),
+}
+
+
+class HerdCounters:
+    """Outcomes of stampede-protected ``get_or_set`` calls, per cache.
+
+    Rare (misses and early recomputes only), so one lock is cheap enough.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(self, cache: str, outcome: str) -> None:
+        with self._lock:
+            self._counts[(cache, outcome)] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """``{(cache, outcome): count}``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = collections.Counter()
+
+
+HERD = HerdCounters()
 
 
 # -- per-request summary --------------------------------------------------------
@@ -756,6 +799,7 @@ def _after_fork_in_child() -> None:
     _builder = None  # its lock too
     METRICS._lock = threading.Lock()
     METRICS.reset()
+    HERD.reset()
     for q in span_queues():
         q._after_fork()
 
@@ -885,22 +929,26 @@ class CacheTelemetry:
         elapsed = time.perf_counter() - call.t0
         err = exc if exc is not None else state.error
         hits, misses = state.hits, state.misses
+        herd = getattr(state, "herd", None) if call.name == "get_or_set" else None
         if self.metrics:
             METRICS.record(
                 (self.alias or "unknown", call.name,
                  "" if err is None else type(err).__name__),
                 elapsed * 1000.0, hits, misses,
             )  # fmt: skip
+            if herd is not None:
+                HERD.record(self.alias or "unknown", herd[0])
         summary = current_summary.get()
         if summary is not None:
             summary.add(elapsed, hits, misses, err is not None)
         if call.span is not None:
             # The backend passes an error IGNORE_EXCEPTIONS turned into a miss
             # as both `exc` and `state.error`.
-            self._close(call, hits, misses, err, err is state.error)
+            self._close(call, hits, misses, err, err is state.error, herd)
 
     def _close(self, call: _Call, hits: int, misses: int,
-               err: BaseException | None, ignored: bool) -> None:  # fmt: skip
+               err: BaseException | None, ignored: bool,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         tracing = self.tracing
         assert tracing is not None
         span, name = call.span, call.name
@@ -910,6 +958,11 @@ class CacheTelemetry:
         elif name == "get_many":
             attrs[ATTR_HITS] = hits
             attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
+        if herd is not None:
+            outcome, waited = herd
+            attrs[ATTR_HERD_OUTCOME] = outcome
+            if HERD_OUTCOMES.get(outcome, (None, None))[1] is not None:
+                attrs[ATTR_HERD_WAIT_MS] = round(waited * 1000.0, 3)
         if err is not None:
             tracing.mark_error(span, status_code(err), type(err).__name__)
             if ignored:
@@ -1021,6 +1074,7 @@ class PrometheusCollector:
             lookups.add_metric([cache, method, "miss"], misses)
         yield lookups
         queues = span_queues()
+        yield from _herd_families(CounterMetricFamily)
         yield CounterMetricFamily(
             "django_ocmemcache_spans_dropped",
             "Spans dropped because the export queue was full",
@@ -1031,6 +1085,40 @@ class PrometheusCollector:
             "Span exports that raised",
             value=sum(q.failures for q in queues),
         )
+
+
+def _herd_families(family: Any) -> Any:
+    """``django_ocmemcache_herd_recomputes_total`` (label ``reason``: miss,
+    early, wait_timeout, unprotected), ``django_ocmemcache_herd_waits_total``
+    (label ``result``: value, stale, timeout) and
+    ``django_ocmemcache_herd_wait_timeouts_total``, per cache."""
+    recomputes = family(
+        "django_ocmemcache_herd_recomputes",
+        "get_or_set callables run on a miss or an early recompute, by reason",
+        labels=[TAG_CACHE, "reason"],
+    )
+    waits = family(
+        "django_ocmemcache_herd_waits",
+        "get_or_set callers that waited for another caller's recompute, by result",
+        labels=[TAG_CACHE, TAG_RESULT],
+    )
+    timeouts = family(
+        "django_ocmemcache_herd_wait_timeouts",
+        "get_or_set callers that waited HERD_WAIT seconds, then recomputed",
+        labels=[TAG_CACHE],
+    )
+    by_timeout: collections.Counter[str] = collections.Counter()
+    for (cache, outcome), n in sorted(HERD.snapshot().items()):
+        reason, result = HERD_OUTCOMES.get(outcome, (None, None))
+        if reason is not None:
+            recomputes.add_metric([cache, reason], n)
+        if result is not None:
+            waits.add_metric([cache, result], n)
+        if result == "timeout":
+            by_timeout[cache] += n
+    for cache, n in sorted(by_timeout.items()):
+        timeouts.add_metric([cache], n)
+    return recomputes, waits, timeouts
 
 
 _registry: Any = None
