@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 OUR_BACKEND = "django_ocmemcache.backend.OCMemcacheCache"
+#: ``--before REF``: the package at git ``REF``, imported under this name.
+BEFORE_PACKAGE = "django_ocmemcache_before"
+BEFORE_BACKEND = f"{BEFORE_PACKAGE}.backend.OCMemcacheCache"
 DJANGO_BACKEND = "django.core.cache.backends.memcached.PyMemcacheCache"
 
 #: Server counts every contender gets a cache for.
@@ -105,6 +114,35 @@ def all_specs(with_telemetry: bool = True) -> tuple[list[Contender], list[str]]:
     return specs, notes
 
 
+def before_specs(ref: str, root: Path) -> list[Contender]:
+    """``ours`` and ``ours+metrics`` as the package was at git ``ref``.
+
+    ``git archive`` extracts ``django_ocmemcache/`` at ``ref`` into a temporary
+    directory as ``django_ocmemcache_before`` (its imports are relative), so
+    before and after run interleaved in one process and give paired ratios.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="ocm-before-"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "django_ocmemcache"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / "django_ocmemcache").rename(tmp / BEFORE_PACKAGE)
+    sys.path.insert(0, str(tmp))
+    specs = [Contender("before", "before", f"ours at {ref}, telemetry off")]
+    if telemetry_available():
+        from bench.telemetry_setup import OFF, contenders
+
+        specs[0].settings = dict(OFF)
+        metrics = contenders()[0]
+        metrics.name, metrics.kind = "before+metrics", "before"
+        metrics.label = f"ours at {ref}, metrics on, spans unsampled"
+        specs.append(metrics)
+    return specs
+
+
 def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
     """``CACHES`` with one alias per (Django-backed contender, server count)."""
     caches: dict[str, Any] = {
@@ -113,7 +151,9 @@ def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
     for spec in specs:
         if spec.kind == "raw":
             continue
-        backend = DJANGO_BACKEND if spec.kind == "django" else OUR_BACKEND
+        backend = {"django": DJANGO_BACKEND, "before": BEFORE_BACKEND}.get(
+            spec.kind, OUR_BACKEND
+        )
         for n in SERVER_COUNTS:
             caches[spec.alias(n)] = {
                 "BACKEND": backend,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import threading
 import time
@@ -130,6 +131,15 @@ def _probe(node: Any) -> bool:
 
 def _name(server: Any) -> str:
     return f"{server[0]}:{server[1]}" if isinstance(server, tuple) else str(server)
+
+
+def _after_fork_in_child() -> None:
+    global _probe_lock
+    _probe_lock = threading.Lock()  # another parent thread may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def forget_probes() -> None:
