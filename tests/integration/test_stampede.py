@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -459,3 +460,100 @@ def test_fallback_pair_returns_the_old_servers_value_without_computing(
     results, _ = run_together(5, lambda: cache.get_or_set("cold", compute, 60))
     assert compute.runs == 1
     assert results == ["fresh"] * 5
+
+
+class OldMemcached:
+    """A loopback proxy in front of a real memcached that answers every meta
+    command with ``ERROR``, as memcached before 1.6 does (no meta commands)."""
+
+    def __init__(self, upstream: MemcachedServer) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.1)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def location(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            server = socket.create_connection(self.upstream.address)
+            threading.Thread(
+                target=self._relay, args=(client, server), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client), daemon=True
+            ).start()
+
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        with client, server:
+            while not self.stopped.is_set():
+                data = client.recv(65536)
+                if not data:
+                    return
+                if data[:1] == b"m":  # mn, mg, ms, md: unknown before 1.6
+                    client.sendall(b"ERROR\r\n" * data.count(b"\r\n"))
+                else:
+                    server.sendall(data)
+
+    def _pipe(self, server: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := server.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def test_memcached_without_meta_commands_works_as_before(make_cache, memcached, caplog):
+    herd.forget_probes()
+    old = OldMemcached(memcached)
+    try:
+        cache = make_cache(old.location)
+        caplog.set_level(logging.WARNING, logger="django_ocmemcache")
+        compute = Counted(seconds=0.1)
+        results, _ = run_together(3, lambda: cache.get_or_set("hot", compute, 60))
+        assert results == ["fresh"] * 3
+        assert compute.runs >= 2
+        assert cache.get_or_set("hot", compute, 60) == "fresh"
+        warnings = [r for r in caplog.records if "meta commands" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        old.stop()
+
+
+def test_several_servers_compute_once_and_lock_beside_the_value(
+    make_cache, memcached_servers
+):
+    for s in memcached_servers:
+        s.flush()
+    herd.forget_probes()
+    cache = make_cache([s.location for s in memcached_servers])
+    holders = {}
+    for key in ("a", "b", "c", "d", "e", "f"):
+        seen: dict[str, Any] = {}
+
+        def compute(key: str = key, seen: dict[str, Any] = seen) -> str:
+            seen["locks"] = [
+                s for s in memcached_servers if raw_get(s, f"\x01lock::1:{key}")
+            ]
+            return key
+
+        results, _ = run_together(
+            4, lambda key=key, c=compute: cache.get_or_set(key, c)
+        )
+        assert results == [key] * 4
+        value_on = [s for s in memcached_servers if raw_get(s, f":1:{key}")]
+        assert seen["locks"] == value_on  # one server holds both
+        holders[key] = value_on[0].port
+    assert len(set(holders.values())) > 1  # the keys really were spread
