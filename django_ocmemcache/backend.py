@@ -55,7 +55,8 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
-    #: ``(outcome, seconds waited)`` of a protected ``get_or_set`` (``herd``).
+    #: ``(outcome, seconds waited)`` of a protected ``get_or_set`` (``herd``);
+    #: telemetry takes it (and clears it) when the outermost call finishes.
     herd: tuple[str, float] | None = None
 
 
@@ -473,15 +474,12 @@ class OCMemcacheCache(BaseCache):
         for its value (``herd.py``). A ``None`` result is stored and returned,
         as Django 5.2 does.
         """
-        if self._telemetry is not None:  # the call state only feeds telemetry
-            _state.herd = None
-        protect = self._herd_wait and callable(default)
-        if protect and self._recache_within is not None:
+        if self._recache_within is not None and self._herd_wait and callable(default):
             return self._get_or_recache(key, default, timeout, version)
         value = self.get(key, _MISSING, version=version)
         if value is not _MISSING:
             return value
-        if protect:
+        if self._herd_wait and callable(default):
             return self._herd_miss(key, default, timeout, version)
         if callable(default):
             default = self._run_outside_call(default)

@@ -929,7 +929,13 @@ class CacheTelemetry:
         elapsed = time.perf_counter() - call.t0
         err = exc if exc is not None else state.error
         hits, misses = state.hits, state.misses
-        herd = getattr(state, "herd", None) if call.name == "get_or_set" else None
+        herd = None
+        if call.name == "get_or_set":
+            # Set only by a protected get_or_set, and taken here, so that the
+            # hit path never has to reset it.
+            herd = getattr(state, "herd", None)
+            if herd is not None:
+                state.herd = None
         if self.metrics:
             METRICS.record(
                 (self.alias or "unknown", call.name,
