@@ -1093,38 +1093,56 @@ class PrometheusCollector:
         )
 
 
-def _herd_families(family: Any) -> Any:
-    """``django_ocmemcache_herd_recomputes_total`` (label ``reason``: miss,
-    early, wait_timeout, unprotected), ``django_ocmemcache_herd_waits_total``
-    (label ``result``: value, stale, timeout) and
-    ``django_ocmemcache_herd_wait_timeouts_total``, per cache."""
-    recomputes = family(
-        "django_ocmemcache_herd_recomputes",
-        "get_or_set callables run on a miss or an early recompute, by reason",
-        labels=[TAG_CACHE, "reason"],
-    )
-    waits = family(
-        "django_ocmemcache_herd_waits",
-        "get_or_set callers that waited for another caller's recompute, by result",
-        labels=[TAG_CACHE, TAG_RESULT],
-    )
-    timeouts = family(
-        "django_ocmemcache_herd_wait_timeouts",
-        "get_or_set callers that waited HERD_WAIT seconds, then recomputed",
-        labels=[TAG_CACHE],
-    )
-    by_timeout: collections.Counter[str] = collections.Counter()
+def herd_series() -> list[tuple[str, str, list[str], list[tuple[list[str], int]]]]:
+    """The stampede counters as ``(name, description, label names, [(label
+    values, count)])``, one entry per family (Prometheus adds ``_total``):
+
+    - ``django_ocmemcache_herd_recomputes``: callables run by ``get_or_set``,
+      label ``reason`` = miss, early, wait_timeout, unprotected;
+    - ``django_ocmemcache_herd_waits``: callers that waited for another
+      caller's recompute, label ``result`` = value, stale, timeout;
+    - ``django_ocmemcache_herd_wait_timeouts``: callers that gave up after
+      ``HERD_WAIT`` and recomputed.
+    """
+    recomputes: list[tuple[list[str], int]] = []
+    waits: list[tuple[list[str], int]] = []
+    timeouts: collections.Counter[str] = collections.Counter()
     for (cache, outcome), n in sorted(HERD.snapshot().items()):
         reason, result = HERD_OUTCOMES.get(outcome, (None, None))
         if reason is not None:
-            recomputes.add_metric([cache, reason], n)
+            recomputes.append(([cache, reason], n))
         if result is not None:
-            waits.add_metric([cache, result], n)
+            waits.append(([cache, result], n))
         if result == "timeout":
-            by_timeout[cache] += n
-    for cache, n in sorted(by_timeout.items()):
-        timeouts.add_metric([cache], n)
-    return recomputes, waits, timeouts
+            timeouts[cache] += n
+    return [
+        (
+            "django_ocmemcache_herd_recomputes",
+            "get_or_set callables run on a miss or an early recompute, by reason",
+            [TAG_CACHE, "reason"],
+            recomputes,
+        ),
+        (
+            "django_ocmemcache_herd_waits",
+            "get_or_set callers that waited for another caller's recompute, by result",
+            [TAG_CACHE, TAG_RESULT],
+            waits,
+        ),
+        (
+            "django_ocmemcache_herd_wait_timeouts",
+            "get_or_set callers that waited HERD_WAIT seconds, then recomputed",
+            [TAG_CACHE],
+            [([c], n) for c, n in sorted(timeouts.items())],
+        ),
+    ]
+
+
+def _herd_families(family: Any) -> Any:
+    for name, description, labels, rows in herd_series():
+        metric = family(name, description, labels=labels)
+        for values, n in rows:
+            metric.add_metric(values, n)
+        yield metric
 
 
 _registry: Any = None
@@ -1205,6 +1223,27 @@ class MetricProducer:
             out.append(m.Metric(md.MetricDescriptor(
                 MEASURE_CALLS, "Cache calls", "1",
                 kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
+        for name, description, labels, rows in herd_series():
+            if rows:
+                out.append(
+                    m.Metric(
+                        md.MetricDescriptor(
+                            name,
+                            description,
+                            "1",
+                            kind.CUMULATIVE_INT64,
+                            [LabelKey(k, "") for k in labels],
+                        ),
+                        [
+                            time_series.TimeSeries(
+                                [LabelValue(v) for v in values],
+                                [point.Point(value.ValueLong(n), now)],
+                                start,
+                            )
+                            for values, n in rows
+                        ],
+                    )
+                )
         if lookups:
             lkeys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_RESULT)]
             out.append(m.Metric(md.MetricDescriptor(

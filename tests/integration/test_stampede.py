@@ -199,6 +199,19 @@ def test_plain_reads_see_a_miss_while_the_winner_computes(make_cache, memcached)
     }
 
 
+def test_why_the_lock_is_not_on_the_value_key(make_cache, memcached):
+    """memcached's facts behind herd.py's side items: ``mg <key> N`` leaves an
+    empty item a plain get reads as ``b""``, and ``md <key> I`` leaves a stale
+    item a plain get reads as a hit; either on the value key would break
+    Django's get/has_key (ours and PyMemcacheCache's)."""
+    django = make_cache(memcached.location, backend=DJANGO_BACKEND)
+    memcached.command("mg :1:vivified v N30", end=b"\r\n\r\n")
+    assert django.get("vivified", "MISS") == b""
+    django.set("marked", "old")
+    memcached.command("md :1:marked I T30", end=b"HD\r\n")
+    assert django.get("marked", "MISS") == "old"
+
+
 @pytest.mark.parametrize("value", ["text", b"bytes", 42, {"a": [1, 2]}, None], ids=repr)
 def test_a_recomputed_value_is_stored_as_a_plain_set_stores_it(
     make_cache, memcached, value
@@ -381,6 +394,35 @@ def test_span_and_metrics_say_who_won_and_who_waited(settings, memcached):
     waits = families["django_ocmemcache_herd_waits"].samples
     assert [(s.labels, s.value) for s in waits if s.name.endswith("_total")] == [
         ({"cache": "herd", "result": "value"}, 2)
+    ]
+    produced = {m.descriptor.name: m for m in telemetry.metric_producer().get_metrics()}
+    series = produced["django_ocmemcache_herd_waits"].time_series
+    assert [(t.label_values[1].value, t.points[0].value.value) for t in series] == [
+        ("value", 2)
+    ]
+
+
+def test_a_wait_timeout_is_counted(settings, memcached):
+    from django.core.cache import caches
+
+    from django_ocmemcache import telemetry
+
+    herd.forget_probes()
+    settings.CACHES = {
+        "herd": {
+            "BACKEND": "django_ocmemcache.backend.OCMemcacheCache",
+            "LOCATION": memcached.location,
+            "OPTIONS": {"HERD_WAIT": 0.2},
+        }
+    }
+    telemetry.HERD.reset()
+    memcached.command("set \x01lock::1:stuck 0 30 0\r\n", end=b"STORED\r\n")
+    assert caches["herd"].get_or_set("stuck", lambda: 1) == 1
+    assert telemetry.HERD.snapshot() == {("herd", "timed_out"): 1}
+    families = {f.name: f for f in telemetry.PrometheusCollector().collect()}
+    timeouts = families["django_ocmemcache_herd_wait_timeouts"].samples
+    assert [(s.labels, s.value) for s in timeouts if s.name.endswith("_total")] == [
+        ({"cache": "herd"}, 1)
     ]
 
 
