@@ -522,7 +522,12 @@ class OCMemcacheCache(BaseCache):
                     self._herd_outcome(herd.WAITED, started)
                     return value
             if won:
-                return self._recompute(key, full, default, timeout, version, started)
+                # A value that is there but unreadable (corrupt, unsigned under
+                # a signed serializer) would make add() fail forever: replace it.
+                replace = item is not None
+                return self._recompute(
+                    key, full, default, timeout, version, started, replace
+                )
             if stale is not None:
                 value = deserialize(full, stale.value, stale.flags)
                 if value is not _MISSING:
@@ -544,8 +549,10 @@ class OCMemcacheCache(BaseCache):
         timeout: Any,
         version: int | None,
         started: float,
+        replace: bool = False,
     ) -> Any:
-        """Run the callable as the winner, store its value, release the lock."""
+        """Run the callable as the winner, store its value (``add``, as Django
+        does; ``set`` with ``replace``), release the lock."""
         client = self._herd_client()
         try:
             value = self._run_outside_call(default)
@@ -555,7 +562,11 @@ class OCMemcacheCache(BaseCache):
             raise
         self._herd_outcome(herd.WON, started)
         try:
-            stored = self.add(key, value, timeout=timeout, version=version)
+            if replace:
+                self.set(key, value, timeout=timeout, version=version)
+                stored = True
+            else:
+                stored = self.add(key, value, timeout=timeout, version=version)
         finally:
             self._release(client, full)
         return value if stored else self.get(key, value, version=version)

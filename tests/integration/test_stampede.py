@@ -248,6 +248,17 @@ def test_djangos_contract_holds(cache):
     assert cache.get_or_set("race", racing) == "theirs"
 
 
+def test_an_unreadable_value_is_recomputed_once_and_replaced(cache, memcached):
+    # pickle flag (1) on bytes that do not unpickle: every read is a miss
+    memcached.command("set :1:hot 1 60 7\r\ngarbage", end=b"STORED\r\n")
+    assert cache.get("hot", "MISS") == "MISS"
+    compute = Counted()
+    results, _ = run_together(10, lambda: cache.get_or_set("hot", compute, 60))
+    assert compute.runs == 1
+    assert results == ["fresh"] * 10
+    assert cache.get("hot") == "fresh"
+
+
 def test_herd_wait_zero_is_todays_behaviour(make_cache, memcached):
     cache = make_cache(memcached.location, OPTIONS={"HERD_WAIT": 0})
     compute = Counted(seconds=0.2)
