@@ -259,6 +259,35 @@ def test_an_unreadable_value_is_recomputed_once_and_replaced(cache, memcached):
     assert cache.get("hot") == "fresh"
 
 
+def test_signed_values_and_key_prefix_on_the_waiting_paths(make_cache, memcached):
+    from django_ocmemcache.serializers import rejected_value_warning
+
+    cache = make_cache(
+        memcached.location,
+        OPTIONS={"SERIALIZER": "signed-pickle", "key_prefix": "app:"},
+    )
+    rejected = rejected_value_warning.count
+    locks = []
+
+    class Compute(Counted):
+        def __call__(self) -> Any:
+            locks.append(raw_get(memcached, "app:\x01lock::1:hot"))
+            return super().__call__()
+
+    compute = Compute(value={"v": 1})
+    results, _ = run_together(5, lambda: cache.get_or_set("hot", compute, 60))
+    assert results == [{"v": 1}] * 5  # waiters verified the winner's value
+    assert compute.runs == 1
+    assert locks == [(0, b"")]  # the lock sat under pymemcache's key_prefix
+    assert raw_get(memcached, "app::1:hot") is not None
+    assert raw_get(memcached, "app:\x01lock::1:hot") is None  # released
+    assert cache.invalidate("hot")
+    compute.value = {"v": 2}
+    results, _ = run_together(5, lambda: cache.get_or_set("hot", compute, 60))
+    assert sorted(r["v"] for r in results) == [1, 1, 1, 1, 2]  # stale copy verified
+    assert rejected_value_warning.count == rejected
+
+
 def test_herd_wait_zero_is_todays_behaviour(make_cache, memcached):
     cache = make_cache(memcached.location, OPTIONS={"HERD_WAIT": 0})
     compute = Counted(seconds=0.2)
