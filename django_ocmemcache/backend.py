@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +30,7 @@ from .client import (
     parse_location,
 )
 from .conf import BackendOptions
-from .errors import get_policy, is_io_error
+from .errors import get_policy
 from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
 
@@ -256,8 +255,12 @@ class OCMemcacheCache(BaseCache):
         self._serde = kwargs["serde"]
         self._errors = get_policy(self._pool, ignore)
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
-        self._herd_wait = self._options.herd_wait
-        self._recache_within = self._options.recache_within
+        self._herd = herd.Options(
+            wait=self._options.herd_wait,
+            recache_within=self._options.recache_within,
+            deadline=self._deadline,
+            read_through=self._options.fallback_location is not None,
+        )
         self._telemetry = self._load_telemetry(server, params)
 
     def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
@@ -474,13 +477,14 @@ class OCMemcacheCache(BaseCache):
         for its value (``herd.py``). A ``None`` result is stored and returned,
         as Django 5.2 does.
         """
-        if self._recache_within is not None and self._herd_wait and callable(default):
-            return self._get_or_recache(key, default, timeout, version)
+        protect = self._herd.wait and callable(default)
+        if protect and self._herd.recache_within is not None:
+            return self._protected(herd.get_or_recache, key, default, timeout, version)
         value = self.get(key, _MISSING, version=version)
         if value is not _MISSING:
             return value
-        if self._herd_wait and callable(default):
-            return self._herd_miss(key, default, timeout, version)
+        if protect:
+            return self._protected(herd.get_or_wait, key, default, timeout, version)
         if callable(default):
             default = self._run_outside_call(default)
         return self._add_and_read(key, default, timeout, version)
@@ -488,155 +492,36 @@ class OCMemcacheCache(BaseCache):
     def _add_and_read(
         self, key: Any, value: Any, timeout: Any, version: int | None
     ) -> Any:
-        if self.add(key, value, timeout=timeout, version=version):
-            return value
-        # Another caller has stored a value since the get(): return theirs.
+        self.add(key, value, timeout=timeout, version=version)
+        # Read again: another caller may have added a value since the get().
         return self.get(key, value, version=version)
 
-    def _herd_client(self) -> Any:
-        # The (new) servers' sharded client: locks live where values are written.
-        return getattr(self._pool, "new", self._pool).client()
-
-    def _herd_miss(
-        self, key: Any, default: Callable[[], Any], timeout: Any, version: int | None
-    ) -> Any:
-        """Wait for, or become, the one caller that recomputes a missing key."""
-        full = self._key(key, version)
-        client = self._herd_client()
-        deserialize = self._serde.deserialize
-        lock_ttl = max(1, math.ceil(self._herd_wait))
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            poll = client.run_meta(full, herd.claim, full, lock_ttl)
-            if poll is herd.NO_META:
-                self._herd_outcome(herd.UNPROTECTED, started)
-                value = self._run_outside_call(default)
-                return self._add_and_read(key, value, timeout, version)
-            won, item, stale = poll
-            if item is not None:
-                value = deserialize(full, item.value, item.flags)
-                if value is not _MISSING:
-                    if won:  # the last winner finished between get() and now
-                        self._release(client, full)
-                    self._herd_outcome(herd.WAITED, started)
-                    return value
-            if won:
-                # A value that is there but unreadable (corrupt, unsigned under
-                # a signed serializer) would make add() fail forever: replace it.
-                replace = item is not None
-                return self._recompute(
-                    key, full, default, timeout, version, started, replace
-                )
-            if stale is not None:
-                value = deserialize(full, stale.value, stale.flags)
-                if value is not _MISSING:
-                    self._herd_outcome(herd.STALE, started)
-                    return value
-            if time.monotonic() - started >= self._herd_wait:
-                self._herd_outcome(herd.TIMED_OUT, started)
-                value = self._run_outside_call(default)
-                return self._add_and_read(key, value, timeout, version)
-            herd.pause(attempt)
-            attempt += 1
-            nodes.deadline_scope(self._deadline)  # each poll gets a whole DEADLINE
-
-    def _recompute(
+    def _protected(
         self,
+        run: Callable[[herd.Request, herd.Options], herd.Result],
         key: Any,
-        full: str | bytes,
-        default: Callable[[], Any],
-        timeout: Any,
-        version: int | None,
-        started: float,
-        replace: bool = False,
-    ) -> Any:
-        """Run the callable as the winner, store its value (``add``, as Django
-        does; ``set`` with ``replace``), release the lock."""
-        client = self._herd_client()
-        try:
-            value = self._run_outside_call(default)
-        except BaseException:
-            # Release the lock now, so that waiters do not sit out HERD_WAIT.
-            self._release(client, full)
-            raise
-        self._herd_outcome(herd.WON, started)
-        try:
-            if replace:
-                self.set(key, value, timeout=timeout, version=version)
-                stored = True
-            else:
-                stored = self.add(key, value, timeout=timeout, version=version)
-        finally:
-            self._release(client, full)
-        return value if stored else self.get(key, value, version=version)
-
-    def _release(self, client: Any, full: str | bytes) -> None:
-        # Best effort: an unreleased lock ends with its TTL (HERD_WAIT), and
-        # the value computed must not be lost to a failed delete.
-        try:
-            client.run_meta(full, herd.release, full)
-        except Exception as exc:
-            if not is_io_error(exc):
-                raise
-            logger.debug("stampede lock not released: %r", exc)
-
-    def _get_or_recache(
-        self, key: Any, default: Callable[[], Any], timeout: Any, version: int | None
-    ) -> Any:
-        """``get_or_set`` with ``RECACHE_WITHIN``: one caller refreshes a value
-        that is about to expire while everybody else keeps getting it."""
-        full = self._key(key, version)
-        client = self._herd_client()
-        item = client.run_meta(full, herd.recache_get, full, self._recache_within)
-        if item is herd.NO_META:
-            value = self.get(key, _MISSING, version=version)
-            if value is not _MISSING:
-                return value
-            return self._herd_miss(key, default, timeout, version)
-        if item is not None:
-            value = self._serde.deserialize(full, item.value, item.flags)
-            if value is not _MISSING:
-                self._lookups(1, 0)
-                if not item.win:
-                    return value
-                return self._recompute_early(key, value, default, timeout, version)
-        if self._options.fallback_location is not None:
-            # The old servers may hold it: read through them as get() does.
-            value = self.get(key, _MISSING, version=version)
-            if value is not _MISSING:
-                return value
-        else:
-            self._lookups(0, 1)
-        return self._herd_miss(key, default, timeout, version)
-
-    def _recompute_early(
-        self,
-        key: Any,
-        current: Any,
         default: Callable[[], Any],
         timeout: Any,
         version: int | None,
     ) -> Any:
-        started = time.monotonic()
-        try:
-            value = self._run_outside_call(default)
-        except Exception:
-            # The current value is still valid: serve it; it expires as usual
-            # and its next miss is recomputed under the lock.
-            logger.warning(
-                "get_or_set: early recompute (RECACHE_WITHIN) raised; the cached "
-                "value was returned",
-                exc_info=True,
-            )
-            return current
-        self._herd_outcome(herd.EARLY, started)
-        self.set(key, value, timeout=timeout, version=version)
+        """``get_or_set`` through ``herd`` (``run``: ``get_or_wait`` on a miss,
+        ``get_or_recache`` with ``RECACHE_WITHIN``)."""
+        request = herd.Request(
+            cache=self,
+            # the (new) servers' client: locks live where values are written
+            client=getattr(self._pool, "new", self._pool).client(),
+            key=key,
+            version=version,
+            timeout=timeout,
+            full=self._key(key, version),
+            compute=functools.partial(self._run_outside_call, default),
+            deserialize=self._serde.deserialize,
+            lookups=self._lookups,
+        )
+        value, outcome, waited = run(request, self._herd)
+        if outcome is not None and self._telemetry is not None:
+            _state.herd = (outcome, waited)  # the call state only feeds telemetry
         return value
-
-    def _herd_outcome(self, outcome: str, started: float) -> None:
-        if self._telemetry is not None:  # the call state only feeds telemetry
-            _state.herd = (outcome, time.monotonic() - started)
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
         st = _state
@@ -660,17 +545,10 @@ class OCMemcacheCache(BaseCache):
         ``delete``. Needs meta commands; without them this is ``delete``.
         Raise ``ValueError`` unless ``stale_for`` is 1 to 2592000 (30 days).
         """
-        if (
-            isinstance(stale_for, bool)
-            or not isinstance(stale_for, int)
-            or not 0 < stale_for <= MAX_RELATIVE_EXPTIME
-        ):
-            raise ValueError(
-                f"invalidate(stale_for=...) takes 1 to {MAX_RELATIVE_EXPTIME} "
-                f"seconds, not {stale_for!r}"
-            )
+        herd.check_stale_for(stale_for)
         full = self._key(key, version)
-        kept = self._herd_client().run_meta(full, herd.keep_stale, full, stale_for)
+        client = getattr(self._pool, "new", self._pool).client()
+        kept = client.run_meta(full, herd.keep_stale, full, stale_for)
         return self.delete(key, version=version) or kept is True
 
     @operation("has_key", _false)

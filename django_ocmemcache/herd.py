@@ -36,15 +36,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from . import meta
+from . import meta, nodes
+from .errors import is_io_error
+from .serializers import MISS
 
 logger = logging.getLogger("django_ocmemcache")
 
@@ -61,6 +66,8 @@ NO_META: Any = type("NoMeta", (), {"__repr__": lambda self: "<no meta commands>"
 
 LOCK_MARK = b"\x01lock:"
 STALE_MARK = b"\x01stale:"
+#: memcached reads an ``exptime`` over 30 days as a Unix time (protocol.txt).
+MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 #: memcached ``KEY_MAX_LENGTH`` (bytes); a longer side key is a digest of the key.
 MAX_KEY_BYTES = 250
 
@@ -178,6 +185,19 @@ def release(node: Any, key: str | bytes) -> None:
     meta.delete_many(node, [(lock, None), (stale, None)])
 
 
+def check_stale_for(stale_for: Any) -> None:
+    """Raise ``ValueError`` unless ``stale_for`` is 1 to 2592000 s (30 days)."""
+    if (
+        isinstance(stale_for, bool)
+        or not isinstance(stale_for, int)
+        or not 0 < stale_for <= MAX_RELATIVE_EXPTIME
+    ):
+        raise ValueError(
+            f"invalidate(stale_for=...) takes 1 to {MAX_RELATIVE_EXPTIME} "
+            f"seconds, not {stale_for!r}"
+        )
+
+
 def keep_stale(node: Any, key: str | bytes, stale_for: int) -> Any:
     """Copy ``key``'s item (bytes and client flags) to its stale item for
     ``stale_for`` seconds; True if there was one, or ``NO_META``."""
@@ -196,3 +216,160 @@ def pause(attempt: int) -> None:
     with jitter so waiters released together do not poll in step."""
     delay = min(FIRST_PAUSE * (2**attempt), MAX_PAUSE)
     time.sleep(delay * random.uniform(0.8, 1.2))
+
+
+# -- get_or_set, protected -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """One cache's settings: ``wait`` (``HERD_WAIT``, seconds), ``recache_within``
+    (``RECACHE_WITHIN``, seconds or None), ``deadline`` (``DEADLINE`` for each
+    poll), ``read_through`` (a fallback pair: misses read the old servers)."""
+
+    wait: float
+    recache_within: int | None
+    deadline: float | None
+    read_through: bool
+
+    @property
+    def lock_ttl(self) -> int:
+        """The lock's TTL: ``HERD_WAIT`` in whole seconds, at least 1."""
+        return max(1, math.ceil(self.wait))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``get_or_set`` call as the backend hands it over.
+
+    ``cache``: the backend (its Django methods ``add``/``get``/``set`` run as
+    nested calls); ``client``: the sharded client of the servers written to;
+    ``key``/``version``/``timeout``: the caller's; ``full``: the validated full
+    key; ``compute``: the callable, run outside the cache call; ``deserialize``:
+    the cache's serde; ``lookups(hits, misses)``: the backend's counters.
+    """
+
+    cache: Any
+    client: Any
+    key: Any
+    version: int | None
+    timeout: Any
+    full: str | bytes
+    compute: Callable[[], Any]
+    deserialize: Callable[[Any, bytes, int], Any]
+    lookups: Callable[[int, int], None]
+
+
+#: What a protected call returns: the value, the outcome (one of the names
+#: above, None for a plain hit) and the seconds spent waiting.
+Result = tuple[Any, str | None, float]
+
+
+def get_or_wait(req: Request, opts: Options) -> Result:
+    """A miss: wait for, or become, the one caller that recomputes the key."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        poll = req.client.run_meta(req.full, claim, req.full, opts.lock_ttl)
+        if poll is NO_META:
+            return _add_and_read(req, req.compute()), UNPROTECTED, 0.0
+        won, item, stale = poll
+        if item is not None:
+            value = req.deserialize(req.full, item.value, item.flags)
+            if value is not MISS:
+                if won:  # the last winner finished between get() and this poll
+                    _release(req)
+                return value, WAITED, time.monotonic() - started
+        if won:
+            # A value that is there but unreadable (corrupt, unsigned under a
+            # signed serializer) would make add() fail forever: replace it.
+            return _recompute(req, replace=item is not None), WON, 0.0
+        if stale is not None:
+            value = req.deserialize(req.full, stale.value, stale.flags)
+            if value is not MISS:
+                return value, STALE, time.monotonic() - started
+        waited = time.monotonic() - started
+        if waited >= opts.wait:
+            return _add_and_read(req, req.compute()), TIMED_OUT, waited
+        pause(attempt)
+        attempt += 1
+        nodes.deadline_scope(opts.deadline)  # each poll gets a whole DEADLINE
+
+
+def get_or_recache(req: Request, opts: Options) -> Result:
+    """``get_or_set`` with ``RECACHE_WITHIN``: one caller refreshes a value
+    about to expire while everybody else keeps getting it; a miss goes to
+    ``get_or_wait``."""
+    assert opts.recache_within is not None
+    item = req.client.run_meta(req.full, recache_get, req.full, opts.recache_within)
+    if item is NO_META:
+        value = req.cache.get(req.key, MISS, version=req.version)
+        return (value, None, 0.0) if value is not MISS else get_or_wait(req, opts)
+    if item is not None:
+        value = req.deserialize(req.full, item.value, item.flags)
+        if value is not MISS:
+            req.lookups(1, 0)
+            if not item.win:
+                return value, None, 0.0
+            return _recompute_early(req, value)
+    if opts.read_through:  # the old servers may hold it: read as get() does
+        value = req.cache.get(req.key, MISS, version=req.version)
+        if value is not MISS:
+            return value, None, 0.0
+    else:
+        req.lookups(0, 1)
+    return get_or_wait(req, opts)
+
+
+def _add_and_read(req: Request, value: Any) -> Any:
+    if req.cache.add(req.key, value, timeout=req.timeout, version=req.version):
+        return value
+    # Another caller stored a value meanwhile: return theirs, as Django does.
+    return req.cache.get(req.key, value, version=req.version)
+
+
+def _recompute(req: Request, replace: bool) -> Any:
+    """Run the callable as the winner, store its value (``add`` as Django
+    does; ``set`` with ``replace``), release the lock."""
+    try:
+        value = req.compute()
+    except BaseException:
+        _release(req)  # now, so that the waiters do not sit out HERD_WAIT
+        raise
+    try:
+        if replace:
+            req.cache.set(req.key, value, timeout=req.timeout, version=req.version)
+            return value
+        if req.cache.add(req.key, value, timeout=req.timeout, version=req.version):
+            return value
+    finally:
+        _release(req)
+    return req.cache.get(req.key, value, version=req.version)
+
+
+def _recompute_early(req: Request, current: Any) -> Result:
+    started = time.monotonic()
+    try:
+        value = req.compute()
+    except Exception:
+        # The current value is still valid: serve it; it expires as usual and
+        # its next miss is recomputed under the lock.
+        logger.warning(
+            "get_or_set: early recompute (RECACHE_WITHIN) raised; the cached "
+            "value was returned",
+            exc_info=True,
+        )
+        return current, None, 0.0
+    req.cache.set(req.key, value, timeout=req.timeout, version=req.version)
+    return value, EARLY, time.monotonic() - started
+
+
+def _release(req: Request) -> None:
+    # Best effort: an unreleased lock ends with its TTL (HERD_WAIT), and the
+    # computed value must not be lost to a failed delete.
+    try:
+        req.client.run_meta(req.full, release, req.full)
+    except Exception as exc:
+        if not is_io_error(exc):
+            raise
+        logger.debug("stampede lock not released: %r", exc)
