@@ -477,13 +477,13 @@ class OCMemcacheCache(BaseCache):
         for its value (``herd.py``). A ``None`` result is stored and returned,
         as Django 5.2 does.
         """
-        protect = self._herd.wait and callable(default)
-        if protect and self._herd.recache_within is not None:
+        opts = self._herd
+        if opts.recache_within is not None and opts.wait and callable(default):
             return self._protected(herd.get_or_recache, key, default, timeout, version)
         value = self.get(key, _MISSING, version=version)
         if value is not _MISSING:
             return value
-        if protect:
+        if opts.wait and callable(default):
             return self._protected(herd.get_or_wait, key, default, timeout, version)
         if callable(default):
             default = self._run_outside_call(default)
