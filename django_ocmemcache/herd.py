@@ -372,4 +372,4 @@ def _release(req: Request) -> None:
     except Exception as exc:
         if not is_io_error(exc):
             raise
-        logger.debug("stampede lock not released: %r", exc)
+        logger.debug("stampede lock not released (%s)", type(exc).__name__)
