@@ -472,10 +472,8 @@ class OCMemcacheCache(BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``. On a miss only one caller at a time (any thread,
-        process or host) runs it; the others wait up to ``HERD_WAIT`` seconds
-        for its value (``herd.py``). A ``None`` result is stored and returned,
-        as Django 5.2 does.
+        against ``DEADLINE``. On a miss one caller (any thread, process, host)
+        runs it, the others wait up to ``HERD_WAIT`` s for its value (herd.py).
         """
         opts = self._herd
         if opts.recache_within is not None and opts.wait and callable(default):
@@ -487,37 +485,15 @@ class OCMemcacheCache(BaseCache):
             return self._protected(herd.get_or_wait, key, default, timeout, version)
         if callable(default):
             default = self._run_outside_call(default)
-        return self._add_and_read(key, default, timeout, version)
-
-    def _add_and_read(
-        self, key: Any, value: Any, timeout: Any, version: int | None
-    ) -> Any:
-        self.add(key, value, timeout=timeout, version=version)
+        self.add(key, default, timeout=timeout, version=version)
         # Read again: another caller may have added a value since the get().
-        return self.get(key, value, version=version)
+        return self.get(key, default, version=version)
 
-    def _protected(
-        self,
-        run: Callable[[herd.Request, herd.Options], herd.Result],
-        key: Any,
-        default: Callable[[], Any],
-        timeout: Any,
-        version: int | None,
-    ) -> Any:
-        """``get_or_set`` through ``herd`` (``run``: ``get_or_wait`` on a miss,
-        ``get_or_recache`` with ``RECACHE_WITHIN``)."""
-        request = herd.Request(
-            cache=self,
-            # the (new) servers' client: locks live where values are written
-            client=getattr(self._pool, "new", self._pool).client(),
-            key=key,
-            version=version,
-            timeout=timeout,
-            full=self._key(key, version),
-            compute=functools.partial(self._run_outside_call, default),
-            deserialize=self._serde.deserialize,
-            lookups=self._lookups,
-        )
+    def _protected(self, run: Any, key: Any, default: Any, timeout: Any,
+                   version: int | None) -> Any:  # fmt: skip
+        """``get_or_set`` through ``herd``: ``run`` is ``herd.get_or_wait``
+        (a miss) or ``herd.get_or_recache`` (``RECACHE_WITHIN``)."""
+        request = herd.Request(self, key, default, timeout, version)
         value, outcome, waited = run(request, self._herd)
         if outcome is not None and self._telemetry is not None:
             _state.herd = (outcome, waited)  # the call state only feeds telemetry
@@ -537,19 +513,12 @@ class OCMemcacheCache(BaseCache):
     def invalidate(
         self, key: Any, stale_for: int = 30, version: int | None = None
     ) -> bool:
-        """Delete ``key``, but keep its value for ``get_or_set`` for up to
-        ``stale_for`` seconds: while one caller recomputes it, the others are
-        served the old value instead of waiting. Return True if ``key`` existed.
-
-        ``get``/``has_key``/``get_many`` see a miss at once, as after
-        ``delete``. Needs meta commands; without them this is ``delete``.
-        Raise ``ValueError`` unless ``stale_for`` is 1 to 2592000 (30 days).
-        """
-        herd.check_stale_for(stale_for)
-        full = self._key(key, version)
-        client = getattr(self._pool, "new", self._pool).client()
-        kept = client.run_meta(full, herd.keep_stale, full, stale_for)
-        return self.delete(key, version=version) or kept is True
+        """Delete ``key`` for every reader, but serve its value to ``get_or_set``
+        callers for up to ``stale_for`` seconds (int, 1 to 30 days, else
+        ``ValueError``) while one of them recomputes it (docs/stampede.md).
+        Return True if ``key`` existed. Without meta commands, ``delete``."""
+        kept = herd.keep_stale_copy(self, key, stale_for, version)
+        return self.delete(key, version=version) or kept
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:

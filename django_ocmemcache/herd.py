@@ -34,6 +34,7 @@ logged once, and ``get_or_set`` on their keys behaves as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -198,6 +199,15 @@ def check_stale_for(stale_for: Any) -> None:
         )
 
 
+def keep_stale_copy(cache: Any, key: Any, stale_for: Any, version: int | None) -> bool:
+    """``invalidate``'s first half: copy the value of ``key`` (of ``cache``,
+    an ``OCMemcacheCache``) to its stale item; True if there was one."""
+    check_stale_for(stale_for)
+    full = cache._key(key, version)
+    client = getattr(cache._pool, "new", cache._pool).client()
+    return client.run_meta(full, keep_stale, full, stale_for) is True
+
+
 def keep_stale(node: Any, key: str | bytes, stale_for: int) -> Any:
     """Copy ``key``'s item (bytes and client flags) to its stale item for
     ``stale_for`` seconds; True if there was one, or ``NO_META``."""
@@ -238,26 +248,37 @@ class Options:
         return max(1, math.ceil(self.wait))
 
 
-@dataclass(frozen=True)
 class Request:
-    """One ``get_or_set`` call as the backend hands it over.
+    """One ``get_or_set`` call of ``cache`` (an ``OCMemcacheCache``), as its
+    ``get_or_set`` hands it over.
 
-    ``cache``: the backend (its Django methods ``add``/``get``/``set`` run as
-    nested calls); ``client``: the sharded client of the servers written to;
-    ``key``/``version``/``timeout``: the caller's; ``full``: the validated full
-    key; ``compute``: the callable, run outside the cache call; ``deserialize``:
-    the cache's serde; ``lookups(hits, misses)``: the backend's counters.
+    ``cache``: the backend, whose Django methods (``add``/``get``/``set``) run
+    as nested calls; ``client``: the sharded client of the servers written to
+    (the new ones of a fallback pair); ``full``: the validated full key;
+    ``compute``: the callable, run outside the cache call (its own spans, its
+    own deadline); ``deserialize``: the cache's serde; ``lookups(hits,
+    misses)``: the backend's counters. Like ``telemetry``, this reads the
+    backend's private helpers; the backend module is never imported.
     """
 
-    cache: Any
-    client: Any
-    key: Any
-    version: int | None
-    timeout: Any
-    full: str | bytes
-    compute: Callable[[], Any]
-    deserialize: Callable[[Any, bytes, int], Any]
-    lookups: Callable[[int, int], None]
+    __slots__ = ("cache", "client", "key", "version", "timeout", "full",
+                 "compute", "deserialize", "lookups")  # fmt: skip
+
+    def __init__(
+        self, cache: Any, key: Any, default: Callable[[], Any], timeout: Any,
+        version: int | None,
+    ) -> None:  # fmt: skip
+        self.cache = cache
+        self.client = getattr(cache._pool, "new", cache._pool).client()
+        self.key = key
+        self.version = version
+        self.timeout = timeout
+        self.full: str | bytes = cache._key(key, version)
+        self.compute: Callable[[], Any] = functools.partial(
+            cache._run_outside_call, default
+        )
+        self.deserialize: Callable[[Any, bytes, int], Any] = cache._serde.deserialize
+        self.lookups: Callable[[int, int], None] = cache._lookups
 
 
 #: What a protected call returns: the value, the outcome (one of the names
