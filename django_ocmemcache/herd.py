@@ -48,8 +48,11 @@ from typing import Any
 
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from . import meta, nodes
-from .errors import is_io_error
+from .client import meta
+from .client.deadline import deadline_scope
+from .client.sharded import wire_key
+from .policy import is_io_error
+from .protocol import MAX_RELATIVE_EXPTIME
 from .serializers import MISS
 
 logger = logging.getLogger("django_ocmemcache")
@@ -67,8 +70,6 @@ NO_META: Any = type("NoMeta", (), {"__repr__": lambda self: "<no meta commands>"
 
 LOCK_MARK = b"\x01lock:"
 STALE_MARK = b"\x01stale:"
-#: memcached reads an ``exptime`` over 30 days as a Unix time (protocol.txt).
-MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 #: memcached ``KEY_MAX_LENGTH`` (bytes); a longer side key is a digest of the key.
 MAX_KEY_BYTES = 250
 
@@ -76,12 +77,6 @@ MAX_KEY_BYTES = 250
 #: pause bounds how late a waiter sees the winner's value.
 FIRST_PAUSE = 0.002
 MAX_PAUSE = 0.025
-
-
-def wire_key(node: Any, key: str | bytes) -> bytes:
-    """``key`` as the server sees it: pymemcache's ``key_prefix``, then UTF-8."""
-    raw = key.encode() if isinstance(key, str) else key
-    return node.key_prefix + raw if node.key_prefix else raw
 
 
 def side_key(node: Any, mark: bytes, key: str | bytes) -> bytes:
@@ -314,7 +309,7 @@ def get_or_wait(req: Request, opts: Options) -> Result:
             return _add_and_read(req, req.compute()), TIMED_OUT, waited
         pause(attempt)
         attempt += 1
-        nodes.deadline_scope(opts.deadline)  # each poll gets a whole DEADLINE
+        deadline_scope(opts.deadline)  # each poll gets a whole DEADLINE
 
 
 def get_or_recache(req: Request, opts: Options) -> Result:
