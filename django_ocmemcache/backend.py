@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from . import herd, keys
+from .async_api import AsyncMethods
 from .client.deadline import deadline_scope, end_deadline_scope
 from .client.pool import ClientPool, drop_closed_connections, get_pool
 from .conf import BackendOptions, parse_location
@@ -197,24 +197,7 @@ def _drop_closed_connections(**kwargs: Any) -> None:
 request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
-def _async(name: str) -> Callable[..., Any]:
-    """``a<name>``: run this backend's own ``<name>`` in Django's sync thread.
-
-    Django 5.2's ``BaseCache`` builds ``aincr``, ``aget_or_set``, ``aget_many``
-    … out of several ``aget``/``aset`` calls (``aincr`` is a get then a set,
-    not atomic); here every async variant is the one sync call, with its one span.
-    """
-
-    async def method(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
-        call = sync_to_async(getattr(self, name), thread_sensitive=True)
-        return await call(*args, **kwargs)
-
-    method.__name__ = method.__qualname__ = f"a{name}"
-    method.__doc__ = f"Async ``{name}()``: the same call and result."
-    return method
-
-
-class OCMemcacheCache(BaseCache):
+class OCMemcacheCache(AsyncMethods, BaseCache):
     """A Django cache backend for memcached with tracing, metrics and failure policy.
 
     ``server`` is Django's ``LOCATION``: a string of servers joined by ``;`` or
@@ -254,12 +237,7 @@ class OCMemcacheCache(BaseCache):
         self._errors = get_policy(self._pool, options.ignore_exceptions)
         self._deadline = options.call_deadline
         self._serde = kwargs["serde"]
-        self._herd = herd.Options(
-            wait=options.herd_wait,
-            recache_within=options.recache_within,
-            deadline=self._deadline,
-            read_through=options.fallback_location is not None,
-        )
+        self._herd = herd.Options.of(options)
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
@@ -610,26 +588,3 @@ class OCMemcacheCache(BaseCache):
             "totals": totals,
             "process": {"hits": pool.hits, "misses": pool.misses},
         }
-
-    # -- async variants: each is the sync call above, run by sync_to_async ----
-
-    aadd = _async("add")
-    aget = _async("get")
-    aset = _async("set")
-    atouch = _async("touch")
-    adelete = _async("delete")
-    aget_many = _async("get_many")
-    aset_many = _async("set_many")
-    adelete_many = _async("delete_many")
-    aincr = _async("incr")
-    adecr = _async("decr")
-    aget_or_set = _async("get_or_set")
-    ainvalidate = _async("invalidate")
-    ahas_key = _async("has_key")
-    aincr_version = _async("incr_version")
-    adecr_version = _async("decr_version")
-    aclear = _async("clear")
-    aclose = _async("close")
-    agets = _async("gets")
-    acas = _async("cas")
-    aget_stats = _async("get_stats")

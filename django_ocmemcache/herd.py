@@ -237,6 +237,16 @@ class Options:
     deadline: float | None
     read_through: bool
 
+    @classmethod
+    def of(cls, options: Any) -> Options:
+        """The settings of a ``conf.BackendOptions``."""
+        return cls(
+            wait=options.herd_wait,
+            recache_within=options.recache_within,
+            deadline=options.call_deadline,
+            read_through=options.fallback_location is not None,
+        )
+
     @property
     def lock_ttl(self) -> int:
         """The lock's TTL: ``HERD_WAIT`` in whole seconds, at least 1."""

@@ -639,3 +639,15 @@ def test_several_servers_compute_once_and_lock_beside_the_value(
         assert seen["locks"] == value_on  # one server holds both
         holders[key] = value_on[0].port
     assert len(set(holders.values())) > 1  # the keys really were spread
+
+
+def test_async_variants(cache):
+    import asyncio
+
+    async def scenario() -> None:
+        assert await cache.aget_or_set("a", lambda: 1, 60) == 1
+        assert await cache.ainvalidate("a", stale_for=5) is True
+        assert await cache.aget("a") is None
+        assert await cache.aget_or_set("a", lambda: 2, 60) == 2
+
+    asyncio.run(scenario())
