@@ -525,15 +525,19 @@ def test_behind_twemproxy_recache_and_invalidate_degrade(make_cache, nutcracker)
     assert cache.get("hot") is None
 
 
+@pytest.mark.parametrize("recache_within", [None, 10])
 def test_fallback_pair_returns_the_old_servers_value_without_computing(
-    make_cache, memcached_servers
+    make_cache, memcached_servers, recache_within
 ):
     new, old = memcached_servers[0], memcached_servers[1]
     new.flush()
     old.flush()
     herd.forget_probes()
     make_cache(old.location).set("hot", "from the old servers", 60)
-    cache = make_cache(new.location, OPTIONS={"FALLBACK_LOCATION": old.location})
+    cache = make_cache(
+        new.location,
+        OPTIONS={"FALLBACK_LOCATION": old.location, "RECACHE_WITHIN": recache_within},
+    )
     compute = Counted()
     results, _ = run_together(5, lambda: cache.get_or_set("hot", compute, 60))
     assert compute.runs == 0
