@@ -324,7 +324,7 @@ def test_early_recompute_keeps_a_hot_key_from_ever_missing(make_cache, memcached
     def compute() -> int:
         ran.flag = True
         compute_runs.append(time.monotonic())
-        time.sleep(0.2)
+        time.sleep(0.4)
         return next(generation)
 
     cache.set("hot", 0, 3)  # expires 3 s from now
@@ -350,7 +350,7 @@ def test_early_recompute_keeps_a_hot_key_from_ever_missing(make_cache, memcached
     assert int(memcached.stats()["get_misses"]) == misses_before  # never a miss
     assert 1 <= len(compute_runs) <= 4  # one early recompute per TTL, not per caller
     assert max(seen) == len(compute_runs)  # recomputed values were served
-    assert max(others) < 0.15  # nobody waited for a recompute
+    assert max(others) < 0.3  # nobody waited for a recompute (0.4 s)
 
 
 def test_a_raising_early_recompute_serves_the_cached_value(make_cache, memcached):
@@ -380,7 +380,7 @@ def test_invalidated_value_is_served_stale_to_waiters_only(make_cache, memcached
     results, latencies = run_together(10, lambda: cache.get_or_set("hot", compute, 60))
     assert compute.runs == 1
     assert sorted(results) == ["new"] + ["old"] * 9
-    assert sorted(latencies)[-2] < 0.15  # the stale readers did not wait
+    assert sorted(latencies)[-2] < 0.25  # the stale readers did not wait (0.3 s)
     assert cache.get("hot") == "new"
     assert raw_get(memcached, "\x01stale::1:hot") is None  # dropped by the winner
 
