@@ -29,7 +29,7 @@ from .client import (
     get_pool,
     parse_location,
 )
-from .conf import BackendOptions
+from .conf import BackendOptions, alias_message
 from .errors import get_policy
 from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
@@ -188,6 +188,26 @@ def _drop_closed_connections(**kwargs: Any) -> None:
 request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
+class _Unconfigured:
+    """The pool of a backend whose settings are invalid: every call raises the
+    ``ImproperlyConfigured`` that names the setting."""
+
+    servers: list[Any] = []
+    client_kwargs: dict[str, Any] = {}
+    hits = misses = 0
+
+    def __init__(self, error: ImproperlyConfigured) -> None:
+        self.error = error
+
+    def client(self) -> Any:
+        raise self.error
+
+    server_clients = client
+
+    def disconnect(self) -> None:
+        pass
+
+
 def _async(name: str) -> Callable[..., Any]:
     """``a<name>``: run this backend's own ``<name>`` in Django's sync thread.
 
@@ -210,8 +230,10 @@ class OCMemcacheCache(BaseCache):
 
     ``server`` is Django's ``LOCATION``: a string of servers joined by ``;`` or
     ``,`` (``"127.0.0.1:11211"``, ``"unix:/path"``, ``"[::1]:11211"``) or a list.
-    ``params`` is the rest of the ``CACHES`` entry. Raises
-    ``ImproperlyConfigured`` naming the setting at fault.
+    ``params`` is the rest of the ``CACHES`` entry. An invalid entry does not
+    raise here (Django's own cache checks build every cache before ours run):
+    ``config_error`` holds the one-line ``ImproperlyConfigured`` naming
+    ``CACHES['<alias>']`` and the setting, and every cache call raises it.
 
     Rules shared by every method (Django's cache contract, memcached's limits):
 
@@ -234,6 +256,26 @@ class OCMemcacheCache(BaseCache):
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
+        try:
+            self._configure(server, params)
+        except ImproperlyConfigured as exc:
+            # Django's own cache checks build every cache (caches[alias]) before
+            # ours can report a bad entry: keep the error for the first call, so
+            # `manage.py check` shows django_ocmemcache.E001, not a traceback.
+            self._unusable(alias_message(str(exc), server, params))
+
+    def _unusable(self, message: str) -> None:
+        error = ImproperlyConfigured(message)
+        self.config_error: ImproperlyConfigured | None = error
+        self._options = BackendOptions()
+        self._servers: list[Any] = []
+        self._pool: ClientPool | FallbackPool = _Unconfigured(error)  # type: ignore[assignment]
+        self._errors = get_policy(self._pool, False)
+        self._deadline = None
+        self._telemetry = None
+
+    def _configure(self, server: Any, params: dict[str, Any]) -> None:
+        self.config_error = None
         self._options = BackendOptions.from_params(params)
         self._servers = parse_location(server)
         kwargs = dict(self._options.client_kwargs)
@@ -245,7 +287,7 @@ class OCMemcacheCache(BaseCache):
         # pymemcache's ignore_exc would swallow programming errors too; it is
         # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
         ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
-        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        self._pool = get_pool(self._servers, kwargs)
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)

@@ -18,21 +18,20 @@ by every thread of the process (see ``nodes``).
 from __future__ import annotations
 
 import os
-import re
 import select
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
 from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 
+# LOCATION parsing lives in conf (it owns the settings); re-exported here.
+from .conf import ServerSpec as ServerSpec
+from .conf import parse_location as parse_location
+from .conf import parse_server as parse_server
 from .nodes import ServerHealth, ShardedClient, hash_node
-
-#: ``(host, port)`` for TCP, a filesystem path for a unix socket.
-ServerSpec = tuple[str, int] | str
 
 #: ``HashClient`` arguments a plain ``Client`` does not take (the health ones
 #: are read by ``nodes.ServerHealth``; pooling ones are moot with per-thread
@@ -49,8 +48,6 @@ HASH_ONLY_KWARGS = frozenset(
         "use_pooling",
     }
 )
-
-_IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?$")
 
 
 class MemoRendezvousHash(RendezvousHash):
@@ -88,69 +85,6 @@ class MemoRendezvousHash(RendezvousHash):
     def remove_node(self, node: Any) -> None:
         self._memo = {}
         super().remove_node(node)
-
-
-def parse_server(spec: Any) -> ServerSpec:
-    """Parse one server of ``LOCATION``.
-
-    Accepts ``"host:port"``, ``"host"`` (port 11211), ``"[::1]:11211"``,
-    ``"unix:/path"``, ``"/path"`` or a ``(host, port)`` tuple. Raises
-    ``ImproperlyConfigured`` naming the entry when it cannot be parsed.
-    """
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        host, port = spec
-        return (str(host), _port(port, spec))
-    if not isinstance(spec, str) or not spec.strip():
-        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
-    text = spec.strip()
-    if text.startswith("unix:"):
-        return text[5:]
-    if text.startswith("/"):
-        return text
-    m = _IPV6.match(text)
-    if m:
-        port = m["port"]
-        return (m["host"], _port(11211 if port is None else port, spec))
-    if text.count(":") > 1:
-        raise ImproperlyConfigured(
-            f"Invalid memcached server in LOCATION: {spec!r} "
-            "(write IPv6 addresses as [::1]:11211)"
-        )
-    host, colon, port = text.partition(":")
-    if not host:
-        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
-    return (host, _port(port if colon else 11211, spec))  # "host:" is no port
-
-
-def _port(value: Any, spec: Any) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        port = -1
-    if not 0 < port < 65536:
-        raise ImproperlyConfigured(
-            f"Invalid port in memcached LOCATION entry {spec!r}: {value!r}"
-        )
-    return port
-
-
-def parse_location(location: Any) -> list[ServerSpec]:
-    """Parse ``LOCATION``: a string (servers joined by ``;`` or ``,``) or a list.
-
-    Raises ``ImproperlyConfigured`` when no server is given or one is invalid.
-    """
-    if isinstance(location, str):
-        entries: Iterable[Any] = [p for p in re.split("[;,]", location) if p.strip()]
-    elif isinstance(location, (list, tuple)):
-        entries = location
-    else:
-        raise ImproperlyConfigured(
-            f"memcached LOCATION must be a string or a list, not {location!r}"
-        )
-    servers = [parse_server(entry) for entry in entries]
-    if not servers:
-        raise ImproperlyConfigured("memcached LOCATION names no server")
-    return servers
 
 
 def server_name(server: ServerSpec) -> str:

@@ -46,6 +46,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from .conf import check_signing_keys
+
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
 # -- vocabulary ---------------------------------------------------------------
@@ -126,6 +128,7 @@ def project_settings() -> dict[str, Any]:
         raise ImproperlyConfigured(
             f"OCMEMCACHE['SPAN_QUEUE_SIZE'] must be a positive int, not {size!r}"
         )
+    check_signing_keys(conf["SIGNING_KEYS"])
     wait = conf["EXIT_FLUSH_TIMEOUT"]
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
         raise ImproperlyConfigured(
