@@ -57,8 +57,8 @@ def check_configuration(
         # Built as Django builds it; a bad entry keeps its error for the first
         # call instead of raising (see OCMemcacheCache.__init__).
         cache = OCMemcacheCache(conf.get("LOCATION", ""), params)
-        if cache.config_error is not None:
-            message = str(cache.config_error)
+        message = str(cache.config_error or "")
+        if message and "OCMEMCACHE[" not in message:  # that one is E005
             if not message.startswith("CACHES["):
                 message = f"CACHES[{alias!r}]: {message}"
             errors.append(
