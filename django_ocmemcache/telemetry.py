@@ -1141,7 +1141,13 @@ def install() -> None:
     if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
         global _default_registered
         if not _default_registered:
-            from prometheus_client import REGISTRY
+            try:
+                from prometheus_client import REGISTRY
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    "OCMEMCACHE['PROMETHEUS_REGISTER'] needs prometheus_client: "
+                    'pip install "django-ocmemcache[prometheus]"'
+                ) from exc
 
             REGISTRY.register(PrometheusCollector())
             _default_registered = True
