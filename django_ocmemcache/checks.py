@@ -287,7 +287,7 @@ def _check_unsigned_pickle(
             "are not readable by Django's PyMemcacheCache and existing unsigned "
             "values read as misses, so switching empties the cache; switch during "
             "a server migration (FALLBACK_LOCATION + warm-cache). See "
-            "docs/reliability.md 'Security'.",
+            "docs/failures.md, 'Security advice'.",
             id="django_ocmemcache.W003",
         )
     ]
