@@ -14,6 +14,6 @@ py=$(VENV="${DEMO_VENV:-.venv-demo}" EXTRAS=example bash scripts/setup-env.sh)
 "$py" example_project/demo.py "$@"
 echo
 echo "7. Moving to new memcached servers (example_project/migration_demo.py: the README's runbook)"
-"$py" example_project/migration_demo.py
+"$py" example_project/migration_demo.py | sed -u "s/^/   /"
 echo
 echo "Done."
