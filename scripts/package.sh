@@ -62,12 +62,14 @@ EOF
 echo "== fresh install of the wheel, no extra"
 "$PYTHON" -m venv "$out/venv"
 "$out/venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+site=$("$out/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 before=$("$out/venv/bin/python" -m pip list --format=freeze | wc -l)
+kb_before=$(du -sk "$site" | cut -f1)
 "$out/venv/bin/python" -m pip install -q "$out"/dist/*.whl
 after=$("$out/venv/bin/python" -m pip list --format=freeze | wc -l)
-site=$("$out/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "installed: $((after - before)) packages, $(du -sh "$site" | cut -f1) in site-packages (pip itself included)"
-"$out/venv/bin/python" -m pip list --format=freeze | sed 's/^/  /'
+kb_after=$(du -sk "$site" | cut -f1)
+echo "the wheel and its dependencies: $((after - before)) packages, $(( (kb_after - kb_before) / 1024 )) MB in site-packages"
+"$out/venv/bin/python" -m pip list --format=freeze --exclude pip --exclude setuptools | sed 's/^/  /' | paste -sd' '
 cd "$out"
 cat >"$out/site_settings.py" <<'EOF'
 SECRET_KEY = "x"
