@@ -245,7 +245,8 @@ def _targets(report: dict[str, Any]) -> list[str]:
     if report.get("targets"):
         out += [
             "",
-            "Targets (issue 6): the worst case of each, as a paired ratio.",
+            "Speed targets the project set itself: the worst case of each, as a paired "
+            "ratio; where one is missed, the findings below give its profile.",
             "",
             "| target | minimum | measured (worst case) | met |",
             "| --- | ---: | ---: | --- |",
