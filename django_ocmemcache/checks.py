@@ -59,11 +59,11 @@ def check_configuration(
         cache = OCMemcacheCache(conf.get("LOCATION", ""), params)
         message = str(cache.config_error or "")
         if message and "OCMEMCACHE[" not in message:  # that one is E005
-            if not message.startswith("CACHES["):
-                message = f"CACHES[{alias!r}]: {message}"
+            # The backend guessed its alias by matching entries; here it is known.
+            message = re.sub(r"^CACHES\[[^\]]*\]: ", "", message)
             errors.append(
                 checks.Error(
-                    message,
+                    f"CACHES[{alias!r}]: {message}",
                     hint=f"Fix the setting as the message says; {DOCS_SETTINGS} "
                     "lists every LOCATION form and OPTIONS key.",
                     id="django_ocmemcache.E001",
