@@ -13,7 +13,7 @@ class OCMemcacheConfig(AppConfig):
         from django.core.exceptions import ImproperlyConfigured
 
         from . import checks  # noqa: F401  (registers the checks)
-        from .telemetry import install
+        from .telemetry.metrics import install
 
         try:
             install()

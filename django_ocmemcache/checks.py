@@ -96,7 +96,9 @@ def check_opencensus(
 ) -> list[checks.CheckMessage]:
     """E003: ``OPENCENSUS["TRACE"]`` names a sampler, exporter or propagator
     that cannot be imported (the site would fail at its first request)."""
-    trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE") or {}
+    from .conf import opencensus_trace
+
+    trace = opencensus_trace()
     errors: list[checks.CheckMessage] = []
     for name in ("SAMPLER", "EXPORTER", "PROPAGATOR"):
         expr = trace.get(name)
@@ -149,7 +151,7 @@ def check_project_settings(
 ) -> list[checks.CheckMessage]:
     """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
     (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
-    from .telemetry import project_settings
+    from .conf import project_settings
 
     try:
         conf = project_settings()

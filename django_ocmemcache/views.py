@@ -37,7 +37,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
             'pip install "django-ocmemcache[prometheus]"'
         ) from exc
 
-    from .telemetry import prometheus_registry
+    from .telemetry.metrics import prometheus_registry
 
     return HttpResponse(
         generate_latest(prometheus_registry()), content_type=CONTENT_TYPE_LATEST

@@ -1,4 +1,4 @@
-"""Building pymemcache clients from ``LOCATION`` and keeping them per process.
+"""Per-thread clients per (servers, client arguments), kept per process.
 
 Django's ``PyMemcacheCache`` builds a ``HashClient`` per backend instance (one
 per thread) and disconnects it on every ``request_finished``, so each request
@@ -9,10 +9,10 @@ across requests. After ``os.fork()`` (gunicorn ``--preload``) the child drops
 every client it inherited without touching its sockets, so parent and child
 never share a connection.
 
-Each thread's client is a ``nodes.ShardedClient``: one pymemcache ``Client``
+Each thread's client is a ``sharded.ShardedClient``: one pymemcache ``Client``
 per server, keys mapped as pymemcache's ``HashClient`` maps them (no hashing at
 all with a single server), a whole-operation deadline and server health shared
-by every thread of the process (see ``nodes``).
+by every thread of the process (see ``health``).
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ from __future__ import annotations
 import os
 import select
 import threading
-import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 from pymemcache.client.base import Client
-from pymemcache.client.rendezvous import RendezvousHash
 
-# LOCATION parsing lives in conf (it owns the settings); re-exported here.
-from .conf import ServerSpec as ServerSpec
-from .conf import parse_location as parse_location
-from .conf import parse_server as parse_server
-from .nodes import ServerHealth, ShardedClient, hash_node
+from ..conf import ServerSpec, hash_node, server_name
+from .health import ServerHealth
+from .sharded import MemoRendezvousHash, ShardedClient
 
 #: ``HashClient`` arguments a plain ``Client`` does not take (the health ones
-#: are read by ``nodes.ServerHealth``; pooling ones are moot with per-thread
+#: are read by ``health.ServerHealth``; pooling ones are moot with per-thread
 #: clients).
 HASH_ONLY_KWARGS = frozenset(
     {
@@ -48,51 +44,6 @@ HASH_ONLY_KWARGS = frozenset(
         "use_pooling",
     }
 )
-
-
-class MemoRendezvousHash(RendezvousHash):
-    """pymemcache's rendezvous hashing, remembering each key's server.
-
-    ``RendezvousHash.get_node`` runs pure-Python murmur3 once per server for
-    every key (about 3.5 us per server and key); the same key always picks the
-    same node until the node set changes, so the answer is kept (up to
-    ``MEMO_SIZE`` keys per client, then started afresh) and forgotten whenever
-    ``HashClient`` adds or removes a node.
-    """
-
-    MEMO_SIZE = 4096
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._memo: dict[Any, Any] = {}
-
-    def get_node(self, key: Any) -> Any:
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
-        node = super().get_node(key)
-        memo = self._memo
-        if len(memo) >= self.MEMO_SIZE:
-            memo.clear()
-        memo[key] = node
-        return node
-
-    def add_node(self, node: Any) -> None:
-        self._memo = {}
-        super().add_node(node)
-
-    def remove_node(self, node: Any) -> None:
-        self._memo = {}
-        super().remove_node(node)
-
-
-def server_name(server: ServerSpec) -> str:
-    """``"host:port"`` (``"[v6]:port"``) or ``"unix:/path"`` for display and stats."""
-    if isinstance(server, tuple):
-        host, port = server
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"unix:{server}"
 
 
 class ClientPool:
@@ -116,7 +67,7 @@ class ClientPool:
         )
 
     def client(self) -> ShardedClient:
-        """Return this thread's client (pymemcache's method names, see ``nodes``)."""
+        """Return this thread's client (pymemcache's method names, see ``sharded``)."""
         try:
             return self._local.client
         except AttributeError:
@@ -140,6 +91,24 @@ class ClientPool:
         client = self.client()
         by_node = {hash_node(s): server_name(s) for s in self.servers}
         return {by_node[node]: c for node, c in client.clients.items()}
+
+    def server_stats(self) -> dict[str, dict[str, Any]]:
+        """memcached ``stats`` of each server, by ``server_name``, as text
+        (``{"error": exception class name}`` for a server that failed)."""
+        servers: dict[str, dict[str, Any]] = {}
+        for name, client in self.server_clients().items():
+            try:
+                raw = client.stats()
+            except Exception as exc:  # one dead server must not hide the others
+                servers[name] = {"error": type(exc).__name__}
+                continue
+            servers[name] = {
+                (k.decode() if isinstance(k, bytes) else k): (
+                    v.decode() if isinstance(v, bytes) else v
+                )
+                for k, v in raw.items()
+            }
+        return servers
 
     def disconnect(self) -> None:
         """Close this thread's connections (they reopen on next use)."""
@@ -173,6 +142,27 @@ class ClientPool:
         self.health.reset_after_fork()
 
 
+class UnconfiguredPool:
+    """The pool of a cache whose settings are invalid (``ImproperlyConfigured``
+    naming the setting): every call that would talk to memcached raises that
+    error; closing has nothing to close."""
+
+    servers: list[Any] = []
+    client_kwargs: dict[str, Any] = {}
+    hits = misses = 0
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def client(self) -> Any:
+        raise self.error
+
+    server_clients = server_stats = client
+
+    def disconnect(self) -> None:
+        pass
+
+
 def _readable(sock: Any) -> bool:
     try:
         if hasattr(select, "poll"):
@@ -186,12 +176,48 @@ def _readable(sock: Any) -> bool:
 
 def drop_closed_connections() -> int:
     """``drop_closed()`` on every pool of the process, for the calling thread."""
-    return sum(pool.drop_closed() for pool in list(_all_pools))
+    return sum(pool.drop_closed() for pool in _pools.values())
 
 
-_registry: dict[Any, ClientPool] = {}
-_registry_lock = threading.Lock()
-_all_pools: weakref.WeakSet[ClientPool] = weakref.WeakSet()
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Process-wide objects by key, each built once (``get``).
+
+    After ``os.fork()`` the child gets a fresh lock (another parent thread may
+    have held it) and ``after_fork(obj)`` runs on every object, so nothing the
+    parent's threads own is used by the child.
+    """
+
+    def __init__(self, after_fork: Callable[[T], None]) -> None:
+        self._items: dict[Hashable, T] = {}
+        self._lock = threading.Lock()
+        self._after_fork = after_fork
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset_after_fork)
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """Return the object for ``key``, building it with ``build()`` once."""
+        item = self._items.get(key)
+        if item is None:
+            with self._lock:
+                item = self._items.get(key)
+                if item is None:
+                    item = self._items[key] = build()
+        return item
+
+    def values(self) -> list[T]:
+        """Every object built so far."""
+        return list(self._items.values())
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        for item in self.values():
+            self._after_fork(item)
+
+
+_pools: Registry[ClientPool] = Registry(ClientPool._after_fork_in_child)
 
 
 def _freeze(value: Any) -> Any:
@@ -210,38 +236,4 @@ def get_pool(
         tuple(servers),
         tuple(sorted((k, _freeze(v)) for k, v in client_kwargs.items())),
     )
-    pool = _registry.get(key)
-    if pool is None:
-        with _registry_lock:
-            pool = _registry.get(key)
-            if pool is None:
-                pool = _registry[key] = ClientPool(servers, client_kwargs)
-                _all_pools.add(pool)
-    return pool
-
-
-def _reset_after_fork() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()  # another parent thread may have held it
-    for pool in list(_all_pools):
-        pool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def default_deadline(options: dict[str, Any], client_kwargs: dict[str, Any]) -> Any:
-    """The ``DEADLINE`` in seconds: ``OPTIONS["DEADLINE"]`` when given (``None``
-    turns it off), else ``connect_timeout + timeout`` (2.0 s with the defaults:
-    one connect plus one full read, so the deadline never cuts shorter than the
-    per-socket timeouts, while a trickling server cannot stretch a call past
-    it); ``None`` if either timeout is ``None``.
-    """
-    if "DEADLINE" in options:
-        return options["DEADLINE"]
-    connect = client_kwargs.get("connect_timeout")
-    timeout = client_kwargs.get("timeout")
-    if connect is None or timeout is None:
-        return None
-    return float(connect) + float(timeout)
+    return _pools.get(key, lambda: ClientPool(servers, client_kwargs))
