@@ -16,14 +16,20 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from . import herd, keys
-from .async_api import AsyncMethods
+from .asyncapi import AsyncCacheMethods
 from .client.deadline import deadline_scope, end_deadline_scope
-from .client.pool import ClientPool, drop_closed_connections, get_pool
-from .conf import BackendOptions, parse_location
+from .client.pool import (
+    ClientPool,
+    UnconfiguredPool,
+    drop_closed_connections,
+    get_pool,
+)
+from .conf import BackendOptions, alias_message, parse_location
 from .fallback import FallbackPool, get_fallback_pool
 from .policy import get_policy
 from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
@@ -45,8 +51,6 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
-    #: ``(outcome, seconds waited)`` of a protected ``get_or_set`` (``herd``),
-    #: handed to the telemetry's ``finish``.
     herd: tuple[str, float] | None = None
 
 
@@ -197,13 +201,15 @@ def _drop_closed_connections(**kwargs: Any) -> None:
 request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
-class OCMemcacheCache(AsyncMethods, BaseCache):
+class OCMemcacheCache(AsyncCacheMethods, BaseCache):
     """A Django cache backend for memcached with tracing, metrics and failure policy.
 
     ``server`` is Django's ``LOCATION``: a string of servers joined by ``;`` or
     ``,`` (``"127.0.0.1:11211"``, ``"unix:/path"``, ``"[::1]:11211"``) or a list.
-    ``params`` is the rest of the ``CACHES`` entry. Raises
-    ``ImproperlyConfigured`` naming the setting at fault.
+    ``params`` is the rest of the ``CACHES`` entry. An invalid entry does not
+    raise here (Django's own cache checks build every cache before ours run):
+    ``config_error`` holds the one-line ``ImproperlyConfigured`` naming
+    ``CACHES['<alias>']`` and the setting, and every cache call raises it.
 
     Rules shared by every method (Django's cache contract, memcached's limits):
 
@@ -226,11 +232,33 @@ class OCMemcacheCache(AsyncMethods, BaseCache):
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
+        try:
+            self._configure(server, params)
+        except ImproperlyConfigured as exc:
+            # Django's own cache checks build every cache (caches[alias]) before
+            # ours can report a bad entry: keep the error for the first call, so
+            # `manage.py check` shows django_ocmemcache.E001, not a traceback.
+            self._unusable(alias_message(str(exc), server, params))
+
+    def _unusable(self, message: str) -> None:
+        error = ImproperlyConfigured(message)
+        self.config_error: ImproperlyConfigured | None = error
+        self._options = BackendOptions()
+        self._servers: list[Any] = []
+        self._pool: ClientPool | FallbackPool = UnconfiguredPool(error)  # type: ignore[assignment]
+        self._errors = get_policy(self._pool, False)
+        self._deadline: float | None = None
+        self._key_prefix = b""
+        self._herd = herd.Options.of(self._options)
+        self._telemetry = None
+
+    def _configure(self, server: Any, params: dict[str, Any]) -> None:
+        self.config_error = None
         self._options = options = BackendOptions.from_params(params)
         self._servers = parse_location(server)
         kwargs = dict(options.client_kwargs)
         kwargs.setdefault("serde", load_serde(options.serializer))
-        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        self._pool = get_pool(self._servers, kwargs)
         if options.fallback_location is not None:
             fallback = options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
@@ -445,29 +473,20 @@ class OCMemcacheCache(AsyncMethods, BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``. On a miss one caller (any thread, process, host)
-        runs it, the others wait up to ``HERD_WAIT`` s for its value (herd.py).
-        """
+        against ``DEADLINE``. On a miss only one caller runs it (``herd.py``)."""
         opts = self._herd
-        if opts.recache_within is not None and opts.wait and callable(default):
-            return self._protected(herd.get_or_recache, key, default, timeout, version)
-        value = self.get(key, _MISSING, version=version)
-        if value is not _MISSING:
-            return value
-        if opts.wait and callable(default):
-            return self._protected(herd.get_or_wait, key, default, timeout, version)
-        if callable(default):
-            default = self._run_outside_call(default)
-        self.add(key, default, timeout=timeout, version=version)
-        # Read again: another caller may have added a value since the get().
-        return self.get(key, default, version=version)
-
-    def _protected(self, run: Any, key: Any, default: Any, timeout: Any,
-                   version: int | None) -> Any:  # fmt: skip
-        """``get_or_set`` through ``herd``: ``run`` is ``herd.get_or_wait``
-        (a miss) or ``herd.get_or_recache`` (``RECACHE_WITHIN``)."""
+        if opts.recache_within is None or not (opts.wait and callable(default)):
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+            if not (opts.wait and callable(default)):
+                if callable(default):
+                    default = self._run_outside_call(default)
+                self.add(key, default, timeout=timeout, version=version)
+                # Read again: another caller may have added a value since the get().
+                return self.get(key, default, version=version)
         request = herd.Request(self, key, default, timeout, version)
-        value, outcome, waited = run(request, self._herd)
+        value, outcome, waited = herd.get_or_set(request, opts)
         if outcome is not None and self._telemetry is not None:
             _state.herd = (outcome, waited)  # the call state only feeds telemetry
         return value
@@ -482,16 +501,7 @@ class OCMemcacheCache(AsyncMethods, BaseCache):
             st.depth, st.hits, st.misses, st.error, st.herd = saved
             deadline_scope(self._deadline)  # the rest of the call starts afresh
 
-    @operation("invalidate", _false)
-    def invalidate(
-        self, key: Any, stale_for: int = 30, version: int | None = None
-    ) -> bool:
-        """Delete ``key`` for every reader, but serve its value to ``get_or_set``
-        callers for up to ``stale_for`` seconds (int, 1 to 30 days, else
-        ``ValueError``) while one of them recomputes it (docs/stampede.md).
-        Return True if ``key`` existed. Without meta commands, ``delete``."""
-        kept = herd.keep_stale_copy(self, key, stale_for, version)
-        return self.delete(key, version=version) or kept
+    invalidate = operation("invalidate", _false)(herd.invalidate)
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:

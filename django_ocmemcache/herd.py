@@ -194,13 +194,24 @@ def check_stale_for(stale_for: Any) -> None:
         )
 
 
-def keep_stale_copy(cache: Any, key: Any, stale_for: Any, version: int | None) -> bool:
-    """``invalidate``'s first half: copy the value of ``key`` (of ``cache``,
-    an ``OCMemcacheCache``) to its stale item; True if there was one."""
+def invalidate(
+    cache: Any, key: Any, stale_for: int = 30, version: int | None = None
+) -> bool:
+    """Delete ``key`` for every reader, but serve its value to ``get_or_set``
+    callers for up to ``stale_for`` seconds while one of them recomputes it.
+    Return True if ``key`` existed.
+
+    ``get``/``has_key``/``get_many`` (and Django's backend) see a miss at once,
+    as after ``delete``. ``stale_for``: int seconds, 1 to 30 days, else
+    ``ValueError``. Without meta commands (twemproxy, memcached < 1.6) this is
+    ``delete``. ``OCMemcacheCache.invalidate`` is this function (``cache`` is
+    the backend); see docs/stampede.md.
+    """
     check_stale_for(stale_for)
     full = cache._key(key, version)
     client = getattr(cache._pool, "new", cache._pool).client()
-    return client.run_meta(full, keep_stale, full, stale_for) is True
+    kept = client.run_meta(full, keep_stale, full, stale_for) is True
+    return bool(cache.delete(key, version=version)) or kept
 
 
 def keep_stale(node: Any, key: str | bytes, stale_for: int) -> Any:
@@ -289,6 +300,15 @@ class Request:
 #: What a protected call returns: the value, the outcome (one of the names
 #: above, None for a plain hit) and the seconds spent waiting.
 Result = tuple[Any, str | None, float]
+
+
+def get_or_set(req: Request, opts: Options) -> Result:
+    """A protected ``get_or_set`` after the backend's own checks: with
+    ``RECACHE_WITHIN`` the whole call (``get_or_recache``), else its miss
+    (``get_or_wait``)."""
+    if opts.recache_within is not None:
+        return get_or_recache(req, opts)
+    return get_or_wait(req, opts)
 
 
 def get_or_wait(req: Request, opts: Options) -> Result:

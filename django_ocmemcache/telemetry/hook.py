@@ -94,7 +94,7 @@ def tracing() -> Tracing:
 _VERSION_ARG = {
     "get": 2, "gets": 2, "add": 3, "set": 3, "touch": 2, "delete": 1, "incr": 2,
     "decr": 2, "get_or_set": 3, "has_key": 1, "cas": 4, "incr_version": 2,
-    "decr_version": 2,
+    "decr_version": 2, "invalidate": 2,
 }  # fmt: skip
 _SINGLE_READS = frozenset({"get", "gets", "has_key", "get_or_set"})
 _BATCH = frozenset({"get_many", "set_many", "delete_many"})

@@ -308,8 +308,10 @@ def test_herd_wait_zero_is_todays_behaviour(make_cache, memcached):
 def test_bad_settings_are_named(make_cache, memcached, options):
     from django.core.exceptions import ImproperlyConfigured
 
+    cache = make_cache(memcached.location, OPTIONS=options)
+    assert next(iter(options)) in str(cache.config_error)  # check E001 shows it
     with pytest.raises(ImproperlyConfigured, match=next(iter(options))):
-        make_cache(memcached.location, OPTIONS=options)
+        cache.get_or_set("k", lambda: 1)
 
 
 # -- RECACHE_WITHIN: a hot key never expires under load --------------------------

@@ -1,9 +1,12 @@
-"""The async variants of the cache API: each is the backend's own sync call.
+"""The async half of Django's cache API, for ``backend.OCMemcacheCache``.
 
 Django 5.2's ``BaseCache`` builds ``aincr``, ``aget_or_set``, ``aget_many`` …
 out of several ``aget``/``aset`` calls (``aincr`` is a get then a set, not
-atomic); here every async variant runs the one sync method in Django's sync
-thread (``sync_to_async(thread_sensitive=True)``), with its one span.
+atomic). ``AsyncCacheMethods`` replaces each with the backend's one sync call,
+run by ``sync_to_async`` in Django's sync thread: the same result, one span,
+one round trip per server, and an atomic ``aincr``.
+
+This module imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ def _async(name: str) -> Callable[..., Any]:
     return method
 
 
-class AsyncMethods:
-    """Mixed in before ``BaseCache``: its ``a<name>`` methods are replaced."""
+class AsyncCacheMethods:
+    """Mixin placed before ``BaseCache``: every ``a<name>`` is ``<name>`` run by
+    ``sync_to_async(thread_sensitive=True)``."""
 
     aadd = _async("add")
     aget = _async("get")
