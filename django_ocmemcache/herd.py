@@ -25,7 +25,7 @@ The value key therefore only ever holds what a plain ``set`` stores; the lock
 and the stale copy live beside it, on the same server, under keys no Django key
 can take: pymemcache's ``key_prefix``, then a ``\\x01`` control byte (which
 ``validate_key`` refuses in every cache key), then the key. ``warm-cache``
-never copies them (they are outside every cache's namespace).
+never copies them (``keys.is_wire_key`` refuses the control byte).
 
 Servers without meta commands (memcached < 1.6 answers ``mn`` with ``ERROR``,
 twemproxy closes the connection) are found out once per server and process,
