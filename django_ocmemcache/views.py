@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -42,9 +43,16 @@ def metrics(request: HttpRequest) -> HttpResponse:
     ``WWW-Authenticate: Bearer``; both settings apply when both are set. Only GET
     is allowed (``require_GET``: 405 otherwise, HEAD included); the response is
     never cached (``never_cache``). Raises ``ImproperlyConfigured`` for a bad
-    setting.
+    setting, and naming the ``[prometheus]`` extra when prometheus_client is not
+    installed.
     """
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            "django_ocmemcache.views.metrics needs prometheus_client: "
+            'pip install "django-ocmemcache[prometheus]"'
+        ) from exc
 
     from .conf import project_settings
     from .telemetry.metrics import metrics_registry

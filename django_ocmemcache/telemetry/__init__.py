@@ -13,8 +13,8 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
 - ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
 
-The names documented in README.md are importable from here:
-``django_ocmemcache.telemetry.flush``, ``metric_producer``,
+The names documented in docs/telemetry.md and docs/migration.md are importable
+from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
 ``enable_metrics_views``, ``root_span``.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 from .export import SpanQueue, flush, span_queues
 from .hook import CacheTelemetry, RequestSummary, current_summary, for_cache
 from .metrics import (
+    HERD,
     METRICS,
     MetricsStore,
     PrometheusCollector,
@@ -47,6 +48,7 @@ from .opencensus_stats import (
 from .tracing import Tracing, status_code
 
 __all__ = [
+    "HERD",
     "METRICS",
     "CacheTelemetry",
     "MetricProducer",

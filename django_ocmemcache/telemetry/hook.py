@@ -28,13 +28,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..conf import hash_node, project_settings
-from .metrics import METRICS, MetricKey, multiprocess_writer
+from .metrics import HERD, HERD_OUTCOMES, METRICS, MetricKey, multiprocess_writer
 from .opencensus import tracing as opencensus_tracing
 from .semconv import (
     ATTR_ALIAS,
     ATTR_BATCH_SIZE,
     ATTR_DB_SYSTEM,
     ATTR_DB_SYSTEM_NAME,
+    ATTR_HERD_OUTCOME,
+    ATTR_HERD_WAIT_MS,
     ATTR_HIT,
     ATTR_HITS,
     ATTR_IGNORED,
@@ -110,7 +112,7 @@ def tracing() -> Tracing:
 _VERSION_ARG = {
     "get": 2, "gets": 2, "add": 3, "set": 3, "touch": 2, "delete": 1, "incr": 2,
     "decr": 2, "get_or_set": 3, "has_key": 1, "cas": 4, "incr_version": 2,
-    "decr_version": 2,
+    "decr_version": 2, "invalidate": 2,
 }  # fmt: skip
 _SINGLE_READS = frozenset({"get", "gets", "has_key", "get_or_set"})
 _BATCH = frozenset({"get_many", "set_many", "delete_many"})
@@ -160,10 +162,13 @@ class CacheTelemetry:
 
     def finish(self, call: Call, hits: int, misses: int,
                raised: BaseException | None,
-               ignored: BaseException | None) -> None:  # fmt: skip
+               ignored: BaseException | None,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         """End ``call``: keys found and not found, the exception that leaves
         the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
-        miss (``ignored``), if any. Never raises. Runs on every call."""
+        miss (``ignored``), if any, and what stampede protection made of a
+        ``get_or_set`` (``(outcome, seconds waited)``, see ``herd``). Never
+        raises. Runs on every call."""
         try:
             name, span, t0 = call
             elapsed = _clock() - t0
@@ -173,11 +178,13 @@ class CacheTelemetry:
                 if key is None:
                     key = self.metric_key(name, err)
                 self.record(key, elapsed * 1000.0, hits, misses)
+                if herd is not None:
+                    HERD.record(self.alias or "unknown", herd[0])
             summary = _summary()
             if summary is not None:
                 summary.append((elapsed, hits, misses, err is not None))
             if span is not None:
-                self._close(name, span, hits, misses, err, err is ignored)
+                self._close(name, span, hits, misses, err, err is ignored, herd)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 
@@ -262,7 +269,8 @@ class CacheTelemetry:
         return "unknown"
 
     def _close(self, name: str, span: Any, hits: int, misses: int,
-               err: BaseException | None, ignored: bool) -> None:  # fmt: skip
+               err: BaseException | None, ignored: bool,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         tracing = self.tracing
         assert tracing is not None
         attrs: dict[str, Any] = {}
@@ -272,6 +280,11 @@ class CacheTelemetry:
             attrs[ATTR_HITS] = hits
             if hits + misses > 1:  # keys looked up (a generator has no len)
                 attrs[ATTR_BATCH_SIZE] = hits + misses
+        if herd is not None:
+            outcome, waited = herd
+            attrs[ATTR_HERD_OUTCOME] = outcome
+            if HERD_OUTCOMES.get(outcome, (None, None))[1] is not None:
+                attrs[ATTR_HERD_WAIT_MS] = round(waited * 1000.0, 3)
         if err is not None:
             tracing.mark_error(span, status_code(err), type(err).__name__)
             if ignored:

@@ -33,6 +33,7 @@ from .metrics import (
     _SUMSQ,
     METRICS,
     MetricsStore,
+    herd_series,
     lookup_totals,
 )
 from .semconv import (
@@ -116,6 +117,16 @@ class MetricProducer:
             out.append(m.Metric(md.MetricDescriptor(
                 MEASURE_CALLS, "Cache calls", "1",
                 kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
+        for name, description, label_names, rows in herd_series():
+            if rows:
+                out.append(m.Metric(md.MetricDescriptor(
+                    name, description, "1", kind.CUMULATIVE_INT64,
+                    [LabelKey(k, "") for k in label_names]), [
+                        time_series.TimeSeries(
+                            [LabelValue(v) for v in values],
+                            [point.Point(value.ValueLong(n), now)], start)
+                        for values, n in rows
+                    ]))  # fmt: skip
         if lookups:
             lkeys = [LabelKey(k, "") for k in LOOKUP_TAG_KEYS]
             out.append(m.Metric(md.MetricDescriptor(

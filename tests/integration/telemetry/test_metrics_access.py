@@ -80,19 +80,19 @@ def run_deploy_checks() -> str:
 
 
 def test_deploy_check_warns_when_metrics_is_routed_without_restriction(site):
-    assert "django_ocmemcache.W005" in run_deploy_checks()
+    assert "django_ocmemcache.W006" in run_deploy_checks()
     site.OCMEMCACHE = {"METRICS_BEARER_TOKEN": TOKEN}
-    assert "django_ocmemcache.W005" not in run_deploy_checks()
+    assert "django_ocmemcache.W006" not in run_deploy_checks()
     site.OCMEMCACHE = {"METRICS_ALLOWED_NETWORKS": ["10.0.0.0/8"]}
-    assert "django_ocmemcache.W005" not in run_deploy_checks()
+    assert "django_ocmemcache.W006" not in run_deploy_checks()
 
 
 def test_no_deploy_warning_when_metrics_is_not_routed(site):
     site.ROOT_URLCONF = "tests.urls"
-    assert "django_ocmemcache.W005" not in run_deploy_checks()
+    assert "django_ocmemcache.W006" not in run_deploy_checks()
 
 
 def test_no_warning_without_deploy(site):
     out = io.StringIO()
     call_command("check", stdout=out)
-    assert "W005" not in out.getvalue()
+    assert "W006" not in out.getvalue()
