@@ -62,6 +62,8 @@ def test_networks_and_token_both_apply(site):
         ({"METRICS_ALLOWED_NETWORKS": "10.0.0.0/8"}, "list"),
         ({"METRICS_BEARER_TOKEN": ""}, "METRICS_BEARER_TOKEN"),
         ({"METRICS_BEARER_TOKEN": 12}, "METRICS_BEARER_TOKEN"),
+        ({"METRICS_FLUSH_INTERVAL": 0}, "METRICS_FLUSH_INTERVAL"),
+        ({"FOLLOW_PARENT_SAMPLED": "no"}, "FOLLOW_PARENT_SAMPLED"),
     ],
 )
 def test_bad_settings_are_named(site, conf, message):

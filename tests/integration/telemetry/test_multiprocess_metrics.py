@@ -139,3 +139,20 @@ def test_workers_sum_and_counters_never_go_down(gunicorn_site):
     finally:
         if prom is not None:
             prom.stop()
+
+
+def test_prometheus_register_is_skipped_in_multiprocess_mode(
+    site, monkeypatch, tmp_path
+):
+    """A MultiProcessCollector on the default registry already reads our files:
+    registering the in-process collector too would count every call twice."""
+    from prometheus_client import REGISTRY
+
+    from django_ocmemcache.telemetry import metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "_default_registered", False)
+    site.OCMEMCACHE = {"PROMETHEUS_REGISTER": True}
+    before = set(REGISTRY._collector_to_names)
+    metrics.install()
+    assert set(REGISTRY._collector_to_names) == before
