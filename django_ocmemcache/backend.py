@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import pymemcache
+import pymemcache.exceptions
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
@@ -31,6 +34,7 @@ from .client import (
 )
 from .conf import BackendOptions
 from .errors import get_policy
+from .exceptions import NonNumericValue
 from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
 
@@ -232,10 +236,18 @@ class OCMemcacheCache(BaseCache):
       ``ValueError``). Values that cannot be pickled always raise.
     """
 
+    #: The client library, as on Django's ``PyMemcacheCache`` (code and tests
+    #: written for it read ``cache._lib.exceptions``).
+    _lib = pymemcache
+    #: The class of ``_cache`` (Django's backend: ``pymemcache.HashClient``).
+    _class = nodes.ShardedClient
+
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
         self._options = BackendOptions.from_params(params)
-        self._servers = parse_location(server)
+        # LOCATION split as Django's backend splits it (Django's suite reads it).
+        self._servers = re.split("[;,]", server) if isinstance(server, str) else server
+        self._server_specs = parse_location(server)
         kwargs = dict(self._options.client_kwargs)
         if "serde" in kwargs and self._options.serializer is not None:
             raise ImproperlyConfigured(
@@ -245,7 +257,7 @@ class OCMemcacheCache(BaseCache):
         # pymemcache's ignore_exc would swallow programming errors too; it is
         # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
         ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
-        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        self._pool: ClientPool | FallbackPool = get_pool(self._server_specs, kwargs)
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
@@ -265,9 +277,15 @@ class OCMemcacheCache(BaseCache):
     @property
     def client_servers(self) -> list[Any]:
         """The parsed servers of ``LOCATION`` (tuples, or unix socket paths)."""
-        return list(self._servers)
+        return list(self._server_specs)
 
     def _client(self) -> Any:
+        return self._pool.client()
+
+    @property
+    def _cache(self) -> Any:
+        """This thread's client (Django's backend: its ``HashClient``), with
+        pymemcache's method names; calls on it bypass telemetry and policy."""
         return self._pool.client()
 
     def _key(self, key: Any, version: int | None) -> str | bytes:
@@ -396,7 +414,7 @@ class OCMemcacheCache(BaseCache):
         exptime = self.get_backend_timeout(timeout)
         values = {k: v for k, (_, v) in safe.items()}
         try:
-            failed = self._client().set_many(values, exptime)
+            failed = self._client().set_multi(values, exptime)
         except MemcacheServerError as exc:
             if not _is_too_large(exc):
                 raise
@@ -438,7 +456,9 @@ class OCMemcacheCache(BaseCache):
             else:
                 value = client.incr(wire_key, delta)
         except MemcacheClientError as exc:
-            raise ValueError(f"Cannot increment key {key!r}: {_reason(exc)}") from None
+            raise NonNumericValue(
+                f"Cannot increment key {key!r}: {_reason(exc)}"
+            ) from None
         # None: memcached NOT_FOUND. False: HashClient skipped a failing server
         # (within pymemcache's retry_timeout); never report that as the value 0.
         if value is None or value is False:

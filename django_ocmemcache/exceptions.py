@@ -7,11 +7,13 @@ catches it keeps working when switching from Django's memcached backend.
 from __future__ import annotations
 
 from django.core.cache.backends.base import InvalidCacheKey
+from pymemcache.exceptions import MemcacheClientError
 
 __all__ = [
     "BadReply",
     "DeadlineExceeded",
     "InvalidCacheKey",
+    "NonNumericValue",
     "OCMemcacheError",
     "ServerUnavailable",
 ]
@@ -33,3 +35,11 @@ class BadReply(OCMemcacheError, ConnectionError):
     """Raised when a server's reply breaks the protocol's bounds (a line over
     ``MAX_LINE_BYTES`` or a value over ``MAX_VALUE_BYTES``); the connection is
     dropped."""
+
+
+class NonNumericValue(OCMemcacheError, MemcacheClientError, ValueError):
+    """Raised when ``incr``/``decr`` meet a value that is not a decimal number
+    (memcached: ``CLIENT_ERROR cannot increment or decrement non-numeric
+    value``). Both pymemcache's ``MemcacheClientError`` (what Django's
+    ``PyMemcacheCache`` lets out) and a ``ValueError`` (what Django's cache API
+    raises for a key ``incr`` cannot use)."""

@@ -363,6 +363,8 @@ class ShardedClient:
         hasher: Any = RendezvousHash,
     ) -> None:
         self.health = health
+        #: The per-server client arguments (``HashClient.default_kwargs``).
+        self.default_kwargs = client_kwargs
         self.clients: dict[str, GuardedClient] = {}
         self._names: dict[str, str] = {}
         for server, name in zip(servers, names, strict=True):
@@ -482,6 +484,8 @@ class ShardedClient:
         the other servers' hits as ``exc.partial_result``."""
         return self._fetch_many("get_many", keys, *args, **kwargs)
 
+    get_multi = get_many
+
     def gets_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
         return self._fetch_many("gets_many", keys, *args, **kwargs)
 
@@ -512,6 +516,8 @@ class ShardedClient:
             raise error
         return failed
 
+    set_multi = set_many
+
     def delete_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> bool:
         """Delete on every server holding some of ``keys``; a failed server
         does not stop the others (its error is raised afterwards)."""
@@ -519,6 +525,8 @@ class ShardedClient:
         if error is not None:
             raise error
         return True
+
+    delete_multi = delete_many
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         results: dict[str, Any] = {}

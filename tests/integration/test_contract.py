@@ -21,6 +21,7 @@ import pickle
 import threading
 import zlib
 
+import pymemcache
 import pytest
 from django.core.cache.backends.base import InvalidCacheKey
 from django.http import HttpResponse
@@ -199,10 +200,21 @@ class CacheContract:
             other.incr("hits")
         assert self.cache.get("hits") == 10
 
+    def test_incr_non_numeric_raises_the_librarys_client_error(self):
+        # Django's own suite: incr_decr_type_error = cache._lib.exceptions.
+        # MemcacheClientError (ours raises a subclass that is a ValueError too).
+        assert self.cache._lib is pymemcache
+        self.cache.set("null", None)
+        with pytest.raises(self.cache._lib.exceptions.MemcacheClientError):
+            self.cache.incr("null")
+        with pytest.raises(MemcacheClientError):
+            self.cache.decr("null")
+
     @pytest.mark.difference(
         django_raises=MemcacheClientError,
         reason="Django lets pymemcache's MemcacheClientError out of incr on a "
-        "non-number; ours raises ValueError naming the key",
+        "non-number; ours raises a subclass of it that is also a ValueError "
+        "(Django's cache API error for a key incr cannot use), naming the key",
     )
     def test_incr_non_numeric_raises_value_error(self):
         self.cache.set("null", None)
@@ -417,6 +429,20 @@ class CacheContract:
         # memcached doesn't allow whitespace or control characters in keys.
         for key in ["key with spaces", "tab\there", "new\nline", "nul\x00", "del\x7f"]:
             self._assert_every_method_refuses(key)
+
+    def test_invalid_key_message_is_djangos(self):
+        # Django's text (memcache_key_warnings) exactly; ours puts what is
+        # wrong in bytes in exc.detail.
+        for key, warning in [
+            ("a" * 248, "Cache key will cause errors if used with memcached: "
+                        "%r (longer than 250)"),
+            ("key with spaces", "Cache key contains characters that will cause "
+                                "errors if used with memcached: %r"),
+        ]:  # fmt: skip
+            for method, args in [("get", [key]), ("set_many", [{key: 1}])]:
+                with pytest.raises(InvalidCacheKey) as info:
+                    getattr(self.cache, method)(*args)
+                assert str(info.value) == warning % self.cache.make_key(key)
 
     def test_invalid_key_length(self):
         self._assert_every_method_refuses("a" * 251)
