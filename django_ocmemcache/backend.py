@@ -9,6 +9,7 @@ pymemcache) and storing values byte for byte the same way, so a site can switch
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 import threading
@@ -74,7 +75,6 @@ def operation(
     """
 
     def decorate(fn: F) -> F:
-        @functools.wraps(fn)
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
             st = _state
             if st.depth:
@@ -122,10 +122,21 @@ def operation(
                 st.depth = 0
                 nodes.end_deadline_scope()
 
+        _present_as(wrapper, fn)
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _present_as(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> None:
+    """Give ``wrapper`` the name, docstring and signature of ``fn``, but no
+    ``__wrapped__``: ``inspect.unwrap`` (and tools that patch cache methods,
+    e.g. django-debug-toolbar's cache panel) must not reach the bare method,
+    which would skip telemetry and ``IGNORE_EXCEPTIONS``."""
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(wrapper, attr, getattr(fn, attr))
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
 
 
 def _default_arg(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:

@@ -17,6 +17,7 @@ TTL) instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import pickle
 import threading
 import zlib
@@ -682,6 +683,33 @@ class CacheContract:
 
         asyncio.run(scenario())
         assert self.ttl("f") is None  # cleared
+
+    # -- the methods as tools see them --------------------------------------------
+
+    PUBLIC = ["add", "get", "set", "touch", "delete", "get_many", "set_many",
+              "delete_many", "incr", "decr", "get_or_set", "has_key",
+              "incr_version", "decr_version", "clear"]  # fmt: skip
+
+    def test_public_methods_unwrap_to_themselves(self):
+        # inspect.unwrap (django-debug-toolbar's cache panel, mock.patch with
+        # autospec) must not reach a bare function that skips the backend's own
+        # handling; name and signature are Django's.
+        from django.core.cache.backends.base import BaseCache
+
+        for name in self.PUBLIC:
+            method = getattr(self.cache, name)
+            assert not hasattr(method, "__wrapped__"), name
+            assert inspect.unwrap(method) == method, name
+            assert method.__name__ == name
+            ours = list(inspect.signature(method).parameters)
+            djangos = list(inspect.signature(getattr(BaseCache, name)).parameters)
+            assert ours == djangos[1:], name  # without self
+
+    @pytest.mark.extra
+    def test_unwrapped_method_keeps_the_error_policy(self, make_cache):
+        cache = make_cache("127.0.0.1:1", OPTIONS={"IGNORE_EXCEPTIONS": True})
+        assert inspect.unwrap(cache.get)("k", "dflt") == "dflt"
+        assert cache.get.__doc__.startswith("Return the value for ``key``")
 
     # -- Django features on top of the cache ---------------------------------------
 
