@@ -65,13 +65,17 @@ _state = _CallState()
 
 
 def operation(
-    name: str, on_failure: Callable[..., Any] | None = None
+    name: str,
+    on_failure: Callable[..., Any] | None = None,
+    on_skip: Callable[..., Any] | None = None,
 ) -> Callable[[F], F]:
     """Mark a public cache method: one telemetry span for the outermost call,
     and the ``IGNORE_EXCEPTIONS`` policy at every depth.
 
     ``on_failure(self, *args, **kwargs)`` gives the method's result when an I/O
-    failure is ignored (``None`` when the method has nothing to return).
+    failure is ignored (``None`` when the method has nothing to return);
+    ``on_skip`` (default ``on_failure``) when the call is skipped because its
+    server is marked down (see ``errors.ErrorPolicy.handle``).
     """
 
     def decorate(fn: F) -> F:
@@ -83,7 +87,7 @@ def operation(
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
                     return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
+                        name, exc, on_failure, self, args, kwargs, on_skip
                     )
                 finally:
                     st.depth -= 1
@@ -95,7 +99,7 @@ def operation(
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
                     return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
+                        name, exc, on_failure, self, args, kwargs, on_skip
                     )
                 finally:
                     st.depth = 0
@@ -108,7 +112,7 @@ def operation(
                     result = fn(self, *args, **kwargs)
                 except Exception as exc:
                     result = self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
+                        name, exc, on_failure, self, args, kwargs, on_skip
                     )
             except BaseException as exc:
                 if call is not None:
@@ -272,7 +276,9 @@ class OCMemcacheCache(BaseCache):
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = get_policy(self._pool, ignore)
+        self._errors = get_policy(
+            self._pool, ignore, self._options.raise_while_down
+        )
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
         self._telemetry = self._load_telemetry(server, params)
 
@@ -452,7 +458,9 @@ class OCMemcacheCache(BaseCache):
         if wire_keys:
             self._client().delete_many(wire_keys)
 
-    @operation("incr", _missing_key)
+    # Skipped while the server is down: False, as HashClient answers under
+    # Django's backend (whose incr returns it as is).
+    @operation("incr", _missing_key, _false)
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Add ``delta`` atomically on the server; return the new value.
 
@@ -476,7 +484,7 @@ class OCMemcacheCache(BaseCache):
             raise ValueError(f"Key {key!r} not found")
         return int(value)
 
-    @operation("decr", _missing_key)
+    @operation("decr", _missing_key, _false)
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Subtract ``delta`` atomically on the server; see ``incr``."""
         return self.incr(key, -delta, version=version)

@@ -61,6 +61,9 @@ class BackendOptions:
     label: str | None = None
     #: Old servers of a migration (see ``fallback.py``); ``None`` means no pair.
     fallback_location: Any = None
+    #: Raise ``ServerSkipped`` for a call to a server marked down, instead of
+    #: answering it as Django's backend does (a miss, ``False``).
+    raise_while_down: bool = False
     #: Whole-operation deadline in seconds; when the key is absent the backend
     #: uses ``connect_timeout + timeout`` (``client.default_deadline``), and an
     #: explicit ``None`` leaves only the per-socket timeouts.
@@ -106,7 +109,12 @@ class BackendOptions:
         return opts
 
     def _validate(self) -> None:
-        for name in ("persistent_connections", "ignore_exceptions", "trace_keys"):
+        for name in (
+            "persistent_connections",
+            "ignore_exceptions",
+            "trace_keys",
+            "raise_while_down",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ImproperlyConfigured(
                     f"OPTIONS[{name.upper()!r}] must be True or False, "

@@ -30,7 +30,7 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from .exceptions import ServerUnavailable
+from .exceptions import ServerSkipped, ServerUnavailable
 
 logger = logging.getLogger("django_ocmemcache")
 
@@ -101,8 +101,14 @@ class ErrorPolicy:
     instance (thread) of the same cache configuration, see ``get_policy``.
     """
 
-    def __init__(self, ignore: bool, log_interval: float = LOG_INTERVAL) -> None:
+    def __init__(
+        self,
+        ignore: bool,
+        log_interval: float = LOG_INTERVAL,
+        raise_while_down: bool = False,
+    ) -> None:
         self.ignore = ignore
+        self.raise_while_down = raise_while_down
         self.log_interval = log_interval
         self.ignored = 0
         self.ignored_by_server: Counter[str] = Counter()
@@ -116,11 +122,24 @@ class ErrorPolicy:
         cache: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        on_skip: Callable[..., Any] | None = None,
     ) -> Any:
-        """Re-raise ``exc`` unless the policy turns it into ``on_failure(...)``."""
+        """Re-raise ``exc`` unless the policy turns it into ``on_failure(...)``.
+
+        A call skipped because its server is marked down (``ServerSkipped``)
+        is answered with ``on_skip(...)`` (default: ``on_failure``), as
+        pymemcache's ``HashClient`` answers it under Django's backend, unless
+        ``raise_while_down``; ``ignore`` (``IGNORE_EXCEPTIONS``) takes
+        precedence.
+        """
         from .backend import _state
 
-        if not (self.ignore and is_io_error(exc)):
+        if self.ignore and is_io_error(exc):
+            why = "treated as a miss (IGNORE_EXCEPTIONS)"
+        elif isinstance(exc, ServerSkipped) and not self.raise_while_down:
+            why = "answered as a miss while the server is marked down"
+            on_failure = on_skip or on_failure
+        else:
             raise exc
         _state.error = exc
         server = server_of(exc)
@@ -129,12 +148,12 @@ class ErrorPolicy:
             self.ignored_by_server[server] += 1
         if _limiter.allow(server, self.log_interval):
             logger.warning(
-                "memcached %s on %s failed (%s: %s); treated as a miss "
-                "(IGNORE_EXCEPTIONS)",
+                "memcached %s on %s failed (%s: %s); %s",
                 method,
                 server,
                 type(exc).__name__,
                 _describe(exc),
+                why,
             )
         return on_failure(cache, *args, **kwargs) if on_failure else None
 
@@ -145,21 +164,24 @@ def _describe(exc: BaseException) -> str:
     return str(exc)[:120]  # socket, server-error and our own texts hold no key
 
 
-_policies: dict[tuple[int, bool], ErrorPolicy] = {}
+_policies: dict[tuple[int, bool, bool], ErrorPolicy] = {}
 _policies_lock = threading.Lock()
 
 
-def get_policy(owner: Any, ignore: bool) -> ErrorPolicy:
-    """The process-wide policy for ``owner`` (a ``ClientPool``) and ``ignore``.
+def get_policy(owner: Any, ignore: bool, raise_while_down: bool = False) -> ErrorPolicy:
+    """The process-wide policy for ``owner`` (a ``ClientPool``), ``ignore`` and
+    ``raise_while_down``.
 
     Django builds one backend instance per thread; sharing the policy makes
     the counters and the log rate per cache configuration, not per thread.
     """
-    key = (id(owner), ignore)
+    key = (id(owner), ignore, raise_while_down)
     policy = _policies.get(key)
     if policy is None:
         with _policies_lock:
-            policy = _policies.setdefault(key, ErrorPolicy(ignore))
+            policy = _policies.setdefault(
+                key, ErrorPolicy(ignore, raise_while_down=raise_while_down)
+            )
     return policy
 
 

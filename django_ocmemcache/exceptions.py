@@ -15,6 +15,7 @@ __all__ = [
     "InvalidCacheKey",
     "NonNumericValue",
     "OCMemcacheError",
+    "ServerSkipped",
     "ServerUnavailable",
 ]
 
@@ -25,6 +26,13 @@ class OCMemcacheError(Exception):
 
 class ServerUnavailable(OCMemcacheError, ConnectionError):
     """Raised when no memcached server can be reached for an operation."""
+
+
+class ServerSkipped(ServerUnavailable):
+    """Raised when a call is not sent because its server is marked down after a
+    failure (until its next probe). By default the backend answers such a call
+    as Django's ``PyMemcacheCache`` does (a miss, ``False``); with
+    ``OPTIONS["RAISE_WHILE_DOWN"]`` it raises this."""
 
 
 class DeadlineExceeded(OCMemcacheError, TimeoutError):

@@ -21,7 +21,8 @@ Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
   server is skipped for ``retry_timeout`` seconds (``dead_timeout`` after
   ``retry_attempts`` consecutive failures), then one caller probes it; while it
   is down at most one connection attempt per interval is made per process.
-  Skipped calls raise ``ServerUnavailable`` (a miss under ``IGNORE_EXCEPTIONS``).
+  Skipped calls raise ``ServerSkipped``; the backend answers them as Django's
+  backend does (a miss, ``False``) unless ``RAISE_WHILE_DOWN`` is set.
 - Keys are mapped to servers with pymemcache's ``RendezvousHash`` on the same
   node names and the same key text as ``HashClient`` under Django, so switching
   backends keeps the warm cache. A down server's keys are not moved to other
@@ -41,7 +42,7 @@ from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
 
 from .errors import is_io_error, is_tls_config_error
-from .exceptions import BadReply, DeadlineExceeded, ServerUnavailable
+from .exceptions import BadReply, DeadlineExceeded, ServerSkipped
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
 #: of at most 250 bytes and a few numbers; ``stats`` and metadump lines are short).
@@ -390,7 +391,7 @@ class ShardedClient:
         health = self.health
         if node in health.down and not health.available(node):
             name = self._names[node]
-            exc: Exception = ServerUnavailable(
+            exc: Exception = ServerSkipped(
                 f"memcached {name} is marked down after a failure; skipped until "
                 "its next probe"
             )
@@ -476,7 +477,8 @@ class ShardedClient:
             except Exception as exc:
                 if not is_io_error(exc):
                     raise
-                first = first or exc
+                if first is None or isinstance(first, ServerSkipped):
+                    first = exc  # a real failure says more than a skip
         return results, first
 
     def get_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:

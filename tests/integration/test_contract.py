@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import pickle
 import threading
+import time
 import zlib
 
 import pymemcache
@@ -33,11 +34,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymemcache.exceptions import (
     MemcacheClientError,
+    MemcacheError,
     MemcacheIllegalInputError,
     MemcacheServerError,
 )
 
+from django_ocmemcache.exceptions import ServerSkipped
 from tests.conftest import DJANGO_BACKEND, OUR_BACKEND
+from tests.memcached import free_port
 from tests.wire import raw_get, ttl
 
 pytestmark = pytest.mark.integration
@@ -80,6 +84,9 @@ class CacheContract:
         self.server = memcached
         self.make = lambda **params: make_cache(
             memcached.location, backend=self.backend, **params
+        )
+        self.make_at = lambda location, **params: make_cache(
+            location, backend=self.backend, **params
         )
         self.cache = self.make()
         self.v2 = self.make(VERSION=2)
@@ -683,6 +690,88 @@ class CacheContract:
 
         asyncio.run(scenario())
         assert self.ttl("f") is None  # cleared
+
+    # -- a server that fails (Django's backend: pymemcache HashClient) -----------
+
+    def _assert_answers_while_down(self, cache):
+        # What HashClient answers while a failed server waits for its retry
+        # (retry_timeout), and what apps written against it expect.
+        assert cache.add("k", 1, 60) is False
+        assert cache.incr("k") is False
+        assert cache.decr("k") is False
+        assert cache.get("k", "dflt") == "dflt"
+        assert cache.set("k", 1) is None
+        assert cache.delete("k") is False
+        assert cache.touch("k") is False
+        assert cache.has_key("k") is False
+        assert cache.get_many(["k", "j"]) == {}
+        assert sorted(cache.set_many({"k": 1, "j": 2})) == ["j", "k"]
+        assert cache.delete_many(["k", "j"]) is None
+        assert cache.get_or_set("k", "computed") == "computed"
+
+    def test_a_failed_server_raises_once_then_answers_misses(self):
+        cache = self.make_at(f"127.0.0.1:{free_port()}")  # nothing listens
+        with pytest.raises(ConnectionRefusedError):
+            cache.add("k", 1, 60)
+        self._assert_answers_while_down(cache)
+
+    def test_the_retry_raises_again_then_misses_again(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}", OPTIONS={"retry_timeout": 0.2}
+        )
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        assert cache.get("k", "dflt") == "dflt"
+        time.sleep(0.25)  # retry_timeout passed: the next call tries again
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        assert cache.get("k", "dflt") == "dflt"
+
+    def test_a_failed_server_among_several(self):
+        dead = f"127.0.0.1:{free_port()}"
+        cache = self.make_at([self.server.location, dead])
+        keys = [f"key{i}" for i in range(40)]
+        with pytest.raises(ConnectionRefusedError):
+            cache.set_many({k: k for k in keys})
+        failed = cache.set_many({k: k for k in keys})
+        assert 0 < len(failed) < len(keys)  # the live server stored its keys
+        stored = [k for k in keys if k not in failed]
+        assert cache.get_many(keys) == {k: k for k in stored}
+
+    @pytest.mark.difference(
+        django_raises=MemcacheError,
+        reason="after retry_attempts failures HashClient marks its only server "
+        "dead and raises MemcacheError('All servers seem to be down right now') "
+        "on every call for dead_timeout; ours keeps answering misses and probes "
+        "once per dead_timeout (keys of a dead server are never moved to other "
+        "servers, which would serve stale values once it is back)",
+    )
+    def test_a_dead_server_keeps_answering_misses(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}",
+            OPTIONS={"retry_timeout": 0.05, "retry_attempts": 2},
+        )
+        raised = 0
+        for _ in range(6):  # up to retry_attempts + 1 real attempts raise
+            try:
+                assert cache.get("k", "dflt") == "dflt"
+            except ConnectionRefusedError:
+                raised += 1
+            time.sleep(0.06)
+        assert raised >= 2
+        self._assert_answers_while_down(cache)
+
+    @pytest.mark.extra
+    def test_raise_while_down_raises_every_skipped_call(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}", OPTIONS={"RAISE_WHILE_DOWN": True}
+        )
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        for method, args in [("get", ["k"]), ("add", ["k", 1]), ("incr", ["k"])]:
+            with pytest.raises(ServerSkipped, match="marked down"):
+                getattr(cache, method)(*args)
+        assert issubclass(ServerSkipped, ConnectionError)
 
     # -- the methods as tools see them --------------------------------------------
 
