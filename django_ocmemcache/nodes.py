@@ -563,3 +563,15 @@ class ShardedClient:
 
     disconnect_all = close
     quit = close
+
+    def __del__(self) -> None:
+        # A thread's client goes when the thread ends (its threading.local
+        # entry is dropped): close the sockets now, not in the garbage
+        # collector with "ResourceWarning: unclosed socket". After a fork the
+        # child closes only its copies of the parent's descriptors (no
+        # shutdown, nothing sent), so the parent's connections are untouched.
+        try:
+            for client in self.clients.values():
+                client.close()
+        except Exception:
+            pass

@@ -17,15 +17,19 @@ TTL) instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import pickle
 import threading
 import time
+import warnings
 import zlib
 
 import pymemcache
 import pytest
+from django.core.cache import caches
 from django.core.cache.backends.base import InvalidCacheKey
+from django.core.signals import request_finished, request_started
 from django.http import HttpResponse
 from django.template import Context, Engine
 from django.test import RequestFactory
@@ -772,6 +776,40 @@ class CacheContract:
             with pytest.raises(ServerSkipped, match="marked down"):
                 getattr(cache, method)(*args)
         assert issubclass(ServerSkipped, ConnectionError)
+
+    # -- threads that end ------------------------------------------------------------
+
+    def _unclosed_sockets_after_threads(self, settings, work, n=10):
+        settings.CACHES = {
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            "mc": {"BACKEND": self.backend, "LOCATION": self.server.location},
+        }
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(n):  # runserver: one thread per request
+                t = threading.Thread(target=work)
+                t.start()
+                t.join(timeout=10)
+            gc.collect()
+        return [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+    def test_finished_request_threads_leave_no_unclosed_socket(self, settings):
+        def request():
+            request_started.send(sender=None)
+            caches["mc"].set("k", 1)
+            assert caches["mc"].get("k") == 1
+            request_finished.send(sender=None)  # Django closes every cache
+
+        assert self._unclosed_sockets_after_threads(settings, request) == []
+
+    @pytest.mark.extra
+    def test_finished_threads_close_their_kept_connections(self, settings):
+        # Ours keeps connections across requests: they close with the thread,
+        # not in the garbage collector (ResourceWarning: unclosed socket).
+        def call():
+            caches["mc"].set("k", 1)
+
+        assert self._unclosed_sockets_after_threads(settings, call) == []
 
     # -- the methods as tools see them --------------------------------------------
 
