@@ -35,7 +35,7 @@ from .client import (
 )
 from .conf import BackendOptions
 from .errors import get_policy
-from .exceptions import NonNumericValue
+from .exceptions import NonNumericValue, NotProxied
 from .fallback import FallbackPool, get_fallback_pool
 from .serializers import MISS, load_serde
 
@@ -273,6 +273,23 @@ class OCMemcacheCache(BaseCache):
         # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
         ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
         self._pool: ClientPool | FallbackPool = get_pool(self._server_specs, kwargs)
+        self._proxy_pool: ClientPool | None = None
+        if self._options.proxy is not None:
+            if self._options.fallback_location is not None:
+                raise ImproperlyConfigured(
+                    "OPTIONS sets both 'PROXY' and 'FALLBACK_LOCATION': the "
+                    "migration pair needs meta commands, which "
+                    f"{self._options.proxy} does not forward; migrate the servers "
+                    "behind the proxy instead"
+                )
+            if self._options.proxy_servers is not None:
+                try:
+                    behind = parse_location(self._options.proxy_servers)
+                except ImproperlyConfigured as exc:
+                    raise ImproperlyConfigured(
+                        f"OPTIONS['PROXY_SERVERS']: {exc}"
+                    ) from None
+                self._proxy_pool = get_pool(behind, kwargs)
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
@@ -298,6 +315,20 @@ class OCMemcacheCache(BaseCache):
 
     def _client(self) -> Any:
         return self._pool.client()
+
+    @property
+    def proxy(self) -> str | None:
+        """``OPTIONS["PROXY"]``: ``"twemproxy"``/``"mcrouter"`` when ``LOCATION``
+        is a proxy (commands it does not forward, like meta commands, must not
+        be sent), else ``None``."""
+        return self._options.proxy
+
+    def _not_proxied(self, call: str, command: str) -> NotProxied:
+        return NotProxied(
+            f"{call} needs memcached's {command}, which {self._options.proxy} "
+            f"(OPTIONS['PROXY']) does not forward: list the memcached servers "
+            "behind it in OPTIONS['PROXY_SERVERS'] to send it to each of them"
+        )
 
     @property
     def _cache(self) -> Any:
@@ -539,8 +570,18 @@ class OCMemcacheCache(BaseCache):
 
     @operation("clear")
     def clear(self) -> None:
-        """Flush every item on every server (memcached ``flush_all``), all prefixes."""
-        self._client().flush_all()
+        """Flush every item on every server (memcached ``flush_all``), all prefixes.
+
+        Behind a proxy (``OPTIONS["PROXY"]``), the servers of
+        ``OPTIONS["PROXY_SERVERS"]`` are flushed directly; without them
+        ``NotProxied`` is raised and nothing is sent.
+        """
+        if self._options.proxy is None:
+            self._client().flush_all()
+        elif self._proxy_pool is not None:
+            self._proxy_pool.client().flush_all()
+        else:
+            raise self._not_proxied("clear()", "flush_all")
 
     def close(self, **kwargs: Any) -> None:
         """Django calls this on ``request_finished``.
@@ -550,11 +591,13 @@ class OCMemcacheCache(BaseCache):
         are closed, as Django's ``PyMemcacheCache`` does.
         """
         if not self._options.persistent_connections:
-            self._pool.disconnect()
+            self.disconnect_all()
 
     def disconnect_all(self) -> None:
         """Close this thread's connections now (they reopen on next use)."""
         self._pool.disconnect()
+        if self._proxy_pool is not None:
+            self._proxy_pool.disconnect()
 
     # -- beyond Django's API ------------------------------------------------
 
@@ -602,9 +645,16 @@ class OCMemcacheCache(BaseCache):
         "totals": {stat: sum}, "process": {"hits": int, "misses": int}}``.
         Per-server stats are memcached's ``stats`` (``get_hits``,
         ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
+        Behind a proxy they are those of ``OPTIONS["PROXY_SERVERS"]``; without
+        them ``NotProxied`` is raised.
         """
+        pool: Any = self._pool
+        if self._options.proxy is not None:
+            if self._proxy_pool is None:
+                raise self._not_proxied("get_stats()", "stats")
+            pool = self._proxy_pool
         servers: dict[str, dict[str, Any]] = {}
-        for name, client in self._pool.server_clients().items():
+        for name, client in pool.server_clients().items():
             try:
                 raw = client.stats()
             except Exception as exc:  # one dead server must not hide the others

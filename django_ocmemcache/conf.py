@@ -30,6 +30,9 @@ CLIENT_DEFAULTS: dict[str, Any] = {
 #: that mean nothing to memcached; accepted and ignored.
 DJANGO_BASECACHE_KEYS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
 
+#: Values of ``OPTIONS["PROXY"]`` (``None``: LOCATION lists memcached servers).
+PROXIES = (None, "twemproxy", "mcrouter")
+
 
 def _client_kwarg_names() -> frozenset[str]:
     from pymemcache.client.base import Client
@@ -64,6 +67,13 @@ class BackendOptions:
     #: Raise ``ServerSkipped`` for a call to a server marked down, instead of
     #: answering it as Django's backend does (a miss, ``False``).
     raise_while_down: bool = False
+    #: The proxy ``LOCATION`` points at (``"twemproxy"`` or ``"mcrouter"``), or
+    #: ``None`` for memcached servers. Commands a proxy does not forward
+    #: (``flush_all``, ``stats``, meta commands) are then never sent to it.
+    proxy: str | None = None
+    #: The memcached servers behind the proxy (``LOCATION`` syntax), for
+    #: ``clear()`` and ``get_stats()``; only with ``PROXY``.
+    proxy_servers: Any = None
     #: Whole-operation deadline in seconds; when the key is absent the backend
     #: uses ``connect_timeout + timeout`` (``client.default_deadline``), and an
     #: explicit ``None`` leaves only the per-socket timeouts.
@@ -120,6 +130,16 @@ class BackendOptions:
                     f"OPTIONS[{name.upper()!r}] must be True or False, "
                     f"not {getattr(self, name)!r}"
                 )
+        if self.proxy not in PROXIES:
+            raise ImproperlyConfigured(
+                f"OPTIONS['PROXY'] must be one of {', '.join(map(repr, PROXIES))}, "
+                f"not {self.proxy!r}"
+            )
+        if self.proxy_servers is not None and self.proxy is None:
+            raise ImproperlyConfigured(
+                "OPTIONS['PROXY_SERVERS'] lists the servers behind a proxy; set "
+                "OPTIONS['PROXY'] too (e.g. 'twemproxy')"
+            )
         if self.label is not None and not isinstance(self.label, str):
             raise ImproperlyConfigured(
                 f"OPTIONS['LABEL'] must be a string, not {self.label!r}"

@@ -13,6 +13,7 @@ __all__ = [
     "BadReply",
     "DeadlineExceeded",
     "InvalidCacheKey",
+    "NotProxied",
     "NonNumericValue",
     "OCMemcacheError",
     "ServerSkipped",
@@ -33,6 +34,13 @@ class ServerSkipped(ServerUnavailable):
     failure (until its next probe). By default the backend answers such a call
     as Django's ``PyMemcacheCache`` does (a miss, ``False``); with
     ``OPTIONS["RAISE_WHILE_DOWN"]`` it raises this."""
+
+
+class NotProxied(OCMemcacheError, NotImplementedError):
+    """Raised when a call needs a memcached command that the proxy in front of
+    the servers (``OPTIONS["PROXY"]``) does not forward: ``flush_all``
+    (``clear()``) or ``stats`` (``get_stats()``) without
+    ``OPTIONS["PROXY_SERVERS"]``. Nothing is sent."""
 
 
 class DeadlineExceeded(OCMemcacheError, TimeoutError):

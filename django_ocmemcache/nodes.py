@@ -334,6 +334,22 @@ def _marks_down(exc: BaseException) -> bool:
     )
 
 
+#: Commands a proxy (twemproxy) answers by closing the connection.
+_NOT_PROXIED = frozenset({"flush_all", "stats"})
+
+
+def _hint_proxy(exc: BaseException, name: str, method: str) -> None:
+    hint = (
+        f"{name} closed the connection on {method} without a reply: if it is "
+        "a proxy (twemproxy does not forward flush_all or stats), set "
+        "OPTIONS['PROXY'] = 'twemproxy' and list the servers behind it in "
+        "OPTIONS['PROXY_SERVERS']"
+    )
+    exc.ocmemcache_hint = hint  # type: ignore[attr-defined]
+    if hasattr(exc, "add_note"):
+        exc.add_note(hint)
+
+
 def hash_node(server: Any) -> str:
     """pymemcache ``HashClient``'s node name: ``"host:port"`` or the socket path."""
     if isinstance(server, tuple):
@@ -409,7 +425,13 @@ class ShardedClient:
                 exc.ocmemcache_server = self._names[node]  # type: ignore[attr-defined]
             except AttributeError:
                 pass
-            if _marks_down(exc):
+            if method in _NOT_PROXIED and isinstance(
+                exc, MemcacheUnexpectedCloseError
+            ):
+                # twemproxy closes the connection on commands it does not
+                # forward: say so, and keep the server (the proxy) usable.
+                _hint_proxy(exc, self._names[node], method)
+            elif _marks_down(exc):
                 health.failed(node)
             raise
         if node in health.down:
