@@ -293,9 +293,7 @@ class OCMemcacheCache(BaseCache):
         if self._options.fallback_location is not None:
             fallback = self._options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = get_policy(
-            self._pool, ignore, self._options.raise_while_down
-        )
+        self._errors = get_policy(self._pool, ignore, self._options.raise_while_down)
         self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
         self._telemetry = self._load_telemetry(server, params)
 

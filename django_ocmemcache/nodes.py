@@ -425,9 +425,7 @@ class ShardedClient:
                 exc.ocmemcache_server = self._names[node]  # type: ignore[attr-defined]
             except AttributeError:
                 pass
-            if method in _NOT_PROXIED and isinstance(
-                exc, MemcacheUnexpectedCloseError
-            ):
+            if method in _NOT_PROXIED and isinstance(exc, MemcacheUnexpectedCloseError):
                 # twemproxy closes the connection on commands it does not
                 # forward: say so, and keep the server (the proxy) usable.
                 _hint_proxy(exc, self._names[node], method)
