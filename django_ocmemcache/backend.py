@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pymemcache
-import pymemcache.exceptions
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
@@ -242,13 +241,16 @@ class OCMemcacheCache(BaseCache):
     - ``timeout``: seconds (int or float); ``DEFAULT_TIMEOUT`` means ``TIMEOUT``,
       ``None`` never expires, ``0`` or less expires at once, over 30 days is
       sent as an absolute Unix time (``get_backend_timeout``).
-    - Failures to reach memcached raise ``ServerUnavailable`` /
-      ``ConnectionError`` (refused, reset, a server marked down),
-      ``DeadlineExceeded`` / ``TimeoutError`` (``timeout``, ``DEADLINE``) or
-      ``BadReply``; with ``OPTIONS["IGNORE_EXCEPTIONS"]`` they become misses
-      (``get``: ``default``; ``get_many``: the servers that answered;
-      ``add``/``delete``/``touch``/``cas``: ``False``; ``incr``/``decr``:
-      ``ValueError``). Values that cannot be pickled always raise.
+    - Failures to reach memcached raise the socket error (``ConnectionError``,
+      ``socket.gaierror``, …), ``DeadlineExceeded`` / ``TimeoutError``
+      (``timeout``, ``DEADLINE``) or ``BadReply``. While a server is marked
+      down, calls to it are not sent and answer as under Django's backend
+      (``get``: ``default``; ``add``/``delete``/``touch``/``cas``/``incr``/
+      ``decr``: ``False``), or raise ``ServerSkipped`` with
+      ``OPTIONS["RAISE_WHILE_DOWN"]``. With ``OPTIONS["IGNORE_EXCEPTIONS"]``
+      every I/O failure becomes a miss (``get_many``: the servers that
+      answered; ``incr``/``decr``: ``ValueError``). Values that cannot be
+      pickled always raise.
     """
 
     #: The client library, as on Django's ``PyMemcacheCache`` (code and tests

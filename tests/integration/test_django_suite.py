@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import django
@@ -38,7 +39,13 @@ def _fail_or_skip(reason: str) -> None:
 def django_cache_tests(request, tmp_path_factory) -> Path:
     """A directory holding Django's ``tests/cache`` package as ``cache/``."""
     version = django.__version__
-    downloads = Path(request.config.cache.mkdir("django-sdist"))
+    cache = getattr(request.config, "cache", None)  # None: -p no:cacheprovider
+    downloads = (
+        Path(cache.mkdir("django-sdist"))
+        if cache is not None
+        else Path(tempfile.gettempdir(), "django-ocmemcache-sdist")
+    )
+    downloads.mkdir(exist_ok=True)
     sdists = [p for p in downloads.glob("*.tar.gz") if version in p.name]
     if not sdists:
         proc = subprocess.run(
