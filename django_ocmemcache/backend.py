@@ -8,7 +8,6 @@ pymemcache) and storing values byte for byte the same way, so a site can switch
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import re
@@ -20,31 +19,24 @@ from typing import Any, TypeVar
 import pymemcache
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
-from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys, nodes
-from .client import (
-    ClientPool,
-    default_deadline,
-    drop_closed_connections,
-    get_pool,
-    parse_location,
-)
-from .conf import BackendOptions
-from .errors import get_policy
-from .exceptions import NonNumericValue, NotProxied
+from . import answers, keys
+from .client.deadline import deadline_scope, end_deadline_scope
+from .client.pool import ClientPool, drop_closed_connections, get_pool
+from .client.proxy import ProxiedServers
+from .client.sharded import ShardedClient
+from .conf import BackendOptions, parse_location
+from .exceptions import NonNumericValue
 from .fallback import FallbackPool, get_fallback_pool
+from .policy import get_policy
+from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
 from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: memcached reads an ``exptime`` over 30 days as a Unix timestamp
-#: (protocol.txt, "Expiration times").
-MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
 #: What a lookup yields for an absent key; serializers return it for a value
 #: that cannot be trusted or decoded, so those read as misses too.
@@ -71,11 +63,14 @@ def operation(
     """Mark a public cache method: one telemetry span for the outermost call,
     and the ``IGNORE_EXCEPTIONS`` policy at every depth.
 
-    ``on_failure(self, *args, **kwargs)`` gives the method's result when an I/O
-    failure is ignored (``None`` when the method has nothing to return);
-    ``on_skip`` (default ``on_failure``) when the call is skipped because its
-    server is marked down (see ``errors.ErrorPolicy.handle``).
+    ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
+    the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
+    return). The ignored failure is kept in ``_state.error`` (this module's
+    own per-call state) and handed to the telemetry's ``finish``. ``on_skip``
+    (default ``on_failure``) gives the result of a call skipped because its
+    server is marked down (``policy.ErrorPolicy.absorb``).
     """
+    handlers = (on_failure, on_skip or on_failure)
 
     def decorate(fn: F) -> F:
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
@@ -85,24 +80,20 @@ def operation(
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs, on_skip
-                    )
+                    return _failed(self, name, exc, handlers, args, kwargs)
                 finally:
                     st.depth -= 1
             st.depth = 1
-            nodes.deadline_scope(self._deadline)
+            deadline_scope(self._deadline)
             tel = self._telemetry
-            if tel is None:  # hits, misses, error and the hook only feed telemetry
+            if tel is None:  # hits, misses and the hook only feed telemetry
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs, on_skip
-                    )
+                    return _failed(self, name, exc, handlers, args, kwargs)
                 finally:
                     st.depth = 0
-                    nodes.end_deadline_scope()
+                    end_deadline_scope()
             st.hits = st.misses = 0
             st.error = None
             call = tel.start(self, name, args, kwargs)
@@ -110,20 +101,18 @@ def operation(
                 try:
                     result = fn(self, *args, **kwargs)
                 except Exception as exc:
-                    result = self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs, on_skip
-                    )
+                    result = _failed(self, name, exc, handlers, args, kwargs)
             except BaseException as exc:
                 if call is not None:
-                    call.finish(st, exc)
+                    call.finish(st.hits, st.misses, exc, st.error)
                 raise
             else:
                 if call is not None:
-                    call.finish(st, st.error)
+                    call.finish(st.hits, st.misses, None, st.error)
                 return result
             finally:
                 st.depth = 0
-                nodes.end_deadline_scope()
+                end_deadline_scope()
 
         _present_as(wrapper, fn)
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
@@ -133,67 +122,34 @@ def operation(
 
 
 def _present_as(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> None:
-    """Give ``wrapper`` the name, docstring and signature of ``fn``, but no
-    ``__wrapped__``: ``inspect.unwrap`` (and tools that patch cache methods,
-    e.g. django-debug-toolbar's cache panel) must not reach the bare method,
-    which would skip telemetry and ``IGNORE_EXCEPTIONS``."""
+    """``fn``'s name, docstring and signature, but no ``__wrapped__``: unwrapping
+    (debug-toolbar's cache panel) must not skip telemetry and the policy."""
     for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(wrapper, attr, getattr(fn, attr))
     wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
 
 
-def _default_arg(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
-    return kw.get("default", default)
-
-
-def _false(*args: Any, **kwargs: Any) -> bool:
-    return False
-
-
-def _wire_keys(self: Any, keys: Any, version: Any) -> dict[bytes, Any]:
-    return {self._key(k, version): k for k in keys}
-
-
-def _get_many_partial(self: Any, keys: Any, version: Any = None) -> dict[Any, Any]:
-    """The hits of the servers that answered (``exc.partial_result``, wire keys,
-    see ``nodes.ShardedClient``), under the caller's keys."""
-    partial = getattr(_state.error, "partial_result", None) or {}
-    wire = _wire_keys(self, keys, version) if partial else {}
-    return {wire[k]: v for k, v in partial.items() if k in wire and v is not MISS}
-
-
-def _set_many_partial(
-    self: Any, data: Any, timeout: Any = None, version: Any = None
-) -> list[Any]:
-    """Every key not stored (``exc.partial_result``), or all of them."""
-    partial = getattr(_state.error, "partial_result", None)
-    if partial is None:
-        return list(data)
-    wire = _wire_keys(self, data, version)
-    return [wire[k] for k in partial if k in wire]
-
-
-def _missing_key(self: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
-    raise ValueError(f"Key {key!r} not found (memcached unavailable)")
-
-
-def _gets_miss(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
-    return (kw.get("default", default), None)
-
-
-def _get_or_set_miss(self: Any, key: Any, default: Any, *a: Any, **kw: Any) -> Any:
-    return default() if callable(default) else default
+def _failed(
+    cache: OCMemcacheCache,
+    name: str,
+    exc: Exception,
+    handlers: tuple[Callable[..., Any] | None, Callable[..., Any] | None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The result of a call that failed with ``exc``: ``exc`` re-raised unless
+    the error policy ignores it, else ``handlers`` ``(on_failure, on_skip)``'s
+    (``None`` without one). It stays in ``_state.error`` for the span."""
+    skipped = cache._errors.absorb(name, exc)
+    _state.error = exc
+    handler = handlers[skipped]
+    return handler(cache, exc, *args, **kwargs) if handler else None
 
 
 def _reason(exc: Exception) -> str:
     """The server's reply in a pymemcache error, as text (it holds bytes)."""
     arg = exc.args[0] if exc.args else exc
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
-
-
-def _is_too_large(exc: MemcacheServerError) -> bool:
-    # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
-    return "too large" in str(exc)
 
 
 def _drop_closed_connections(**kwargs: Any) -> None:
@@ -253,50 +209,29 @@ class OCMemcacheCache(BaseCache):
       pickled always raise.
     """
 
-    #: The client library, as on Django's ``PyMemcacheCache`` (code and tests
-    #: written for it read ``cache._lib.exceptions``).
-    _lib = pymemcache
-    #: The class of ``_cache`` (Django's backend: ``pymemcache.HashClient``).
-    _class = nodes.ShardedClient
+    #: As on Django's ``PyMemcacheCache``: the library, the class of ``_cache``.
+    _lib, _class = pymemcache, ShardedClient
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
-        self._options = BackendOptions.from_params(params)
+        self._options = options = BackendOptions.from_params(params)
         # LOCATION split as Django's backend splits it (Django's suite reads it).
         self._servers = re.split("[;,]", server) if isinstance(server, str) else server
         self._server_specs = parse_location(server)
-        kwargs = dict(self._options.client_kwargs)
-        if "serde" in kwargs and self._options.serializer is not None:
-            raise ImproperlyConfigured(
-                "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
-            )
-        kwargs.setdefault("serde", load_serde(self._options.serializer))
-        # pymemcache's ignore_exc would swallow programming errors too; it is
-        # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
-        ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
+        kwargs = dict(options.client_kwargs)
+        kwargs.setdefault("serde", load_serde(options.serializer))
         self._pool: ClientPool | FallbackPool = get_pool(self._server_specs, kwargs)
-        self._proxy_pool: ClientPool | None = None
-        if self._options.proxy is not None:
-            if self._options.fallback_location is not None:
-                raise ImproperlyConfigured(
-                    "OPTIONS sets both 'PROXY' and 'FALLBACK_LOCATION': the "
-                    "migration pair needs meta commands, which "
-                    f"{self._options.proxy} does not forward; migrate the servers "
-                    "behind the proxy instead"
-                )
-            if self._options.proxy_servers is not None:
-                try:
-                    behind = parse_location(self._options.proxy_servers)
-                except ImproperlyConfigured as exc:
-                    raise ImproperlyConfigured(
-                        f"OPTIONS['PROXY_SERVERS']: {exc}"
-                    ) from None
-                self._proxy_pool = get_pool(behind, kwargs)
-        if self._options.fallback_location is not None:
-            fallback = self._options.fallback_location
+        #: Where flush_all/stats go when LOCATION is a proxy (None: no proxy).
+        self._proxied = ProxiedServers.for_options(options, kwargs)
+        if options.fallback_location is not None:
+            fallback = options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = get_policy(self._pool, ignore, self._options.raise_while_down)
-        self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
+        self._errors = get_policy(
+            self._pool, options.ignore_exceptions, options.raise_while_down
+        )
+        self._deadline = options.call_deadline
+        #: pymemcache's ``key_prefix`` option: on the wire before every key.
+        self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
 
     def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
@@ -317,24 +252,16 @@ class OCMemcacheCache(BaseCache):
         return self._pool.client()
 
     @property
-    def proxy(self) -> str | None:
-        """``OPTIONS["PROXY"]``: ``"twemproxy"``/``"mcrouter"`` when ``LOCATION``
-        is a proxy (commands it does not forward, like meta commands, must not
-        be sent), else ``None``."""
-        return self._options.proxy
-
-    def _not_proxied(self, call: str, command: str) -> NotProxied:
-        return NotProxied(
-            f"{call} needs memcached's {command}, which {self._options.proxy} "
-            f"(OPTIONS['PROXY']) does not forward: list the memcached servers "
-            "behind it in OPTIONS['PROXY_SERVERS'] to send it to each of them"
-        )
-
-    @property
     def _cache(self) -> Any:
         """This thread's client (Django's backend: its ``HashClient``), with
         pymemcache's method names; calls on it bypass telemetry and policy."""
         return self._pool.client()
+
+    @property
+    def proxy(self) -> str | None:
+        """``OPTIONS["PROXY"]`` (``"twemproxy"``, ``"mcrouter"``; else None):
+        never send a proxy what it does not forward (meta commands)."""
+        return self._options.proxy
 
     def _key(self, key: Any, version: int | None) -> str | bytes:
         full = self.make_key(key, version=version)
@@ -343,12 +270,6 @@ class OCMemcacheCache(BaseCache):
         # HashClient hashes the key's repr, so bytes would put keys on other
         # servers than Django's backend and lose a warm cache on a switch.
         return full
-
-    @functools.cached_property
-    def _key_prefix(self) -> bytes:
-        """pymemcache's ``key_prefix`` option: on the wire before every key."""
-        prefix = self._options.client_kwargs.get("key_prefix") or b""
-        return prefix.encode() if isinstance(prefix, str) else prefix
 
     def _lookups(self, hits: int, misses: int) -> None:
         pool = self._pool
@@ -384,7 +305,7 @@ class OCMemcacheCache(BaseCache):
 
     # -- Django's BaseCache API --------------------------------------------
 
-    @operation("add", _false)
+    @operation("add", answers.false)
     def add(
         self,
         key: Any,
@@ -399,11 +320,11 @@ class OCMemcacheCache(BaseCache):
                 self._client().add(key, value, self.get_backend_timeout(timeout))
             )
         except MemcacheServerError as exc:
-            if _is_too_large(exc):
+            if is_too_large(str(exc)):
                 return False
             raise
 
-    @operation("get", _default_arg)
+    @operation("get", answers.default_arg)
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         """Return the value for ``key``, or ``default`` on a miss (None is a value)."""
         value = self._client().get(self._key(key, version), _MISSING)
@@ -424,7 +345,7 @@ class OCMemcacheCache(BaseCache):
         """Store ``value``; if the server refuses it, the old value is deleted."""
         self._set_one(self._key(key, version), value, self.get_backend_timeout(timeout))
 
-    @operation("touch", _false)
+    @operation("touch", answers.false)
     def touch(
         self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
@@ -432,12 +353,12 @@ class OCMemcacheCache(BaseCache):
         key = self._key(key, version)
         return bool(self._client().touch(key, self.get_backend_timeout(timeout)))
 
-    @operation("delete", _false)
+    @operation("delete", answers.false)
     def delete(self, key: Any, version: int | None = None) -> bool:
         """Delete ``key``; return True if it existed."""
         return bool(self._client().delete(self._key(key, version)))
 
-    @operation("get_many", _get_many_partial)
+    @operation("get_many", answers.get_many_partial)
     def get_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
@@ -448,7 +369,7 @@ class OCMemcacheCache(BaseCache):
         self._lookups(len(hits), len(key_map) - len(hits))
         return hits
 
-    @operation("set_many", _set_many_partial)
+    @operation("set_many", answers.set_many_partial)
     def set_many(
         self,
         data: dict[Any, Any],
@@ -464,7 +385,7 @@ class OCMemcacheCache(BaseCache):
         try:
             failed = self._client().set_multi(values, exptime)
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
             failed = [k for k, v in values.items() if not self._set_one(k, v, exptime)]
         return [safe[k][0] for k in failed]
@@ -475,7 +396,7 @@ class OCMemcacheCache(BaseCache):
             if client.set(key, value, exptime):
                 return True
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
         # Make sure the key doesn't keep its old value when the server refuses
         # the new one (memcached's 1 MB item size limit).
@@ -489,9 +410,7 @@ class OCMemcacheCache(BaseCache):
         if wire_keys:
             self._client().delete_many(wire_keys)
 
-    # Skipped while the server is down: False, as HashClient answers under
-    # Django's backend (whose incr returns it as is).
-    @operation("incr", _missing_key, _false)
+    @operation("incr", answers.missing_key, answers.false)
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Add ``delta`` atomically on the server; return the new value.
 
@@ -515,12 +434,12 @@ class OCMemcacheCache(BaseCache):
             raise ValueError(f"Key {key!r} not found")
         return int(value)
 
-    @operation("decr", _missing_key, _false)
+    @operation("decr", answers.missing_key, answers.false)
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Subtract ``delta`` atomically on the server; see ``incr``."""
         return self.incr(key, -delta, version=version)
 
-    @operation("get_or_set", _get_or_set_miss)
+    @operation("get_or_set", answers.get_or_set_miss)
     def get_or_set(
         self,
         key: Any,
@@ -551,9 +470,9 @@ class OCMemcacheCache(BaseCache):
             return fn()
         finally:
             st.depth, st.hits, st.misses, st.error = saved
-            nodes.deadline_scope(self._deadline)  # the rest of the call starts afresh
+            deadline_scope(self._deadline)  # the rest of the call starts afresh
 
-    @operation("has_key", _false)
+    @operation("has_key", answers.false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
         """Return True if ``key`` is in the cache (a cached None counts)."""
         return self.get(key, _MISSING, version=version) is not _MISSING
@@ -572,16 +491,12 @@ class OCMemcacheCache(BaseCache):
     def clear(self) -> None:
         """Flush every item on every server (memcached ``flush_all``), all prefixes.
 
-        Behind a proxy (``OPTIONS["PROXY"]``), the servers of
-        ``OPTIONS["PROXY_SERVERS"]`` are flushed directly; without them
-        ``NotProxied`` is raised and nothing is sent.
+        Behind ``OPTIONS["PROXY"]``: the ``PROXY_SERVERS``, else ``NotProxied``.
         """
-        if self._options.proxy is None:
+        if self._proxied is None:
             self._client().flush_all()
-        elif self._proxy_pool is not None:
-            self._proxy_pool.client().flush_all()
         else:
-            raise self._not_proxied("clear()", "flush_all")
+            self._proxied.flush_all()
 
     def close(self, **kwargs: Any) -> None:
         """Django calls this on ``request_finished``.
@@ -596,12 +511,12 @@ class OCMemcacheCache(BaseCache):
     def disconnect_all(self) -> None:
         """Close this thread's connections now (they reopen on next use)."""
         self._pool.disconnect()
-        if self._proxy_pool is not None:
-            self._proxy_pool.disconnect()
+        if self._proxied is not None:
+            self._proxied.disconnect()
 
     # -- beyond Django's API ------------------------------------------------
 
-    @operation("gets", _gets_miss)
+    @operation("gets", answers.gets_miss)
     def gets(
         self, key: Any, default: Any = None, version: int | None = None
     ) -> tuple[Any, Any]:
@@ -618,7 +533,7 @@ class OCMemcacheCache(BaseCache):
         self._lookups(1, 0)
         return value, token
 
-    @operation("cas", _false)
+    @operation("cas", answers.false)
     def cas(
         self,
         key: Any,
@@ -645,27 +560,9 @@ class OCMemcacheCache(BaseCache):
         "totals": {stat: sum}, "process": {"hits": int, "misses": int}}``.
         Per-server stats are memcached's ``stats`` (``get_hits``,
         ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
-        Behind a proxy they are those of ``OPTIONS["PROXY_SERVERS"]``; without
-        them ``NotProxied`` is raised.
+        Behind ``OPTIONS["PROXY"]``: the ``PROXY_SERVERS``, else ``NotProxied``.
         """
-        pool: Any = self._pool
-        if self._options.proxy is not None:
-            if self._proxy_pool is None:
-                raise self._not_proxied("get_stats()", "stats")
-            pool = self._proxy_pool
-        servers: dict[str, dict[str, Any]] = {}
-        for name, client in pool.server_clients().items():
-            try:
-                raw = client.stats()
-            except Exception as exc:  # one dead server must not hide the others
-                servers[name] = {"error": type(exc).__name__}
-                continue
-            servers[name] = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode() if isinstance(v, bytes) else v
-                )
-                for k, v in raw.items()
-            }
+        servers = (self._proxied or self._pool).server_stats()
         totals: dict[str, Any] = {}
         for field in ("get_hits", "get_misses", "curr_items", "bytes", "evictions",
                       "cmd_get", "cmd_set", "curr_connections"):  # fmt: skip
