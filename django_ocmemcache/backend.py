@@ -22,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import answers, keys
+from . import answers, herd, keys
 from .asyncapi import AsyncCacheMethods
 from .client.deadline import deadline_scope, end_deadline_scope
 from .client.pool import (
@@ -56,6 +56,7 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
+    herd: tuple[str, float] | None = None
 
 
 _state = _CallState()
@@ -101,7 +102,7 @@ def operation(
                     st.depth = 0
                     end_deadline_scope()
             st.hits = st.misses = 0
-            st.error = None
+            st.error = st.herd = None
             call = tel.start(self, name, args, kwargs)
             try:
                 try:
@@ -110,11 +111,11 @@ def operation(
                     result = _failed(self, name, exc, handlers, args, kwargs)
             except BaseException as exc:
                 if call is not None:
-                    call.finish(st.hits, st.misses, exc, st.error)
+                    call.finish(st.hits, st.misses, exc, st.error, st.herd)
                 raise
             else:
                 if call is not None:
-                    call.finish(st.hits, st.misses, None, st.error)
+                    call.finish(st.hits, st.misses, None, st.error, st.herd)
                 return result
             finally:
                 st.depth = 0
@@ -128,8 +129,7 @@ def operation(
 
 
 def _present_as(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> None:
-    """``fn``'s name, docstring and signature, but no ``__wrapped__``: unwrapping
-    (debug-toolbar's cache panel) must not skip telemetry and the policy."""
+    """``fn``'s name, doc and signature; no ``__wrapped__`` to skip the policy."""
     for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(wrapper, attr, getattr(fn, attr))
     wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
@@ -200,8 +200,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
       pickled always raise.
     """
 
-    #: As on Django's ``PyMemcacheCache``: the library, the class of ``_cache``.
-    _lib, _class = pymemcache, ShardedClient
+    _lib, _class = pymemcache, ShardedClient  # as on Django's PyMemcacheCache
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
@@ -224,6 +223,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self._errors = get_policy(self._pool, False)
         self._deadline: float | None = None
         self._key_prefix = b""
+        self._herd = herd.Options.of(self._options)
         self._telemetry = None
 
     def _configure(self, server: Any, params: dict[str, Any]) -> None:
@@ -235,7 +235,6 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         kwargs = dict(options.client_kwargs)
         kwargs.setdefault("serde", load_serde(options.serializer))
         self._pool = get_pool(self._server_specs, kwargs)
-        #: Where flush_all/stats go when LOCATION is a proxy (None: no proxy).
         self._proxied = ProxiedServers.for_options(options, kwargs)
         if options.fallback_location is not None:
             fallback = options.fallback_location
@@ -244,6 +243,8 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
             self._pool, options.ignore_exceptions, options.raise_while_down
         )
         self._deadline = options.call_deadline
+        self._serde = kwargs["serde"]
+        self._herd = herd.Options.of(options)
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
@@ -267,14 +268,12 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
 
     @property
     def _cache(self) -> Any:
-        """This thread's client (Django's backend: its ``HashClient``), with
-        pymemcache's method names; calls on it bypass telemetry and policy."""
+        """This thread's client (Django's: ``HashClient``); bypasses the policy."""
         return self._pool.client()
 
     @property
     def proxy(self) -> str | None:
-        """``OPTIONS["PROXY"]`` (``"twemproxy"``, ``"mcrouter"``; else None):
-        never send a proxy what it does not forward (meta commands)."""
+        """``OPTIONS["PROXY"]``: never send it what it does not forward (meta)."""
         return self._options.proxy
 
     def _key(self, key: Any, version: int | None) -> str | bytes:
@@ -465,26 +464,35 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``.
-        """
-        value = self.get(key, _MISSING, version=version)
-        if value is not _MISSING:
-            return value
-        if callable(default):
-            default = self._run_outside_call(default)
-        self.add(key, default, timeout=timeout, version=version)
-        # Read again: another caller may have added a value since the get().
-        return self.get(key, default, version=version)
+        against ``DEADLINE``. On a miss only one caller runs it (``herd.py``)."""
+        opts = self._herd
+        if opts.recache_within is None or not (opts.wait and callable(default)):
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+            if not (opts.wait and callable(default)):
+                if callable(default):
+                    default = self._run_outside_call(default)
+                self.add(key, default, timeout=timeout, version=version)
+                # Read again: another caller may have added a value since the get().
+                return self.get(key, default, version=version)
+        request = herd.Request(self, key, default, timeout, version)
+        value, outcome, waited = herd.get_or_set(request, opts)
+        if outcome is not None and self._telemetry is not None:
+            _state.herd = (outcome, waited)  # the call state only feeds telemetry
+        return value
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
         st = _state
-        saved = st.depth, st.hits, st.misses, st.error
+        saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:
             return fn()
         finally:
-            st.depth, st.hits, st.misses, st.error = saved
+            st.depth, st.hits, st.misses, st.error, st.herd = saved
             deadline_scope(self._deadline)  # the rest of the call starts afresh
+
+    invalidate = operation("invalidate", answers.false)(herd.invalidate)
 
     @operation("has_key", answers.false)
     def has_key(self, key: Any, version: int | None = None) -> bool:

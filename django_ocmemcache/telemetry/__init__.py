@@ -21,6 +21,7 @@ from __future__ import annotations
 from .export import SpanQueue, flush, span_queues
 from .hook import CacheTelemetry, RequestSummary, current_summary, for_cache
 from .metrics import (
+    HERD,
     METRICS,
     MetricsStore,
     PrometheusCollector,
@@ -40,6 +41,7 @@ from .opencensus import (
 from .tracing import Tracing, status_code
 
 __all__ = [
+    "HERD",
     "METRICS",
     "CacheTelemetry",
     "MetricProducer",
