@@ -154,9 +154,11 @@ def check_project_settings(
     """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
     (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
     from .conf import project_settings
+    from .views import allowed_networks
 
     try:
         conf = project_settings()
+        allowed_networks(conf["METRICS_ALLOWED_NETWORKS"])
     except ImproperlyConfigured as exc:
         return [
             checks.Error(

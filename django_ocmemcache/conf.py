@@ -56,6 +56,9 @@ ENTRY_KEYS = frozenset(
 #: that mean nothing to memcached; accepted and ignored.
 DJANGO_BASECACHE_KEYS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
 
+#: Values of ``OPTIONS["PROXY"]`` (``None``: LOCATION lists memcached servers).
+PROXIES = (None, "twemproxy", "mcrouter")
+
 
 def _client_kwarg_names() -> frozenset[str]:
     from pymemcache.client.base import Client
@@ -94,6 +97,20 @@ class BackendOptions:
     #: ``call_deadline`` is ``connect_timeout + timeout``, and an explicit
     #: ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
+    #: Raise ``ServerSkipped`` for a call to a server marked down, instead of
+    #: answering it as Django's backend does (a miss, ``False``).
+    raise_while_down: bool = False
+    #: The proxy ``LOCATION`` points at (``"twemproxy"`` or ``"mcrouter"``), or
+    #: ``None`` for memcached servers. Commands a proxy does not forward
+    #: (``flush_all``, ``stats``, meta commands) are then never sent to it.
+    proxy: str | None = None
+    #: The memcached servers behind the proxy (``LOCATION`` syntax), for
+    #: ``clear()`` and ``get_stats()``; only with ``PROXY``.
+    proxy_servers: Any = None
+    #: ``proxy_servers`` parsed (``parse_location``), or None.
+    proxy_server_specs: list[ServerSpec] | None = field(
+        default=None, metadata=_NOT_OURS
+    )
     #: Seconds a ``get_or_set`` caller waits for another caller's recompute of
     #: a missing key before it runs the callable itself; 0 turns stampede
     #: protection off (see ``herd.py``).
@@ -145,15 +162,41 @@ class BackendOptions:
             opts.ignore_exceptions = True
         opts.call_deadline = default_deadline(options, client_kwargs)
         opts.key_prefix = key_prefix_bytes(client_kwargs)
+        if opts.proxy_servers is not None:
+            try:
+                opts.proxy_server_specs = parse_location(opts.proxy_servers)
+            except ImproperlyConfigured as exc:
+                raise ImproperlyConfigured(f"OPTIONS['PROXY_SERVERS']: {exc}") from None
         return opts
 
     def _validate(self) -> None:
-        for name in ("persistent_connections", "ignore_exceptions", "trace_keys"):
+        for name in (
+            "persistent_connections",
+            "ignore_exceptions",
+            "trace_keys",
+            "raise_while_down",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ImproperlyConfigured(
                     f"OPTIONS[{name.upper()!r}] must be True or False, "
                     f"not {getattr(self, name)!r}"
                 )
+        if self.proxy not in PROXIES:
+            raise ImproperlyConfigured(
+                f"OPTIONS['PROXY'] must be one of {', '.join(map(repr, PROXIES))}, "
+                f"not {self.proxy!r}"
+            )
+        if self.proxy_servers is not None and self.proxy is None:
+            raise ImproperlyConfigured(
+                "OPTIONS['PROXY_SERVERS'] lists the servers behind a proxy; set "
+                "OPTIONS['PROXY'] too (e.g. 'twemproxy')"
+            )
+        if self.proxy is not None and self.fallback_location is not None:
+            raise ImproperlyConfigured(
+                "OPTIONS sets both 'PROXY' and 'FALLBACK_LOCATION': the migration "
+                f"pair needs meta commands, which {self.proxy} does not forward; "
+                "migrate the servers behind the proxy instead"
+            )
         if self.label is not None and not isinstance(self.label, str):
             raise ImproperlyConfigured(
                 f"OPTIONS['LABEL'] must be a string, not {self.label!r}"
@@ -505,10 +548,7 @@ def project_settings() -> dict[str, Any]:
             + ", ".join(sorted(PROJECT_DEFAULTS))
         )
     conf = {**PROJECT_DEFAULTS, **given}
-    for name in (
-        "METRICS", "TRACING", "SERVER_TIMING", "PROMETHEUS_REGISTER",
-        "FOLLOW_PARENT_SAMPLED",
-    ):  # fmt: skip
+    for name in [k for k, v in PROJECT_DEFAULTS.items() if isinstance(v, bool)]:
         if not isinstance(conf[name], bool):
             raise ImproperlyConfigured(
                 f"OCMEMCACHE[{name!r}] must be True or False, not {conf[name]!r}"
@@ -525,49 +565,19 @@ def project_settings() -> dict[str, Any]:
             "OCMEMCACHE['EXIT_FLUSH_TIMEOUT'] must be a number of seconds >= 0, "
             f"not {wait!r}"
         )
-    every = conf["METRICS_FLUSH_INTERVAL"]
-    if isinstance(every, bool) or not isinstance(every, (int, float)) or every <= 0:
-        raise ImproperlyConfigured(
-            "OCMEMCACHE['METRICS_FLUSH_INTERVAL'] must be a number of seconds > 0, "
-            f"not {every!r}"
-        )
-    conf["METRICS_ALLOWED_NETWORKS"] = allowed_networks(
-        conf["METRICS_ALLOWED_NETWORKS"]
-    )
-    token = conf["METRICS_BEARER_TOKEN"]
-    if token is not None and not (isinstance(token, str) and token):
-        raise ImproperlyConfigured(
-            "OCMEMCACHE['METRICS_BEARER_TOKEN'] must be a non-empty string or None, "
-            f"not {token!r}"
-        )
-    return conf
-
-
-def allowed_networks(value: Any) -> tuple[Any, ...] | None:
-    """Parse ``OCMEMCACHE["METRICS_ALLOWED_NETWORKS"]``: ``None``, or a list of
-    networks (``"10.0.0.0/8"``) or addresses (``"::1"``) as ``ipaddress`` networks.
-
-    Raises ``ImproperlyConfigured`` naming the value that is not one.
-    """
-    import ipaddress
-
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ImproperlyConfigured(
-            "OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] must be a list of networks "
-            f"such as ['10.0.0.0/8', '::1'], or None; not {value!r}"
-        )
-    networks = []
-    for item in value:
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
+    # METRICS_ALLOWED_NETWORKS is parsed by views.allowed_networks (check E005).
+    every, token = conf["METRICS_FLUSH_INTERVAL"], conf["METRICS_BEARER_TOKEN"]
+    for name, bad, what in (
+        ("METRICS_FLUSH_INTERVAL", type(every) not in (int, float) or every <= 0,
+         "a number of seconds > 0"),
+        ("METRICS_BEARER_TOKEN", token is not None and not (
+            isinstance(token, str) and token), "a non-empty string or None"),
+    ):  # fmt: skip
+        if bad:
             raise ImproperlyConfigured(
-                f"OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] holds {item!r}, which is "
-                "not an IP network or address"
-            ) from None
-    return tuple(networks)
+                f"OCMEMCACHE[{name!r}] must be {what}, not {conf[name]!r}"
+            )
+    return conf
 
 
 def project_setting(name: str) -> Any:

@@ -57,12 +57,42 @@ def metrics(request: HttpRequest) -> HttpResponse:
     from .conf import project_settings
     from .telemetry.metrics import metrics_registry
 
-    denied = _denied(request, project_settings())
+    conf = project_settings()
+    conf["METRICS_ALLOWED_NETWORKS"] = allowed_networks(
+        conf["METRICS_ALLOWED_NETWORKS"]
+    )
+    denied = _denied(request, conf)
     if denied is not None:
         return denied
     return HttpResponse(
         generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST
     )
+
+
+def allowed_networks(value: Any) -> tuple[Any, ...] | None:
+    """Parse ``OCMEMCACHE["METRICS_ALLOWED_NETWORKS"]``: ``None``, or a list of
+    networks (``"10.0.0.0/8"``) or addresses (``"::1"``) as ``ipaddress`` networks.
+
+    Raises ``ImproperlyConfigured`` naming the setting and the value at fault
+    (check ``django_ocmemcache.E005`` runs it at start-up).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ImproperlyConfigured(
+            "OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] must be a list of networks "
+            f"such as ['10.0.0.0/8', '::1'], or None; not {value!r}"
+        )
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ImproperlyConfigured(
+                f"OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] holds {item!r}, which is "
+                "not an IP network or address"
+            ) from None
+    return tuple(networks)
 
 
 def _denied(request: HttpRequest, conf: dict[str, Any]) -> HttpResponse | None:

@@ -98,3 +98,11 @@ def test_no_warning_without_deploy(site):
     out = io.StringIO()
     call_command("check", stdout=out)
     assert "W006" not in out.getvalue()
+
+
+def test_a_bad_network_is_check_e005(site):
+    from django.core.management.base import SystemCheckError
+
+    site.OCMEMCACHE = {"METRICS_ALLOWED_NETWORKS": ["10.0.0.300/8"]}
+    with pytest.raises(SystemCheckError, match="E005.*METRICS_ALLOWED_NETWORKS"):
+        call_command("check", stdout=io.StringIO())
