@@ -81,12 +81,24 @@ class _Reader:
             self._fill()
 
     def value(self, size: int) -> bytes:
-        while len(self.buf) - self.pos < size + 2:
-            self._fill()
+        need = size + 2
+        have = len(self.buf) - self.pos
+        if have < need:
+            # Collect the rest in a list and join once: appending each chunk
+            # to the buffer would copy it whole every time (quadratic in size).
+            chunks = [self.buf[self.pos :]]
+            while have < need:
+                chunk = self.sock.recv(max(262144, min(need - have, 1 << 20)))
+                if not chunk:
+                    raise MemcacheUnexpectedCloseError()
+                chunks.append(chunk)
+                have += len(chunk)
+            self.buf = b"".join(chunks)
+            self.pos = 0
         data = self.buf[self.pos : self.pos + size]
-        if self.buf[self.pos + size : self.pos + size + 2] != b"\r\n":
+        if self.buf[self.pos + size : self.pos + need] != b"\r\n":
             raise MemcacheUnknownError("value not followed by \\r\\n")
-        self.pos += size + 2
+        self.pos += need
         return data
 
 
