@@ -64,17 +64,18 @@ result from ``get_many`` and never writes an old hit to the new servers.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from pymemcache.client.hash import HashClient
 
-from . import meta
+from . import meta, nodes
 from .client import ClientPool, ServerSpec, get_pool, parse_location, server_name
 from .serializers import DEFAULT_SERDE
 
@@ -83,8 +84,30 @@ logger = logging.getLogger("django_ocmemcache")
 #: memcached reads an exptime over 30 days as a Unix time (protocol.txt).
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
-#: Seconds a failed old server is skipped before it is tried again.
+#: Seconds a failed old server is skipped by reads before it is tried again.
 OLD_RETRY_AFTER = 5.0
+
+#: Keys whose forget this process still owes the old servers, at most. Past it
+#: the pair stops reading through for good (a miss, never an old value).
+MAX_PENDING_FORGETS = 10_000
+
+#: Pending forgets delivered per call (one pipelined round trip per old server).
+DELIVER_BATCH = 200
+
+#: The old servers are asked only while this share of ``DEADLINE`` is left;
+#: with less the read-through is a miss, and a timeout is not the old server's
+#: fault (the new one spent the budget).
+OLD_MIN_SHARE = 0.5
+
+#: The re-check and undo of a copy run under a deadline of their own, this
+#: long when the cache has no ``DEADLINE`` (else ``DEADLINE`` seconds).
+UNDO_DEADLINE = 1.0
+
+#: Written to every new server by ``clear()``: reads never go to the old
+#: servers again (everything there was set before the clear).
+CLEARED_KEY = b"ocmemcache:fallback:cleared"
+#: Prefix of a tombstone on the new servers: a forget of that key is owed.
+TOMBSTONE_PREFIX = b"ocmemcache:fallback:forget:"
 
 _MISSING = object()
 
@@ -123,6 +146,12 @@ def wire_key(node: Any, key: str | bytes) -> bytes:
     return prefix + raw if prefix else raw
 
 
+def tombstone_key(key: str | bytes) -> bytes:
+    """The new-server key recording that ``key``'s forget is still owed."""
+    raw = key.encode() if isinstance(key, str) else key
+    return TOMBSTONE_PREFIX + hashlib.sha1(raw).hexdigest().encode()
+
+
 def exptime_for(ttl: int, now: float) -> int | None:
     """memcached ``exptime`` that keeps an item's remaining ``ttl`` (seconds).
 
@@ -140,6 +169,17 @@ def exptime_for(ttl: int, now: float) -> int | None:
     return ttl
 
 
+def _budget_short() -> bool:
+    """True when less than ``OLD_MIN_SHARE`` of the call's ``DEADLINE`` is left."""
+    left, total = nodes.time_left(), nodes.deadline_total()
+    return left is not None and total is not None and left < total * OLD_MIN_SHARE
+
+
+def _undo_deadline() -> float:
+    total = nodes.deadline_total()
+    return UNDO_DEADLINE if total is None else total
+
+
 class FallbackPool:
     """The pool ``OCMemcacheCache`` uses when ``FALLBACK_LOCATION`` is set.
 
@@ -150,6 +190,9 @@ class FallbackPool:
     Counters: ``old_hits``, ``old_misses`` (keys asked of the old servers),
     ``repaired`` (items copied to the new servers by reads), ``undone``
     (copies undone by the re-check), ``old_errors`` (failed old requests).
+    ``pending_forgets``: keys whose forget this process still owes the old
+    servers (see the module docstring); ``read_through_off``: True once more
+    than ``MAX_PENDING_FORGETS`` were owed.
     """
 
     def __init__(self, new: ClientPool, old: ClientPool, serde: Any) -> None:
@@ -162,6 +205,10 @@ class FallbackPool:
         self.old_hits = self.old_misses = self.repaired = self.undone = 0
         self.old_errors = 0
         self._down_until: dict[Any, float] = {}
+        self.pending_forgets: dict[bytes, None] = {}  # an ordered set
+        self.read_through_off = False
+        self.cleared = False
+        self._lock = threading.Lock()
         self._pair = FallbackPair(self)
 
     def client(self) -> FallbackPair:
@@ -177,8 +224,14 @@ class FallbackPool:
         self.new.disconnect()
         self.old.disconnect()
 
-    def old_nodes(self, keys: Iterable[bytes]) -> dict[Any, list[bytes]]:
-        """Group ``keys`` by the old server holding them, skipping failed ones."""
+    def old_nodes(
+        self, keys: Iterable[bytes], *, skipped: bool = False
+    ) -> dict[Any, list[bytes]]:
+        """Group ``keys`` by the old server holding them.
+
+        Servers skipped after a failure are left out, unless ``skipped``
+        (forgets: they go to every server, or are recorded as owed).
+        """
         client = self.old.client()
         groups: dict[Any, list[bytes]] = {}
         now = time.monotonic()
@@ -186,27 +239,57 @@ class FallbackPool:
             try:
                 node = node_for(client, key)
             except Exception:  # HashClient: every old server marked dead
-                return {}
-            if node is not None and self._down_until.get(node.server, 0) <= now:
+                node = None
+            if node is None:
+                if skipped:
+                    groups.setdefault(None, []).append(key)
+                continue
+            if skipped or self._down_until.get(node.server, 0) <= now:
                 groups.setdefault(node, []).append(key)
         return groups
 
+    def is_down(self, node: Any) -> bool:
+        """True while ``node`` is skipped after a failure."""
+        return node is None or self._down_until.get(node.server, 0) > time.monotonic()
+
     def old_failed(self, node: Any, exc: BaseException) -> None:
-        """Skip ``node`` for ``OLD_RETRY_AFTER`` seconds after ``exc``."""
+        """Skip ``node`` for reads for ``OLD_RETRY_AFTER`` seconds after ``exc``."""
         self.old_errors += 1
         self._down_until[node.server] = time.monotonic() + OLD_RETRY_AFTER
         # At most one line per server per OLD_RETRY_AFTER; never the key.
         logger.warning(
             "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
-            "misses for %.0f s",
+            "misses for %.1f s",
             server_name(node.server),
             type(exc).__name__,
             OLD_RETRY_AFTER,
         )
 
+    def owe(self, keys: Iterable[bytes]) -> None:
+        """Record forgets that could not be delivered (retried later)."""
+        with self._lock:
+            pending = self.pending_forgets
+            for key in keys:
+                pending[key] = None
+            if len(pending) > MAX_PENDING_FORGETS and not self.read_through_off:
+                self.read_through_off = True
+                logger.error(
+                    "more than %d forgets owed to the old memcached servers "
+                    "(FALLBACK_LOCATION); reads no longer go to them in this "
+                    "process (misses, never an old value)",
+                    MAX_PENDING_FORGETS,
+                )
+
+    def delivered(self, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self.pending_forgets.pop(key, None)
+
     def _after_fork_in_child(self) -> None:
+        # The child keeps the forgets its parent owed: they are owed by it too.
         self.hits = self.misses = 0
         self._down_until = {}
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         # Anything else a pool offers (health, settings) is the new servers'.
@@ -315,16 +398,29 @@ class FallbackPair:
     def _update(self, verb: str, key: bytes, args: Any, kwargs: Any) -> Any:
         method = getattr(self._new(), verb)
         result = method(key, *args, **kwargs)
-        if (result is None or result is False) and self._read_through([key]):
-            result = method(key, *args, **kwargs)
+        if result is None or result is False:
+            # The update runs right after the copy, before its re-check (which
+            # may take a budget of its own): a concurrent caller that lost the
+            # add race finds the copy and updates it; every incr counts.
+            after: list[Any] = []
+            self._read_through(
+                [key], then=lambda: after.append(method(key, *args, **kwargs))
+            )
+            # Nothing copied: a concurrent caller may have moved it meanwhile.
+            result = after[0] if after else method(key, *args, **kwargs)
         self._forget([key])
         return result
 
     # -- the rest goes to the new servers only -------------------------------
 
     def flush_all(self, *args: Any, **kwargs: Any) -> Any:
-        """Flush the NEW servers only; the old servers are never flushed."""
-        return self._new().flush_all(*args, **kwargs)
+        """Flush the NEW servers, then mark them cleared (see ``CLEARED_KEY``)."""
+        new = self._new()
+        result = new.flush_all(*args, **kwargs)
+        self._pool.cleared = True
+        for node in node_clients(new):
+            meta.add_many(node, [(wire_key(node, CLEARED_KEY), b"1", 0, 0)])
+        return result
 
     def stats(self, *args: Any) -> Any:
         return self._new().stats(*args)
@@ -335,29 +431,149 @@ class FallbackPair:
     # -- the old servers -------------------------------------------------------
 
     def _forget(self, keys: Iterable[bytes]) -> builtins.set[bytes]:
-        """Delete ``keys`` on the old servers; return those that were there."""
+        """Delete ``keys`` on the old servers; return those that were there.
+
+        A forget is never dropped: one that cannot be delivered now (the old
+        server skipped or failing, or the call's budget spent) is owed, with
+        a tombstone on the new servers, and delivered by a later call.
+        """
         pool = self._pool
         gone: builtins.set[bytes] = builtins.set()
-        for node, group in pool.old_nodes(keys).items():
+        owed: list[bytes] = []
+        for node, group in pool.old_nodes(keys, skipped=True).items():
+            if pool.is_down(node) or _budget_short():
+                owed += group
+                continue
             try:
-                deleted = meta.delete_many(
-                    node, [(wire_key(node, k), None) for k in group]
+                deleted = self._on_old(
+                    node, meta.delete_many, [(wire_key(node, k), None) for k in group]
                 )
-            except Exception as exc:
-                pool.old_failed(node, exc)
+            except Exception:
+                owed += group
                 continue
             gone.update(k for k, hit in zip(group, deleted, strict=True) if hit)
+        if owed:
+            self._owe(owed)
+        elif pool.pending_forgets:
+            self._deliver_owed()
         return gone
 
-    def _read_through(self, keys: Sequence[bytes]) -> dict[bytes, Any]:
-        """Read ``keys`` from the old servers; copy the hits to the new ones."""
+    def _owe(self, keys: list[bytes]) -> None:
         pool = self._pool
+        pool.owe(keys)
+        # The tombstone tells every other process not to read these keys
+        # through, until the forget is delivered; best effort (this process
+        # remembers them anyway).
+        try:
+            for node, group in self._by_new_node(keys).items():
+                meta.add_many(
+                    node,
+                    [(wire_key(node, tombstone_key(k)), b"1", 0, 0) for k in group],
+                )
+        except Exception as exc:
+            logger.debug("tombstones on the new memcached failed: %r", exc)
+
+    def _deliver_owed(self) -> None:
+        """Deliver owed forgets to the old servers that are not skipped."""
+        pool = self._pool
+        batch = list(pool.pending_forgets)[:DELIVER_BATCH]
+        for node, group in pool.old_nodes(batch).items():
+            if _budget_short():
+                return
+            try:
+                self._on_old(
+                    node, meta.delete_many, [(wire_key(node, k), None) for k in group]
+                )
+            except Exception:
+                continue
+            pool.delivered(group)
+            try:
+                for new_node, keys in self._by_new_node(group).items():
+                    meta.delete_many(
+                        new_node,
+                        [(wire_key(new_node, tombstone_key(k)), None) for k in keys],
+                    )
+            except Exception as exc:  # a stale tombstone only costs misses
+                logger.debug("removing tombstones failed: %r", exc)
+
+    def _on_old(self, node: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(node, *args)`` on an old server; a failure marks it skipped,
+        unless it is a timeout that a spent budget explains."""
+        short = _budget_short()
+        try:
+            return fn(node, *args)
+        except Exception as exc:
+            if not (short and isinstance(exc, TimeoutError)):
+                self._pool.old_failed(node, exc)
+            raise
+
+    def _by_new_node(self, keys: Iterable[bytes]) -> dict[Any, list[bytes]]:
+        new = self._new()
+        groups: dict[Any, list[bytes]] = {}
+        for key in keys:
+            node = node_for(new, key)
+            if node is not None:
+                groups.setdefault(node, []).append(key)
+        return groups
+
+    def _blocked(self, keys: Sequence[bytes]) -> builtins.set[bytes]:
+        """Keys that must not be read through: the cache was cleared, or a
+        forget is owed (by any process: tombstones on the new servers).
+        All of them when the new servers cannot tell."""
+        pool = self._pool
+        blocked = {k for k in keys if k in pool.pending_forgets}
+        try:
+            for node, group in self._by_new_node(keys).items():
+                marks = meta.get_many(
+                    node,
+                    [wire_key(node, CLEARED_KEY)]
+                    + [wire_key(node, tombstone_key(k)) for k in group],
+                    value=False,
+                )
+                if marks[0] is not None:
+                    pool.cleared = True
+                    return builtins.set(keys)
+                blocked.update(
+                    k for k, m in zip(group, marks[1:], strict=True) if m is not None
+                )
+        except Exception as exc:
+            logger.debug("checking the new memcached before a read-through: %r", exc)
+            return builtins.set(keys)
+        return blocked
+
+    def _read_through(
+        self, keys: Sequence[bytes], then: Callable[[], Any] | None = None
+    ) -> dict[bytes, Any]:
+        """Read ``keys`` from the old servers; copy the hits to the new ones.
+
+        ``then()`` runs right after the copies are added (before their
+        re-check) if any key was found.
+        """
+        pool = self._pool
+        try:
+            return self._read_old(keys, then)
+        finally:
+            if pool.pending_forgets:
+                self._deliver_owed()  # after the read: it has the budget first
+
+    def _read_old(
+        self, keys: Sequence[bytes], then: Callable[[], Any] | None
+    ) -> dict[bytes, Any]:
+        pool = self._pool
+        if pool.cleared or pool.read_through_off or _budget_short():
+            return {}
+        keys = [k for k in keys if k not in self._blocked(keys)]
+        if not keys:
+            return {}
         items: dict[bytes, meta.MetaItem] = {}
         for node, group in pool.old_nodes(keys).items():
+            if _budget_short():
+                break
             try:
-                got = meta.get_many(node, [wire_key(node, k) for k in group])
-            except Exception as exc:
-                pool.old_failed(node, exc)
+                got = self._on_old(
+                    node, meta.get_many, [wire_key(node, k) for k in group]
+                )
+            except Exception:
                 continue
             items.update(
                 (k, item)
@@ -372,70 +588,97 @@ class FallbackPair:
         values = {
             k: deserialize(k, item.value, item.flags) for k, item in items.items()
         }
-        try:
-            self._repair(items)
-        except Exception as exc:  # the read succeeded; the copy is best effort
-            logger.debug("read-repair to the new memcached failed: %r", exc)
+        self._repair(items, then)
         return values
 
-    def _repair(self, items: dict[bytes, meta.MetaItem]) -> None:
-        """``add`` old items to the new servers, then undo copies gone stale."""
+    def _repair(
+        self, items: dict[bytes, meta.MetaItem], then: Callable[[], Any] | None = None
+    ) -> None:
+        """``add`` old items to the new servers, then undo copies gone stale.
+
+        A copy whose ``add`` reply is lost (late, connection dropped) may have
+        landed: it is re-checked like the others, and undone without a CAS.
+        """
         pool = self._pool
-        new = self._new()
         now = time.time()
-        stored: dict[bytes, tuple[Any, int]] = {}
-        by_node: dict[Any, list[bytes]] = {}
-        for key, item in items.items():
-            if exptime_for(item.ttl, now) is not None:
-                node = node_for(new, key)
-                if node is not None:
-                    by_node.setdefault(node, []).append(key)
-        for node, group in by_node.items():
-            results = meta.add_many(
-                node,
-                [
-                    (wire_key(node, k), items[k].value or b"", items[k].flags,
-                     exptime_for(items[k].ttl, now) or 0)
-                    for k in group
-                ],
-            )  # fmt: skip
-            stored.update(
-                (k, (node, r))
-                for k, r in zip(group, results, strict=True)
-                if isinstance(r, int)
-            )
-        pool.repaired += len(stored)
-        if stored:
-            self._undo_if_changed(stored, items)
+        stored: dict[bytes, tuple[Any, int | None]] = {}
+        try:
+            for node, group in self._by_new_node(items).items():
+                copies = [(k, items[k], exptime_for(items[k].ttl, now)) for k in group]
+                copies = [c for c in copies if c[2] is not None]
+                if not copies:
+                    continue
+                try:
+                    results = meta.add_many(
+                        node,
+                        [(wire_key(node, k), it.value or b"", it.flags, exp or 0)
+                         for k, it, exp in copies],
+                    )  # fmt: skip
+                except Exception as exc:
+                    logger.debug("read-repair to the new memcached failed: %r", exc)
+                    stored.update((k, (node, None)) for k, _, _ in copies)
+                    continue
+                stored.update(
+                    (k, (node, r))
+                    for (k, _, _), r in zip(copies, results, strict=True)
+                    if isinstance(r, int)
+                )
+            pool.repaired += len(stored)
+            if then is not None:
+                then()
+        finally:
+            if stored:
+                self._undo_if_changed(stored, items, updated=then is not None)
 
     def _undo_if_changed(
         self,
-        stored: dict[bytes, tuple[Any, int]],
+        stored: dict[bytes, tuple[Any, int | None]],
         items: dict[bytes, meta.MetaItem],
+        updated: bool,
     ) -> None:
-        # A delete that ran between the old read and the add above (it forgets
-        # the old item first, then the new one) would be undone by the copy:
-        # re-read the old items, and where one changed or vanished, delete the
-        # copy, guarded by the copy's CAS so a newer value is never touched.
+        # A delete that ran between the old read and the add (it forgets the
+        # old item first, then the new one), or a clear(), would be undone by
+        # the copy: re-read the old items and the new servers' marks, and
+        # where an item changed or vanished, delete the copy. This runs under
+        # a deadline of its own: the call's may be spent (a late add reply),
+        # and an undo skipped for lack of time would keep a deleted value.
         pool = self._pool
-        now_cas: dict[bytes, int] = {}
-        for node, group in pool.old_nodes(stored).items():
-            try:
-                got = meta.get_many(
-                    node, [wire_key(node, k) for k in group], value=False
-                )
-            except Exception as exc:
-                pool.old_failed(node, exc)
-                continue  # the source cannot be confirmed: undo
-            now_cas.update(
-                (k, it.cas) for k, it in zip(group, got, strict=True) if it is not None
+        try:
+            with nodes.own_deadline(_undo_deadline()):  # the re-check
+                blocked = self._blocked(list(stored))
+                now_cas: dict[bytes, int] = {}
+                for node, group in pool.old_nodes(stored, skipped=True).items():
+                    if pool.is_down(node):
+                        continue  # the source cannot be confirmed: undo
+                    try:
+                        got = meta.get_many(
+                            node, [wire_key(node, k) for k in group], value=False
+                        )
+                    except Exception as exc:
+                        pool.old_failed(node, exc)
+                        continue  # the source cannot be confirmed: undo
+                    now_cas.update(
+                        (k, it.cas)
+                        for k, it in zip(group, got, strict=True)
+                        if it is not None
+                    )
+            undo: dict[Any, list[tuple[bytes, int | None]]] = {}
+            for key, (node, cas) in stored.items():
+                if key in blocked or now_cas.get(key) != items[key].cas:
+                    # Without the copy's CAS (reply lost, or updated since)
+                    # the delete is unconditional: at worst a miss.
+                    guard = None if updated else cas
+                    undo.setdefault(node, []).append((wire_key(node, key), guard))
+            with nodes.own_deadline(_undo_deadline()):  # the undo: its own budget
+                for node, pairs in undo.items():
+                    pool.undone += sum(meta.delete_many(node, pairs))
+        except Exception as exc:
+            logger.warning(
+                "could not undo %d copies to the new memcached after a "
+                "read-through (%s)",
+                len(stored),
+                type(exc).__name__,
             )
-        undo: dict[Any, list[tuple[bytes, int | None]]] = {}
-        for key, (node, cas) in stored.items():
-            if now_cas.get(key) != items[key].cas:
-                undo.setdefault(node, []).append((wire_key(node, key), cas))
-        for node, pairs in undo.items():
-            pool.undone += sum(meta.delete_many(node, pairs))
 
 
 _registry: dict[Any, FallbackPool] = {}

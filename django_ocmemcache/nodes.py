@@ -30,10 +30,11 @@ Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pymemcache.client.base import Client
@@ -57,11 +58,32 @@ _local = threading.local()
 def deadline_scope(seconds: float | None) -> None:
     """Start this thread's operation deadline: ``seconds`` from now (None: off)."""
     _local.at = None if seconds is None else time.monotonic() + seconds
+    _local.total = seconds
 
 
 def end_deadline_scope() -> None:
     """End this thread's operation deadline."""
     _local.at = None
+    _local.total = None
+
+
+def deadline_total() -> float | None:
+    """The seconds this thread's current deadline started with (None: none)."""
+    return getattr(_local, "total", None)
+
+
+@contextlib.contextmanager
+def own_deadline(seconds: float | None) -> Iterator[None]:
+    """Run a block under a deadline of its own (``seconds`` from now), then
+    restore the caller's, expired or not. For the few clean-up steps that must
+    not be cut short because the call's own budget was spent (the fallback
+    pair's undo of a copy); each use says why in its docstring."""
+    saved = getattr(_local, "at", None), getattr(_local, "total", None)
+    deadline_scope(seconds)
+    try:
+        yield
+    finally:
+        _local.at, _local.total = saved
 
 
 def time_left() -> float | None:
