@@ -524,18 +524,17 @@ class FallbackPair:
         blocked = {k for k in keys if k in pool.pending_forgets}
         try:
             for node, group in self._by_new_node(keys).items():
-                marks = meta.get_many(
+                # me (meta debug): not counted as gets, so the new servers'
+                # hit ratio shows the site's reads only.
+                marks = meta.exists_many(
                     node,
                     [wire_key(node, CLEARED_KEY)]
                     + [wire_key(node, tombstone_key(k)) for k in group],
-                    value=False,
                 )
-                if marks[0] is not None:
+                if marks[0]:
                     pool.cleared = True
                     return builtins.set(keys)
-                blocked.update(
-                    k for k, m in zip(group, marks[1:], strict=True) if m is not None
-                )
+                blocked.update(k for k, m in zip(group, marks[1:], strict=True) if m)
         except Exception as exc:
             logger.debug("checking the new memcached before a read-through: %r", exc)
             return builtins.set(keys)

@@ -28,6 +28,9 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
+from .exceptions import BadReply
+from .nodes import MAX_VALUE_BYTES
+
 T = TypeVar("T")
 
 #: Send at most this many request bytes per round trip, so a pipeline of large
@@ -149,7 +152,10 @@ def _parse_get(reader: _Reader) -> MetaItem | None:
     tokens = line.split()
     value = None
     if head == b"VA":
-        value = reader.value(int(tokens[1]))
+        size = int(tokens[1])
+        if size > MAX_VALUE_BYTES:  # never buffer what a broken server claims
+            raise BadReply(f"meta reply announces a {size}-byte value")
+        value = reader.value(size)
         tokens = tokens[2:]
     flags = ttl = cas = 0
     for token in tokens:
@@ -233,10 +239,23 @@ def delete_many(node: Any, items: Sequence[tuple[bytes, int | None]]) -> list[bo
     return _pipeline(node, commands, _parse_delete)
 
 
+def _parse_debug(reader: _Reader) -> bool:
+    line = reader.line()
+    if line[:2] == b"ME":
+        return True
+    if line[:2] == b"EN":
+        return False
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
 def exists_many(node: Any, keys: Sequence[bytes]) -> list[bool]:
-    """True for each key the server holds (``mg <key>`` without flags)."""
-    items = _pipeline(node, [b"mg " + k + b"\r\n" for k in keys], _parse_get)
-    return [item is not None for item in items]
+    """True for each key the server holds.
+
+    Asked with ``me <key>`` (meta debug), which memcached does not count as a
+    get: the server's ``get_hits``/``get_misses`` stay as they were.
+    """
+    return _pipeline(node, [b"me " + k + b"\r\n" for k in keys], _parse_debug)
 
 
 def server_time(node: Any) -> int:

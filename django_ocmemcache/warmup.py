@@ -34,12 +34,12 @@ Nothing here prints or parses arguments; the management command does that.
 
 from __future__ import annotations
 
-import io
 import re
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -51,7 +51,14 @@ from . import meta
 from .client import ClientPool, ServerSpec, parse_server, server_name
 from .conf import CLIENT_DEFAULTS
 from .exceptions import OCMemcacheError
-from .fallback import exptime_for, node_clients, node_for
+from .fallback import (
+    CLEARED_KEY,
+    exptime_for,
+    node_clients,
+    node_for,
+    tombstone_key,
+    wire_key,
+)
 from .keys import MEMCACHE_MAX_KEY_BYTES
 
 #: Keys per round trip when ``batch_size`` is not given.
@@ -74,10 +81,35 @@ _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 #: How long to wait for another client's ``lru_crawler`` run to finish.
 CRAWLER_BUSY_WAIT = 5.0
 
+#: Bytes of key listing held in memory; beyond this it goes to a temporary
+#: file (about 60-100 bytes a key: 10 million keys would otherwise take ~1 GB).
+SPILL_BYTES = 8 << 20
+
+#: Longest ``metadump`` line accepted (a 250-byte key URL-encoded is at most
+#: 750 bytes, plus about 80 bytes of fields).
+MAX_DUMP_LINE = 2048
+
+#: A listing must bring at least this many bytes per ``timeout`` seconds (a
+#: memcached crawler sends megabytes per second); a trickle is refused.
+MIN_LISTING_BYTES = 4096
+
+#: A listing of more keys than ``2 * curr_items + LISTING_SLACK`` is refused
+#: (an endless listing): the site may add keys while it runs, not millions.
+LISTING_SLACK = 100_000
+
+#: With ``rate``, at most this many seconds' worth of keys go in one batch, so
+#: a low rate is a steady trickle, not a burst of ``batch_size`` keys.
+RATE_SLICE = 0.1
+
+#: Names of keys in doubt kept in the report.
+MAX_IN_DOUBT_NAMES = 100
+
 
 class WarmupError(OCMemcacheError):
-    """Raised when a warm-up cannot start: no source, the same server on both
-    sides, a server that cannot be reached, or a source without ``lru_crawler``.
+    """Raised when a warm-up cannot start or go on: no source, the same server
+    on both sides, a server that cannot be reached, a source without
+    ``lru_crawler``, a cache cleared during the migration, or a source whose
+    key listing is malformed, endless or too slow (the message names it).
     """
 
 
@@ -92,7 +124,10 @@ class WarmupReport:
     ``invalid_key``: a key the text protocol cannot carry. ``other_namespace``:
     not this cache's key. ``undone``: copied, then removed because the source
     changed or vanished during the copy. ``failed``: not copied because a
-    request failed (see ``errors``).
+    request failed (see ``errors``). ``in_doubt``: an ``add`` whose reply was
+    lost and that could not be re-checked either: the copy may have landed
+    while the source changed; ``in_doubt_keys`` names them (the first
+    ``MAX_IN_DOUBT_NAMES``, as text with undecodable bytes escaped).
     """
 
     scanned: int = 0
@@ -104,6 +139,7 @@ class WarmupReport:
     other_namespace: int = 0
     undone: int = 0
     failed: int = 0
+    in_doubt: int = 0
     elapsed: float = 0.0
     dry_run: bool = False
     interrupted: bool = False
@@ -111,6 +147,7 @@ class WarmupReport:
     #: ``curr_items`` of those not listed yet.
     estimated_total: int = 0
     errors: list[str] = field(default_factory=list)
+    in_doubt_keys: list[str] = field(default_factory=list)
 
     @property
     def keys_per_s(self) -> float:
@@ -127,6 +164,17 @@ class WarmupReport:
     def error(self, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(message)
+
+    @property
+    def nothing_matched(self) -> bool:
+        """True when keys were listed but none was this cache's."""
+        return self.other_namespace > 0 and self.other_namespace == self.scanned
+
+    def doubt(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self.in_doubt += 1
+            if len(self.in_doubt_keys) < MAX_IN_DOUBT_NAMES:
+                self.in_doubt_keys.append(key.decode("utf-8", "backslashreplace"))
 
 
 def is_valid_key(key: bytes) -> bool:
@@ -200,13 +248,14 @@ def check_servers(
             f"Source and destination are the same server ({names}); "
             "the warm-up copies from the old servers to different new ones"
         )
-    for server in [*source, *dest]:
+    sides = [("source", s) for s in source] + [("destination", d) for d in dest]
+    for side, server in sides:
         client = _plain_client(server, client_kwargs)
         try:
             client.version()
         except Exception as exc:
             raise WarmupError(
-                f"Cannot reach memcached at {server_name(server)}: "
+                f"Cannot reach the {side} memcached at {server_name(server)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         finally:
@@ -218,65 +267,155 @@ def _plain_client(server: ServerSpec, client_kwargs: dict[str, Any]) -> Client:
     return Client(server, **kwargs)
 
 
-def read_key_list(server: ServerSpec, client_kwargs: dict[str, Any]) -> bytes:
-    """Return the server's ``lru_crawler metadump`` (``key=... exp=...`` lines).
+class KeyListing:
+    """The key lines (``key=... exp=... size=...``) of one server's metadump.
+
+    Held in memory up to ``SPILL_BYTES``, in a temporary file beyond (so 10
+    million keys cost a few MB of memory, not a GB). ``keys``: lines held.
+    Iterating yields each line without its line end; ``close()`` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.SpooledTemporaryFile(max_size=SPILL_BYTES)  # noqa: SIM115
+        self.keys = 0
+
+    def write(self, lines: list[bytes]) -> None:
+        self._file.write(b"\n".join(lines) + b"\n")
+        self.keys += len(lines)
+
+    @property
+    def spilled(self) -> bool:
+        """True once the listing went to a temporary file."""
+        return bool(getattr(self._file, "_rolled", False))
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._file.seek(0)
+        for line in self._file:
+            yield line.rstrip()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_key_list(
+    server: ServerSpec, client_kwargs: dict[str, Any], max_keys: int | None = None
+) -> KeyListing:
+    """Return the server's ``lru_crawler metadump`` key lines.
 
     Tries ``metadump hash`` first, then ``metadump all``; waits up to
     ``CRAWLER_BUSY_WAIT`` seconds while another crawl runs. The whole listing
-    is read before any item is (about 80 bytes of memory per key): a crawler
-    whose client stops reading holds an item lock, and reads of the items
-    behind it would wait forever. Raises ``WarmupError`` if the server cannot
-    list its keys, ``OSError`` if the connection fails.
+    is read before any item is (into a temporary file past ``SPILL_BYTES``): a
+    crawler whose client stops reading holds an item lock, and reads of the
+    items behind it would wait forever. Raises ``WarmupError`` naming the
+    server if it cannot list its keys (with the ``lru_crawler enable`` hint),
+    or sends a line over ``MAX_DUMP_LINE``, more than ``max_keys`` keys, or
+    less than ``MIN_LISTING_BYTES`` per ``timeout`` seconds; ``OSError`` if
+    the connection fails.
     """
     deadline = time.monotonic() + CRAWLER_BUSY_WAIT
-    reply = b""
+    reply: bytes | KeyListing = b""
     for mode in (b"hash", b"all"):
         while True:
-            reply = _metadump(server, client_kwargs, mode)
+            reply = _metadump(server, client_kwargs, mode, max_keys)
+            if isinstance(reply, KeyListing):
+                return reply
             if not reply.startswith(b"BUSY") or time.monotonic() > deadline:
                 break
             time.sleep(0.1)  # another client's crawl is running
-        if reply.startswith((b"key=", b"END")):
-            return reply
         if reply.startswith(b"BUSY"):
             break
+    assert isinstance(reply, bytes)
+    text = reply[:120].decode(errors="replace").strip()
+    hint = ""
+    if b"disabled" in reply or reply.startswith(b"ERROR"):
+        hint = (
+            "; turn the crawler on with `lru_crawler enable` (e.g. "
+            f"`echo 'lru_crawler enable' | nc {_host_port(server)}`), or start "
+            "memcached without `-o no_lru_crawler`"
+        )
     raise WarmupError(
-        f"memcached at {server_name(server)} cannot list its keys "
-        f"(lru_crawler metadump): {reply[:120].decode(errors='replace').strip()}"
+        f"source memcached at {server_name(server)} cannot list its keys "
+        f"(lru_crawler metadump): {text}{hint}"
     )
 
 
-def _metadump(server: ServerSpec, client_kwargs: dict[str, Any], mode: bytes) -> bytes:
+def _host_port(server: ServerSpec) -> str:
+    if isinstance(server, tuple):
+        return f"{server[0]} {server[1]}"
+    return f"-U {server}"
+
+
+def _metadump(
+    server: ServerSpec,
+    client_kwargs: dict[str, Any],
+    mode: bytes,
+    max_keys: int | None,
+) -> bytes | KeyListing:
+    """One ``lru_crawler metadump <mode>``: the listing, or the error line."""
+    name = server_name(server)
     node = _plain_client(server, client_kwargs)
+    window = client_kwargs.get("timeout") or 1.0
+    listing = KeyListing()
     try:
         node._connect()
         sock = node.sock
         assert sock is not None
         # metadump must be the only command in flight on its connection.
         sock.sendall(b"lru_crawler metadump " + mode + b"\r\n")
-        chunks: list[bytes] = []
-        tail = b""
+        pending = b""
+        window_start, window_bytes = time.monotonic(), 0
         while True:
             chunk = sock.recv(1 << 20)
             if not chunk:
                 raise MemcacheUnexpectedCloseError()
-            chunks.append(chunk)
-            tail = (tail + chunk)[-5:]
-            if tail == b"END\r\n":
-                return b"".join(chunks)
-            if len(chunks) == 1 and not chunk.startswith((b"key=", b"END")):
-                # An error reply (ERROR, CLIENT_ERROR, BUSY): one line.
-                while not chunks[-1].endswith(b"\r\n"):
-                    chunks.append(sock.recv(4096) or b"\r\n")
-                return b"".join(chunks)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= window:
+                if window_bytes < MIN_LISTING_BYTES:
+                    raise WarmupError(
+                        f"source memcached at {name} lists its keys too slowly "
+                        f"({window_bytes} bytes in {now - window_start:.1f} s)"
+                    )
+                window_start, window_bytes = now, 0
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > MAX_DUMP_LINE:
+                raise WarmupError(
+                    f"source memcached at {name} sent a key listing line longer "
+                    f"than {MAX_DUMP_LINE} bytes"
+                )
+            keys = []
+            for line in lines:
+                if line.startswith(b"key="):
+                    if len(line) > MAX_DUMP_LINE:
+                        raise WarmupError(
+                            f"source memcached at {name} sent a key listing line "
+                            f"longer than {MAX_DUMP_LINE} bytes"
+                        )
+                    keys.append(line)
+                elif line.rstrip(b"\r") == b"END":
+                    listing.write(keys)
+                    return listing
+                elif not listing.keys and not keys:
+                    listing.close()
+                    return line + b"\r\n"  # ERROR, CLIENT_ERROR, BUSY: one line
+                else:
+                    raise WarmupError(
+                        f"source memcached at {name} sent a malformed key "
+                        f"listing line: {line[:80]!r}"
+                    )
+            if keys:
+                listing.write(keys)
+            if max_keys is not None and listing.keys > max_keys:
+                raise WarmupError(
+                    f"source memcached at {name} lists more than {max_keys} keys "
+                    "(twice its curr_items and more): refusing an endless listing"
+                )
+    except BaseException:
+        listing.close()
+        raise
     finally:
         node.close()
-
-
-def _key_lines(listing: bytes) -> Iterator[bytes]:
-    for line in io.BytesIO(listing):
-        if line.startswith(b"key="):
-            yield line.rstrip()
 
 
 class _Copier:
@@ -302,6 +441,7 @@ class _Copier:
         self.report = report
         self.dry_run = dry_run
         self.source_offset = meta.server_time(self.source) - time.time()
+        self.cleared = False
 
     def close(self) -> None:
         self.source.close()
@@ -317,11 +457,17 @@ class _Copier:
             raw = fields[0][4:]
             key = unquote_to_bytes(raw) if b"%" in raw else raw
             exp, size = -1, 0
-            for f in fields[1:]:
-                if f[:4] == b"exp=":
-                    exp = int(f[4:])
-                elif f[:5] == b"size=":
-                    size = int(f[5:])
+            try:
+                for f in fields[1:]:
+                    if f[:4] == b"exp=":
+                        exp = int(f[4:])
+                    elif f[:5] == b"size=":
+                        size = int(f[5:])
+            except ValueError:
+                raise WarmupError(
+                    f"source memcached at {self.source_name} sent a malformed key "
+                    f"listing line: {line[:80]!r}"
+                ) from None
             if not is_valid_key(key):
                 report.invalid_key += 1
             elif namespace is not None and not namespace.fullmatch(key):
@@ -356,8 +502,11 @@ class _Copier:
             try:
                 results = self._add(node, group)
             except Exception as exc:
-                report.failed += len(group)
                 report.error(f"writing to {_node_name(node)}: {exc!r}")
+                if self.dry_run:
+                    report.failed += len(group)
+                else:  # the adds may have landed: find out, key by key
+                    self._settle(node, group)
                 continue
             for (key, item, _), result in zip(group, results, strict=True):
                 if result is True or result == meta.NOT_STORED:
@@ -381,7 +530,35 @@ class _Copier:
             node, [(k, it.value or b"", it.flags, exp) for k, it, exp in group]
         )
 
-    def _recheck(self, stored: list[tuple[bytes, int, Any, int]]) -> None:
+    def _settle(self, node: Any, group: list[tuple[bytes, meta.MetaItem, int]]) -> None:
+        """Find out what became of adds whose reply was lost.
+
+        A copy found on the destination (same bytes and flags) is kept if the
+        source is unchanged and undone otherwise, like any copy; a key the
+        destination lacks was not copied (``failed``); one that holds another
+        value was written by someone else (``already_present``). When even
+        this cannot be asked, the keys are ``in_doubt``, by name.
+        """
+        report = self.report
+        keys = [k for k, _, _ in group]
+        try:
+            now = meta.get_many(node, keys)
+        except Exception as exc:
+            report.error(f"re-checking lost adds on {_node_name(node)}: {exc!r}")
+            report.doubt(keys)
+            return
+        stored: list[tuple[bytes, int, Any, int | None]] = []
+        for (key, item, _), held in zip(group, now, strict=True):
+            if held is None:
+                report.failed += 1
+            elif (held.value, held.flags) != (item.value or b"", item.flags):
+                report.already_present += 1
+            else:
+                stored.append((key, item.cas, node, held.cas))
+        if stored:
+            self._recheck(stored)
+
+    def _recheck(self, stored: Sequence[tuple[bytes, int, Any, int | None]]) -> None:
         report = self.report
         try:
             now = meta.get_many(self.source, [k for k, *_ in stored], value=False)
@@ -389,9 +566,10 @@ class _Copier:
         except Exception as exc:  # the source cannot confirm: undo every copy
             report.error(f"re-checking {self.source_name}: {exc!r}")
             current = [None] * len(stored)
+        blocked = self._blocked([(key, node) for key, _, node, _ in stored])
         undo: dict[Any, list[tuple[bytes, int | None]]] = {}
         for (key, source_cas, node, cas), cas_now in zip(stored, current, strict=True):
-            if cas_now == source_cas:
+            if cas_now == source_cas and key not in blocked:
                 report.copied += 1
             else:
                 report.undone += 1
@@ -400,14 +578,40 @@ class _Copier:
             try:
                 meta.delete_many(node, pairs)
             except Exception as exc:
-                report.failed += len(pairs)
                 report.error(f"undoing copies on {_node_name(node)}: {exc!r}")
+                report.doubt(k for k, _ in pairs)
+
+    def _blocked(self, keys: list[tuple[bytes, Any]]) -> set[bytes]:
+        """Keys the fallback pair forbids copying: a forget of the key is
+        still owed (a tombstone), or the cache was cleared (every key)."""
+        by_node: dict[Any, list[bytes]] = {}
+        for key, node in keys:
+            by_node.setdefault(node, []).append(key)
+        blocked: set[bytes] = set()
+        for node, group in by_node.items():
+            marks = [wire_key(node, CLEARED_KEY)] + [
+                wire_key(node, tombstone_key(self._route(k))) for k in group
+            ]
+            try:
+                found = meta.exists_many(node, marks)  # me: not counted as gets
+            except Exception as exc:  # cannot tell: undo (re-run copies them)
+                self.report.error(f"checking {_node_name(node)}: {exc!r}")
+                blocked.update(group)
+                continue
+            if found[0]:
+                self.cleared = True
+                blocked.update(group)
+            blocked.update(k for k, f in zip(group, found[1:], strict=True) if f)
+        return blocked
+
+    def _route(self, key: bytes) -> bytes:
+        prefix = self.key_prefix
+        return key[len(prefix) :] if prefix and key.startswith(prefix) else key
 
     def _dest_node(self, key: bytes) -> Any:
         # Route as the site's backend does: the key without pymemcache's
         # key_prefix, as the str Django hands the client.
-        prefix = self.key_prefix
-        route = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+        route = self._route(key)
         try:
             return node_for(self.dest, route.decode())
         except UnicodeDecodeError:  # not a key Django makes (--all-keys)
@@ -493,6 +697,7 @@ def warm(
         dest_client.close()
         raise WarmupError(f"Cannot read the servers' stats: {exc!r}") from exc
     report.estimated_total = sum(items.values())
+    _refuse_if_cleared(dest_client)
     started = time.monotonic()
     try:
         for server in sources:
@@ -526,15 +731,36 @@ def _copy_server(
 ) -> None:
     report = copier.report
     try:
-        listing = read_key_list(server, kwargs)
+        listing = read_key_list(server, kwargs, 2 * curr_items + LISTING_SLACK)
     except (OSError, MemcacheUnexpectedCloseError) as exc:
         report.error(f"listing keys of {server_name(server)}: {exc!r}")
         report.failed += 1
         return
+    try:
+        _copy_listing(copier, server, listing, batch_size, rate, started,
+                      progress, stop, curr_items)  # fmt: skip
+    finally:
+        listing.close()
+
+
+def _copy_listing(
+    copier: _Copier,
+    server: ServerSpec,
+    listing: KeyListing,
+    batch_size: int,
+    rate: float | None,
+    started: float,
+    progress: Callable[[WarmupReport], None] | None,
+    stop: threading.Event | None,
+    curr_items: int,
+) -> None:
+    report = copier.report
     # The listing is exact; curr_items also counts flushed, unreclaimed items.
-    left = listing.count(b"key=")
+    left = listing.keys
     report.estimated_total += left - curr_items
-    for batch in _batches(_key_lines(listing), batch_size):
+    if rate is not None:  # a steady pace, not a burst of batch_size keys
+        batch_size = max(1, min(batch_size, int(rate * RATE_SLICE)))
+    for batch in _batches(iter(listing), batch_size):
         if stop is not None and stop.is_set():
             report.interrupted = True
             return
@@ -547,11 +773,33 @@ def _copy_server(
             report.failed += len(keys) + left
             report.error(f"reading {server_name(server)}: {exc!r}")
             return
+        if copier.cleared:
+            raise WarmupError(
+                "The cache was cleared (clear()) during the migration: everything "
+                "on the old servers is older than the clear, nothing to copy"
+            )
         report.elapsed = time.monotonic() - started
         if progress is not None:
             progress(report)
         if rate is not None:
             _pace(report.scanned / rate - (time.monotonic() - started), stop)
+
+
+def _refuse_if_cleared(dest_client: Any) -> None:
+    for node in node_clients(dest_client):
+        try:
+            cleared = meta.exists_many(node, [wire_key(node, CLEARED_KEY)])
+        except Exception as exc:
+            dest_client.close()
+            raise WarmupError(
+                f"Cannot read the destination memcached at {_node_name(node)}: {exc!r}"
+            ) from exc
+        if cleared[0]:
+            dest_client.close()
+            raise WarmupError(
+                "The cache was cleared (clear()) during the migration: everything "
+                "on the old servers is older than the clear, nothing to copy"
+            )
 
 
 def _pace(delay: float, stop: threading.Event | None) -> None:
