@@ -42,17 +42,49 @@ What the pair does (mcrouter's ``WarmUpRoute`` is the model):
   servers and the old servers forget the key. ``cas`` goes to the new servers
   (the token comes from ``gets``, which reads through) and then the old ones
   forget the key.
-- ``flush_all`` (Django's ``clear()``) flushes the **new servers only**: the
-  old servers are never flushed (they may serve other sites, and the warm-up
-  must not lose its source). Values from the old servers can therefore come
-  back after ``clear()`` during a migration; flush them yourself if needed.
+- ``flush_all`` (Django's ``clear()``) flushes the **new servers only** (the
+  old ones may serve other sites, and are the warm-up's source), then writes
+  ``CLEARED_KEY`` to every new server. From then on no process reads through
+  (everything the old servers hold was set before the clear), and
+  ``warm-cache`` refuses to run. A copy racing the clear is undone by its
+  re-check.
 - Stats (``get_stats()``) show the new servers.
 
-The old servers failing is a miss, never an error: a failed old server is left
-alone for ``OLD_RETRY_AFTER`` seconds (reads and forgets skip it), then tried
-again. A memcached that restarts comes back empty, so nothing stale returns;
-only a network partition that heals could expose a value the site deleted
-while it lasted.
+Failures of the old servers (why each rule; issue 12). A memcached that
+restarts comes back empty, so nothing stale returns from it; the rest:
+
+- A failed old server is skipped by *reads* for ``OLD_RETRY_AFTER`` seconds
+  (a miss, never an error). Forgets are never skipped: a forget that cannot be
+  delivered now (server skipped or failing, or less than half the
+  ``DEADLINE`` left) is *owed*: kept in this process (``pending_forgets``,
+  at most ``MAX_PENDING_FORGETS``) and marked by a tombstone key on the new
+  server of that key (``TOMBSTONE_PREFIX`` + SHA-1 of the key). No process
+  reads through a key with a tombstone, nor copies it (``warm-cache`` undoes
+  such a copy); later calls deliver owed forgets once the old server is
+  tried again, then remove the tombstones. A process that owes more than
+  ``MAX_PENDING_FORGETS`` stops reading through altogether (a miss, never an
+  old value). Without this, one slow reply let a deleted key, or a value
+  overwritten with a short TTL, come back once the skip ended.
+- Blame: the old servers are asked only while at least half the ``DEADLINE``
+  is left (``OLD_MIN_SHARE``); with less, the read-through is a miss, and a
+  timeout is not held against the old server (the new one spent the budget).
+- A copy's re-check and undo run under a deadline of their own (the
+  ``DEADLINE`` again, ``UNDO_DEADLINE`` without one): an undo cut short by
+  an already spent budget would leave a deleted value on the new servers. A
+  copy whose ``add`` reply is lost may have landed: it is re-checked like
+  the others and undone without a CAS (at worst a miss). So a read that
+  copies can take up to twice the ``DEADLINE``.
+- ``incr``/``decr``/``touch`` on an old-only key run right after the copy,
+  before its re-check; a caller that loses the ``add`` race updates the copy
+  the winner made, and one that finds nothing left on the old servers tries
+  the new ones again: every ``incr`` counts.
+- The markers are asked with ``me`` (meta debug), which memcached does not
+  count as a get: the new servers' hit ratio (runbook step 4) stays the site's.
+- Limits: tombstones and the cleared marker live in memcached and can be
+  evicted (watch ``evictions``) or lost with a restart of a new server; a
+  process killed while owing forgets leaves tombstones (those keys stay
+  misses), and its owed forgets are only delivered by another write of the
+  same key.
 
 pymemcache's own ``FallbackClient`` is not used because it sends ``delete``
 only to the new servers (a deleted value comes straight back from the old
