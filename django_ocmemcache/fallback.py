@@ -302,8 +302,12 @@ class FallbackPool:
         with self._lock:
             pending = self.pending_forgets
             for key in keys:
+                if len(pending) >= MAX_PENDING_FORGETS and key not in pending:
+                    break  # bounded memory: the tombstones still tell others
                 pending[key] = None
-            if len(pending) > MAX_PENDING_FORGETS and not self.read_through_off:
+            else:
+                return
+            if not self.read_through_off:
                 self.read_through_off = True
                 logger.error(
                     "more than %d forgets owed to the old memcached servers "
