@@ -47,7 +47,7 @@ from urllib.parse import unquote_to_bytes
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from . import meta
+from . import meta, nodes
 from .client import ClientPool, ServerSpec, parse_server, server_name
 from .conf import CLIENT_DEFAULTS
 from .exceptions import OCMemcacheError
@@ -60,6 +60,7 @@ from .fallback import (
     wire_key,
 )
 from .keys import MEMCACHE_MAX_KEY_BYTES
+from .nodes import GuardedClient
 
 #: Keys per round trip when ``batch_size`` is not given.
 DEFAULT_BATCH_SIZE = 500
@@ -100,6 +101,11 @@ LISTING_SLACK = 100_000
 #: With ``rate``, at most this many seconds' worth of keys go in one batch, so
 #: a low rate is a steady trickle, not a burst of ``batch_size`` keys.
 RATE_SLICE = 0.1
+
+#: Slowest source accepted while it sends items, in bytes per second: a read
+#: of N bytes gets ``timeout + N / MIN_COPY_RATE`` seconds in all, so a source
+#: that trickles its reply cannot hold a batch for long.
+MIN_COPY_RATE = 1 << 20
 
 #: Names of keys in doubt kept in the report.
 MAX_IN_DOUBT_NAMES = 100
@@ -431,7 +437,10 @@ class _Copier:
         report: WarmupReport,
         dry_run: bool,
     ) -> None:
-        self.source = _plain_client(source, client_kwargs)
+        # Guarded: its reads obey the per-batch deadline set in ``_read``.
+        kwargs = {k: client_kwargs[k] for k in SOCKET_KWARGS if k in client_kwargs}
+        self.source = GuardedClient(source, **kwargs)
+        self.timeout = float(client_kwargs.get("timeout") or 1.0)
         self.source_name = server_name(source)
         self.dest = dest_client
         self.offsets = clock_offsets
@@ -481,8 +490,18 @@ class _Copier:
     def copy(self, keys: list[tuple[bytes, int]]) -> None:
         """Read ``keys`` from the source and add them to the destination."""
         for chunk in _chunks_by_size(keys):
-            items = meta.get_many(self.source, [k for k, _ in chunk])
+            size = sum(n for _, n in chunk)
+            items = self._read([k for k, _ in chunk], size, value=True)
             self._write([(k, it) for (k, _), it in zip(chunk, items, strict=True)])
+
+    def _read(self, keys: list[bytes], size: int, value: bool) -> list[Any]:
+        """``mg`` the source under a deadline by progress: ``timeout`` plus the
+        time ``size`` bytes take at ``MIN_COPY_RATE``."""
+        nodes.deadline_scope(self.timeout + size / MIN_COPY_RATE)
+        try:
+            return meta.get_many(self.source, keys, value=value)
+        finally:
+            nodes.end_deadline_scope()
 
     def _write(self, found: list[tuple[bytes, meta.MetaItem | None]]) -> None:
         report = self.report
@@ -561,7 +580,7 @@ class _Copier:
     def _recheck(self, stored: Sequence[tuple[bytes, int, Any, int | None]]) -> None:
         report = self.report
         try:
-            now = meta.get_many(self.source, [k for k, *_ in stored], value=False)
+            now = self._read([k for k, *_ in stored], 0, value=False)
             current = [it.cas if it is not None else None for it in now]
         except Exception as exc:  # the source cannot confirm: undo every copy
             report.error(f"re-checking {self.source_name}: {exc!r}")

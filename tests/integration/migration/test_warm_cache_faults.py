@@ -199,3 +199,29 @@ def test_refuses_after_clear_and_undoes_tombstoned_copies(
     with pytest.raises(warmup.WarmupError, match="cleared"):
         warmup.warm([old.location], [new.location])
     json.dumps(report.as_dict())
+
+
+def test_a_trickling_source_costs_a_batch_not_the_run(
+    old_new, old_cache, proxy_to, monkeypatch
+):
+    """Items trickling one byte per 10 ms: each batch gets ``timeout`` plus
+    its size at ``MIN_COPY_RATE``, then fails naming the source."""
+    old, new = old_new
+    proxy = proxy_to(old)
+    proxy.delay = 0.01
+    old_cache.set_many({f"k{i}": "v" * 50 for i in range(20)})
+    real = warmup.read_key_list
+
+    def then_trickle(*args, **kwargs):
+        listing = real(*args, **kwargs)
+        proxy.mode = "trickle"
+        return listing
+
+    monkeypatch.setattr(warmup, "read_key_list", then_trickle)
+    started = time.monotonic()
+    report = warmup.warm(
+        [proxy.location], [new.location], client_kwargs={"timeout": 0.5}
+    )
+    assert time.monotonic() - started < 3
+    assert report.failed == 20 and report.copied == 0
+    assert f"reading {proxy.location}" in report.errors[0]
