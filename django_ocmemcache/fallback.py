@@ -96,25 +96,23 @@ result from ``get_many`` and never writes an old hit to the new servers.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from pymemcache.client.hash import HashClient
 
-from . import meta, nodes
-from .client import ClientPool, ServerSpec, get_pool, parse_location, server_name
+from .client import deadline, meta
+from .client.pool import ClientPool, Registry, get_pool
+from .client.sharded import node_clients, node_for, wire_key
+from .conf import parse_fallback_location, server_name
+from .protocol import CLEARED_KEY, exptime_for, tombstone_key
+from .ratelimit import LogLimiter
 from .serializers import DEFAULT_SERDE
 
 logger = logging.getLogger("django_ocmemcache")
-
-#: memcached reads an exptime over 30 days as a Unix time (protocol.txt).
-MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
 #: Seconds a failed old server is skipped by reads before it is tried again.
 OLD_RETRY_AFTER = 5.0
@@ -135,12 +133,6 @@ OLD_MIN_SHARE = 0.5
 #: long when the cache has no ``DEADLINE`` (else ``DEADLINE`` seconds).
 UNDO_DEADLINE = 1.0
 
-#: Written to every new server by ``clear()``: reads never go to the old
-#: servers again (everything there was set before the clear).
-CLEARED_KEY = b"ocmemcache:fallback:cleared"
-#: Prefix of a tombstone on the new servers: a forget of that key is owed.
-TOMBSTONE_PREFIX = b"ocmemcache:fallback:forget:"
-
 _MISSING = object()
 
 #: Methods of the new servers' client the pair passes through unchanged.
@@ -149,66 +141,14 @@ _DELEGATED_METHODS = frozenset(
 )
 
 
-def node_for(client: Any, key: str | bytes) -> Any:
-    """The per-server pymemcache ``Client`` that holds ``key`` (None: none alive).
-
-    ``client`` is what a ``ClientPool`` hands out: a plain ``Client``, a
-    pymemcache ``HashClient``, or a client with ``node_for(key)`` and a
-    ``clients`` dict by node. The key is routed exactly as that client routes
-    its own commands (without pymemcache's ``key_prefix``).
-    """
-    if isinstance(client, HashClient):
-        return client._get_client(key)
-    pick = getattr(client, "node_for", None)
-    if pick is not None:
-        return client.clients[pick(key)]
-    return client
-
-
-def node_clients(client: Any) -> list[Any]:
-    """Every per-server ``Client`` of a pool's client (see ``node_for``)."""
-    clients = getattr(client, "clients", None)
-    return list(clients.values()) if isinstance(clients, dict) else [client]
-
-
-def wire_key(node: Any, key: str | bytes) -> bytes:
-    """``key`` as the server sees it: UTF-8, pymemcache's ``key_prefix`` in front."""
-    raw = key.encode() if isinstance(key, str) else key
-    prefix = node.key_prefix
-    return prefix + raw if prefix else raw
-
-
-def tombstone_key(key: str | bytes) -> bytes:
-    """The new-server key recording that ``key``'s forget is still owed."""
-    raw = key.encode() if isinstance(key, str) else key
-    return TOMBSTONE_PREFIX + hashlib.sha1(raw).hexdigest().encode()
-
-
-def exptime_for(ttl: int, now: float) -> int | None:
-    """memcached ``exptime`` that keeps an item's remaining ``ttl`` (seconds).
-
-    ``ttl`` is ``mg``'s ``t``: -1 never expires (exptime 0). An item with 1 s or
-    less left gives ``None`` (do not copy: exptime 0 would make it immortal).
-    Over 30 days the exptime is the absolute Unix time ``now + ttl``, since
-    memcached would read a large relative value as a date in 1970.
-    """
-    if ttl < 0:
-        return 0
-    if ttl <= 1:
-        return None
-    if ttl > MAX_RELATIVE_EXPTIME:
-        return int(now) + ttl
-    return ttl
-
-
 def _budget_short() -> bool:
     """True when less than ``OLD_MIN_SHARE`` of the call's ``DEADLINE`` is left."""
-    left, total = nodes.time_left(), nodes.deadline_total()
+    left, total = deadline.time_left(), deadline.deadline_total()
     return left is not None and total is not None and left < total * OLD_MIN_SHARE
 
 
 def _undo_deadline() -> float:
-    total = nodes.deadline_total()
+    total = deadline.deadline_total()
     return UNDO_DEADLINE if total is None else total
 
 
@@ -289,13 +229,14 @@ class FallbackPool:
         self.old_errors += 1
         self._down_until[node.server] = time.monotonic() + OLD_RETRY_AFTER
         # At most one line per server per OLD_RETRY_AFTER; never the key.
-        logger.warning(
-            "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
-            "misses for %.1f s",
-            server_name(node.server),
-            type(exc).__name__,
-            OLD_RETRY_AFTER,
-        )
+        if _old_log.allow(server_name(node.server), OLD_RETRY_AFTER):
+            logger.warning(
+                "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
+                "misses for %.1f s",
+                server_name(node.server),
+                type(exc).__name__,
+                OLD_RETRY_AFTER,
+            )
 
     def owe(self, keys: Iterable[bytes]) -> None:
         """Record forgets that could not be delivered (retried later)."""
@@ -679,7 +620,7 @@ class FallbackPair:
         # and an undo skipped for lack of time would keep a deleted value.
         pool = self._pool
         try:
-            with nodes.own_deadline(_undo_deadline()):  # the re-check
+            with deadline.own_deadline(_undo_deadline()):  # the re-check
                 blocked = self._blocked(list(stored))
                 now_cas: dict[bytes, int] = {}
                 for node, group in pool.old_nodes(stored, skipped=True).items():
@@ -704,7 +645,7 @@ class FallbackPair:
                     # the delete is unconditional: at worst a miss.
                     guard = None if updated else cas
                     undo.setdefault(node, []).append((wire_key(node, key), guard))
-            with nodes.own_deadline(_undo_deadline()):  # the undo: its own budget
+            with deadline.own_deadline(_undo_deadline()):  # the undo: its own budget
                 for node, pairs in undo.items():
                     pool.undone += sum(meta.delete_many(node, pairs))
         except Exception as exc:
@@ -716,19 +657,8 @@ class FallbackPair:
             )
 
 
-_registry: dict[Any, FallbackPool] = {}
-_registry_lock = threading.Lock()
-
-
-def parse_fallback_location(value: Any) -> list[ServerSpec]:
-    """Parse ``OPTIONS["FALLBACK_LOCATION"]`` (the forms of ``LOCATION``).
-
-    Raises ``ImproperlyConfigured`` naming the option when it does not parse.
-    """
-    try:
-        return parse_location(value)
-    except ImproperlyConfigured as exc:
-        raise ImproperlyConfigured(f"OPTIONS['FALLBACK_LOCATION']: {exc}") from None
+_pairs: Registry[FallbackPool] = Registry(FallbackPool._after_fork_in_child)
+_old_log = LogLimiter()
 
 
 def get_fallback_pool(
@@ -751,23 +681,5 @@ def get_fallback_pool(
             "it must list the old servers only"
         )
     old = get_pool(old_servers, client_kwargs)
-    key = (id(new), id(old))
-    pool = _registry.get(key)
-    if pool is None:
-        with _registry_lock:
-            pool = _registry.get(key)
-            if pool is None:
-                serde = client_kwargs.get("serde") or DEFAULT_SERDE
-                pool = _registry[key] = FallbackPool(new, old, serde)
-    return pool
-
-
-def _reset_after_fork() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    for pool in list(_registry.values()):
-        pool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    serde = client_kwargs.get("serde") or DEFAULT_SERDE
+    return _pairs.get((id(new), id(old)), lambda: FallbackPool(new, old, serde))

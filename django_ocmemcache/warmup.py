@@ -47,20 +47,20 @@ from urllib.parse import unquote_to_bytes
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from . import meta, nodes
-from .client import ClientPool, ServerSpec, parse_server, server_name
-from .conf import CLIENT_DEFAULTS
-from .exceptions import OCMemcacheError
-from .fallback import (
-    CLEARED_KEY,
-    exptime_for,
-    node_clients,
-    node_for,
-    tombstone_key,
-    wire_key,
+from .client import deadline, meta
+from .client.guarded import GuardedClient
+from .client.pool import ClientPool
+from .client.sharded import node_clients, node_for, wire_key
+from .conf import (
+    CLIENT_DEFAULTS,
+    ServerSpec,
+    key_prefix_bytes,
+    parse_server,
+    server_name,
 )
-from .keys import MEMCACHE_MAX_KEY_BYTES
-from .nodes import GuardedClient
+from .exceptions import BadReply, OCMemcacheError
+from .keys import is_wire_key as is_valid_key
+from .protocol import CLEARED_KEY, exptime_for, tombstone_key
 
 #: Keys per round trip when ``batch_size`` is not given.
 DEFAULT_BATCH_SIZE = 500
@@ -74,10 +74,6 @@ MAX_ERRORS = 20
 #: Client arguments that matter for the warm-up's own per-server connections.
 SOCKET_KWARGS = ("connect_timeout", "timeout", "no_delay", "socket_keepalive",
                  "tls_context", "socket_module")  # fmt: skip
-
-# Bytes the text protocol cannot carry in a key (protocol.txt: no control
-# characters or whitespace).
-_BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 
 #: How long to wait for another client's ``lru_crawler`` run to finish.
 CRAWLER_BUSY_WAIT = 5.0
@@ -183,11 +179,6 @@ class WarmupReport:
                 self.in_doubt_keys.append(key.decode("utf-8", "backslashreplace"))
 
 
-def is_valid_key(key: bytes) -> bool:
-    """True if the text protocol can carry ``key`` (1–250 bytes, no space/control)."""
-    return 0 < len(key) <= MEMCACHE_MAX_KEY_BYTES and not _BAD_KEY_BYTE.search(key)
-
-
 def namespace_pattern(cache: Any, key_prefix: bytes = b"") -> re.Pattern[bytes]:
     """A regex matching the wire keys ``cache`` makes, in any version.
 
@@ -286,8 +277,9 @@ class KeyListing:
         self.keys = 0
 
     def write(self, lines: list[bytes]) -> None:
-        self._file.write(b"\n".join(lines) + b"\n")
-        self.keys += len(lines)
+        if lines:
+            self._file.write(b"\n".join(lines) + b"\n")
+            self.keys += len(lines)
 
     @property
     def spilled(self) -> bool:
@@ -368,55 +360,20 @@ def _metadump(
         assert sock is not None
         # metadump must be the only command in flight on its connection.
         sock.sendall(b"lru_crawler metadump " + mode + b"\r\n")
-        pending = b""
-        window_start, window_bytes = time.monotonic(), 0
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                raise MemcacheUnexpectedCloseError()
-            window_bytes += len(chunk)
-            now = time.monotonic()
-            if now - window_start >= window:
-                if window_bytes < MIN_LISTING_BYTES:
-                    raise WarmupError(
-                        f"source memcached at {name} lists its keys too slowly "
-                        f"({window_bytes} bytes in {now - window_start:.1f} s)"
-                    )
-                window_start, window_bytes = now, 0
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            if len(pending) > MAX_DUMP_LINE:
-                raise WarmupError(
-                    f"source memcached at {name} sent a key listing line longer "
-                    f"than {MAX_DUMP_LINE} bytes"
-                )
-            keys = []
-            for line in lines:
-                if line.startswith(b"key="):
-                    if len(line) > MAX_DUMP_LINE:
-                        raise WarmupError(
-                            f"source memcached at {name} sent a key listing line "
-                            f"longer than {MAX_DUMP_LINE} bytes"
-                        )
-                    keys.append(line)
-                elif line.rstrip(b"\r") == b"END":
-                    listing.write(keys)
-                    return listing
-                elif not listing.keys and not keys:
-                    listing.close()
-                    return line + b"\r\n"  # ERROR, CLIENT_ERROR, BUSY: one line
-                else:
-                    raise WarmupError(
-                        f"source memcached at {name} sent a malformed key "
-                        f"listing line: {line[:80]!r}"
-                    )
-            if keys:
-                listing.write(keys)
-            if max_keys is not None and listing.keys > max_keys:
-                raise WarmupError(
-                    f"source memcached at {name} lists more than {max_keys} keys "
-                    "(twice its curr_items and more): refusing an endless listing"
-                )
+        try:
+            error = meta.Reader(sock).listing(
+                listing.write,
+                max_line=MAX_DUMP_LINE,
+                max_keys=max_keys,
+                min_bytes=MIN_LISTING_BYTES,
+                window=window,
+            )
+        except BadReply as exc:
+            raise WarmupError(f"source memcached at {name} {exc}") from None
+        if error is None:
+            return listing
+        listing.close()
+        return error  # ERROR, CLIENT_ERROR, BUSY: one line
     except BaseException:
         listing.close()
         raise
@@ -445,8 +402,7 @@ class _Copier:
         self.dest = dest_client
         self.offsets = clock_offsets
         self.namespace = namespace
-        prefix = client_kwargs.get("key_prefix") or b""
-        self.key_prefix = prefix.encode() if isinstance(prefix, str) else prefix
+        self.key_prefix = key_prefix_bytes(client_kwargs)
         self.report = report
         self.dry_run = dry_run
         self.source_offset = meta.server_time(self.source) - time.time()
@@ -497,11 +453,11 @@ class _Copier:
     def _read(self, keys: list[bytes], size: int, value: bool) -> list[Any]:
         """``mg`` the source under a deadline by progress: ``timeout`` plus the
         time ``size`` bytes take at ``MIN_COPY_RATE``."""
-        nodes.deadline_scope(self.timeout + size / MIN_COPY_RATE)
+        deadline.deadline_scope(self.timeout + size / MIN_COPY_RATE)
         try:
             return meta.get_many(self.source, keys, value=value)
         finally:
-            nodes.end_deadline_scope()
+            deadline.end_deadline_scope()
 
     def _write(self, found: list[tuple[bytes, meta.MetaItem | None]]) -> None:
         report = self.report

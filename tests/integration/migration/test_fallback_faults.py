@@ -230,7 +230,7 @@ def test_after_clear_no_value_set_before_it_is_returned(
     assert pair.get_many(["a", "b"]) == {}
     assert pair.add("b", "new") is True and pair.get("b") == "new"
     # Another process (its own pool state) sees the clear: it is on the servers.
-    monkeypatch.setattr(fallback, "_registry", {})
+    monkeypatch.setattr(fallback._pairs, "_items", {})
     other_process = pair_over(make_cache, new.location, old.location)
     assert other_process._pool is not pair._pool
     assert other_process.get("a", MISS) is MISS
@@ -247,7 +247,7 @@ def test_a_read_repair_racing_clear_is_undone(
 
     def clear_then_add(node, items):
         monkeypatch.setattr(fallback.meta, "add_many", real_add)
-        monkeypatch.setattr(fallback, "_registry", {})
+        monkeypatch.setattr(fallback._pairs, "_items", {})
         other_process = pair_over(make_cache, new.location, old.location)
         other_process.clear()  # between the old read and the copy
         return real_add(node, items)

@@ -18,6 +18,7 @@ node's socket is closed, as pymemcache does, so the stream never desynchronises.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -28,8 +29,9 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from .exceptions import BadReply
-from .nodes import MAX_VALUE_BYTES
+from ..exceptions import BadReply
+from ..protocol import is_too_large
+from .guarded import MAX_VALUE_BYTES
 
 T = TypeVar("T")
 
@@ -57,8 +59,12 @@ class MetaItem(NamedTuple):
     cas: int
 
 
-class _Reader:
-    """Read lines and exact-length values from a socket, keeping a buffer."""
+class Reader:
+    """Read lines, exact-length values or a whole listing from a socket.
+
+    The one place that reads raw replies outside pymemcache: an empty read
+    (the server closed the connection) raises ``MemcacheUnexpectedCloseError``.
+    """
 
     __slots__ = ("sock", "buf", "pos")
 
@@ -67,10 +73,14 @@ class _Reader:
         self.buf = b""
         self.pos = 0
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(262144)
+    def _recv(self, size: int) -> bytes:
+        chunk = self.sock.recv(size)
         if not chunk:
             raise MemcacheUnexpectedCloseError()
+        return chunk
+
+    def _fill(self) -> None:
+        chunk = self._recv(262144)
         self.buf = self.buf[self.pos :] + chunk
         self.pos = 0
 
@@ -91,9 +101,7 @@ class _Reader:
             # to the buffer would copy it whole every time (quadratic in size).
             chunks = [self.buf[self.pos :]]
             while have < need:
-                chunk = self.sock.recv(max(262144, min(need - have, 1 << 20)))
-                if not chunk:
-                    raise MemcacheUnexpectedCloseError()
+                chunk = self._recv(max(262144, min(need - have, 1 << 20)))
                 chunks.append(chunk)
                 have += len(chunk)
             self.buf = b"".join(chunks)
@@ -103,6 +111,67 @@ class _Reader:
             raise MemcacheUnknownError("value not followed by \\r\\n")
         self.pos += need
         return data
+
+    def listing(
+        self,
+        write: Callable[[list[bytes]], None],
+        *,
+        max_line: int,
+        max_keys: int | None,
+        min_bytes: int,
+        window: float,
+    ) -> bytes | None:
+        """Read a reply of ``key=...`` lines ending with ``END\\r\\n``
+        (``lru_crawler metadump``), handing the key lines to ``write`` as they
+        arrive, so the listing is never held whole here.
+
+        Returns ``None`` at ``END``, or the one-line reply that came instead of
+        a listing (``ERROR``, ``CLIENT_ERROR``, ``BUSY``). Raises ``BadReply``
+        for a line over ``max_line`` bytes, a line that is not a key line among
+        them, more than ``max_keys`` key lines, or less than ``min_bytes`` in
+        any ``window`` seconds (a trickle).
+        """
+        pending = b""
+        keys_seen = 0
+        window_start, window_bytes = time.monotonic(), 0
+        while True:
+            chunk = self._recv(1 << 20)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= window:
+                if window_bytes < min_bytes:
+                    raise BadReply(
+                        f"lists its keys too slowly ({window_bytes} bytes in "
+                        f"{now - window_start:.1f} s)"
+                    )
+                window_start, window_bytes = now, 0
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > max_line:
+                raise BadReply(f"sent a key listing line longer than {max_line} bytes")
+            keys: list[bytes] = []
+            for line in lines:
+                if line.startswith(b"key="):
+                    if len(line) > max_line:
+                        raise BadReply(
+                            f"sent a key listing line longer than {max_line} bytes"
+                        )
+                    keys.append(line)
+                elif line.rstrip(b"\r") == b"END":
+                    write(keys)
+                    return None
+                elif not keys_seen and not keys:
+                    return line + b"\n"  # ERROR, CLIENT_ERROR, BUSY: one line
+                else:
+                    raise BadReply(f"sent a malformed key listing line: {line[:80]!r}")
+            if keys:
+                write(keys)
+                keys_seen += len(keys)
+            if max_keys is not None and keys_seen > max_keys:
+                raise BadReply(
+                    f"lists more than {max_keys} keys (twice its curr_items and "
+                    "more): refusing an endless listing"
+                )
 
 
 def _raise_error(line: bytes) -> None:
@@ -116,7 +185,7 @@ def _raise_error(line: bytes) -> None:
 def _pipeline(
     node: Any,
     commands: Sequence[bytes],
-    parse: Callable[[_Reader], T],
+    parse: Callable[[Reader], T],
 ) -> list[T]:
     """Send ``commands`` (complete, ``\\r\\n``-terminated) and parse one reply each."""
     if node.sock is None:
@@ -131,7 +200,7 @@ def _pipeline(
                 size += len(commands[end])
                 end += 1
             sock.sendall(b"".join(commands[start:end]))
-            reader = _Reader(sock)
+            reader = Reader(sock)
             results.extend(parse(reader) for _ in range(end - start))
             if reader.pos != len(reader.buf):
                 raise MemcacheUnknownError("unexpected bytes after the replies")
@@ -142,7 +211,7 @@ def _pipeline(
     return results
 
 
-def _parse_get(reader: _Reader) -> MetaItem | None:
+def _parse_get(reader: Reader) -> MetaItem | None:
     line = reader.line()
     head = line[:2]
     if head == b"EN":
@@ -181,7 +250,7 @@ def get_many(
     return _pipeline(node, [b"mg " + k + suffix for k in keys], _parse_get)
 
 
-def _parse_set(reader: _Reader) -> int | str:
+def _parse_set(reader: Reader) -> int | str:
     line = reader.line()
     if line[:2] == b"HD":
         for token in line.split()[1:]:
@@ -192,7 +261,7 @@ def _parse_set(reader: _Reader) -> int | str:
         return NOT_STORED
     if line.startswith(b"SERVER_ERROR"):
         # memcached has read (and dropped) the value: the stream is in sync.
-        return TOO_LARGE if b"too large" in line else line.decode(errors="replace")
+        return TOO_LARGE if is_too_large(line) else line.decode(errors="replace")
     _raise_error(line)
     raise AssertionError  # pragma: no cover
 
@@ -215,7 +284,7 @@ def add_many(
     return _pipeline(node, commands, _parse_set)
 
 
-def _parse_delete(reader: _Reader) -> bool:
+def _parse_delete(reader: Reader) -> bool:
     line = reader.line()
     if line[:2] == b"HD":
         return True
@@ -239,7 +308,7 @@ def delete_many(node: Any, items: Sequence[tuple[bytes, int | None]]) -> list[bo
     return _pipeline(node, commands, _parse_delete)
 
 
-def _parse_debug(reader: _Reader) -> bool:
+def _parse_debug(reader: Reader) -> bool:
     line = reader.line()
     if line[:2] == b"ME":
         return True
