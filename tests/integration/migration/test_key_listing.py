@@ -147,7 +147,7 @@ def test_a_misbehaving_listing_is_refused_quickly_in_bounded_memory(
 
 
 def test_listing_spills_to_a_temporary_file(scripted, monkeypatch):
-    monkeypatch.setattr(warmup, "SPILL_BYTES", 4096)
+    monkeypatch.setattr(warmup.listing, "SPILL_BYTES", 4096)
     lines = b"".join(
         b"key=k%d exp=-1 la=1 cas=2 fetch=no cls=1 size=60\n" % i for i in range(500)
     )

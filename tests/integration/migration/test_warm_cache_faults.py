@@ -165,7 +165,7 @@ def test_low_rate_is_paced_per_slice_not_per_batch(old_new, old_cache):
 def test_malformed_listing_field_names_the_server(old_new, old_cache, monkeypatch):
     old, new = old_new
     old_cache.set("k", 1)
-    real = warmup._metadump
+    real = warmup.listing._metadump
 
     def garbled(server, kwargs, mode, max_keys):
         listing = real(server, kwargs, mode, max_keys)
@@ -173,7 +173,7 @@ def test_malformed_listing_field_names_the_server(old_new, old_cache, monkeypatc
         bad.write([line.replace(b"exp=", b"exp=x") for line in listing])
         return bad
 
-    monkeypatch.setattr(warmup, "_metadump", garbled)
+    monkeypatch.setattr(warmup.listing, "_metadump", garbled)
     with pytest.raises(warmup.WarmupError, match=f"source memcached at {old.location}"):
         warmup.warm([old.location], [new.location])
 
