@@ -6,8 +6,6 @@ This module imports nothing from the package.
 
 from __future__ import annotations
 
-import hashlib
-
 #: memcached reads an ``exptime`` over 30 days as a Unix timestamp
 #: (protocol.txt, "Expiration times").
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
@@ -36,20 +34,3 @@ def is_too_large(reply: str | bytes) -> bool:
     if isinstance(reply, bytes):
         return b"too large" in reply
     return "too large" in reply
-
-
-#: Written to every new server by the fallback pair's ``clear()``: no process
-#: reads through from the old servers again, and warm-cache refuses to run
-#: (everything the old servers hold was set before the clear).
-CLEARED_KEY = b"ocmemcache:fallback:cleared"
-
-#: Prefix of a tombstone on the new servers: a forget of that key is still owed
-#: to the old servers (see ``fallback``); the key is not read through or copied.
-TOMBSTONE_PREFIX = b"ocmemcache:fallback:forget:"
-
-
-def tombstone_key(key: str | bytes) -> bytes:
-    """The new-server key recording that ``key``'s forget is still owed
-    (``key`` without pymemcache's ``key_prefix``)."""
-    raw = key.encode() if isinstance(key, str) else key
-    return TOMBSTONE_PREFIX + hashlib.sha1(raw).hexdigest().encode()

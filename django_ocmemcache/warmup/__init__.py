@@ -46,12 +46,12 @@ from typing import Any
 
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
+from .. import markers
 from ..client import meta
 from ..client.pool import ClientPool
-from ..client.sharded import node_clients, wire_key
+from ..client.sharded import node_clients
 from ..conf import CLIENT_DEFAULTS, ServerSpec, parse_server, server_name
 from ..keys import is_wire_key as is_valid_key
-from ..protocol import CLEARED_KEY
 from .copier import Copier, node_name
 from .listing import KeyListing, plain_client, read_key_list
 from .report import WarmupError, WarmupReport
@@ -312,13 +312,13 @@ def _copy_listing(
 def _refuse_if_cleared(dest_client: Any) -> None:
     for node in node_clients(dest_client):
         try:
-            cleared = meta.exists_many(node, [wire_key(node, CLEARED_KEY)])
+            cleared, _ = markers.check(node, [])
         except Exception as exc:
             dest_client.close()
             raise WarmupError(
                 f"Cannot read the destination memcached at {node_name(node)}: {exc!r}"
             ) from exc
-        if cleared[0]:
+        if cleared:
             dest_client.close()
             raise WarmupError(
                 "The cache was cleared (clear()) during the migration: everything "

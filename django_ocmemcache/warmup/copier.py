@@ -8,12 +8,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from .. import markers
 from ..client import deadline, meta
 from ..client.guarded import GuardedClient
-from ..client.sharded import node_for, wire_key
+from ..client.sharded import node_for
 from ..conf import ServerSpec, key_prefix_bytes, server_name
 from ..keys import is_wire_key as is_valid_key
-from ..protocol import CLEARED_KEY, exptime_for, tombstone_key
+from ..protocol import exptime_for
 from .listing import SOCKET_KWARGS
 from .report import WarmupError, WarmupReport
 
@@ -209,19 +210,17 @@ class Copier:
             by_node.setdefault(node, []).append(key)
         blocked: set[bytes] = set()
         for node, group in by_node.items():
-            marks = [wire_key(node, CLEARED_KEY)] + [
-                wire_key(node, tombstone_key(self._route(k))) for k in group
-            ]
+            routes = {self._route(k): k for k in group}
             try:
-                found = meta.exists_many(node, marks)  # me: not counted as gets
+                cleared, owed = markers.check(node, list(routes))
             except Exception as exc:  # cannot tell: undo (re-run copies them)
                 self.report.error(f"checking {node_name(node)}: {exc!r}")
                 blocked.update(group)
                 continue
-            if found[0]:
+            if cleared:
                 self.cleared = True
                 blocked.update(group)
-            blocked.update(k for k, f in zip(group, found[1:], strict=True) if f)
+            blocked.update(routes[r] for r in owed)
         return blocked
 
     def _route(self, key: bytes) -> bytes:
