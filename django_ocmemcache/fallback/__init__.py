@@ -98,6 +98,7 @@ result from ``get_many`` and never writes an old hit to the new servers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -237,6 +238,11 @@ class FallbackPool:
                     "process (misses, never an old value)",
                     MAX_PENDING_FORGETS,
                 )
+
+    def owed(self, n: int) -> list[bytes]:
+        """The first ``n`` keys whose forget is owed (oldest first)."""
+        with self._lock:
+            return list(itertools.islice(self.pending_forgets, n))
 
     def delivered(self, keys: Iterable[bytes]) -> None:
         with self._lock:

@@ -229,7 +229,7 @@ class FallbackPair:
     def _deliver_owed(self) -> None:
         """Deliver owed forgets to the old servers that are not skipped."""
         pool = self._pool
-        batch = list(pool.pending_forgets)[:DELIVER_BATCH]
+        batch = pool.owed(DELIVER_BATCH)
         for node, group in pool.old_nodes(batch).items():
             if _budget_short():
                 return
