@@ -20,7 +20,9 @@ servers hold. The runbook:
    servers were.
 5. Remove ``FALLBACK_LOCATION`` and deploy.
 6. Retire the old servers. (Stopping them before step 5 is safe too: an old
-   server that cannot be reached is a miss, never an error.)
+   server that cannot be reached is a miss, never an error. But every write
+   then owes it a forget, which leaves a tombstone on the new servers: do step
+   5 soon.)
 
 What the pair does (mcrouter's ``WarmUpRoute`` is the model):
 
