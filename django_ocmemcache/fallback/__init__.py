@@ -62,8 +62,9 @@ restarts comes back empty, so nothing stale returns from it; the rest:
   at most ``MAX_PENDING_FORGETS``) and marked by a tombstone key on the new
   server of that key (``markers``). No process
   reads through a key with a tombstone, nor copies it (``warm-cache`` undoes
-  such a copy); later calls deliver owed forgets once the old server is
-  tried again, then remove the tombstones. A process that owes more than
+  such a copy); owed forgets ride along with the next write's forget to
+  that old server (same pipeline), or follow a read with budget left, and
+  their tombstones are removed. A process that owes more than
   ``MAX_PENDING_FORGETS`` stops reading through altogether (a miss, never an
   old value). Without this, one slow reply let a deleted key, or a value
   overwritten with a short TTL, come back once the skip ended.
@@ -79,7 +80,8 @@ restarts comes back empty, so nothing stale returns from it; the rest:
 - ``incr``/``decr``/``touch`` on an old-only key run right after the copy,
   before its re-check; a caller that loses the ``add`` race updates the copy
   the winner made, and one that finds nothing left on the old servers tries
-  the new ones again: every ``incr`` counts.
+  the new ones again: every ``incr`` counts. A re-check that cannot reach
+  the old server keeps such an updated copy (undoing it would lose updates).
 - The markers are asked with ``me`` (meta debug), which memcached does not
   count as a get: the new servers' hit ratio (runbook step 4) stays the site's.
 - Limits: tombstones and the cleared marker live in memcached and can be

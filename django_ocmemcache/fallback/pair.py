@@ -196,21 +196,32 @@ class FallbackPair:
         pool = self._pool
         gone: builtins.set[bytes] = builtins.set()
         owed: list[bytes] = []
+        # Owed forgets ride along in the same pipeline: a slow old server
+        # costs no extra round trip for them.
+        due = pool.old_nodes(pool.owed(DELIVER_BATCH)) if pool.pending_forgets else {}
         for node, group in pool.old_nodes(keys, skipped=True).items():
             if pool.is_down(node) or _budget_short():
                 owed += group
                 continue
+            mine = builtins.set(group)
+            extra = [k for k in due.pop(node, ()) if k not in mine]
             try:
                 deleted = self._on_old(
-                    node, meta.delete_many, [(wire_key(node, k), None) for k in group]
+                    node,
+                    meta.delete_many,
+                    [(wire_key(node, k), None) for k in group + extra],
                 )
             except Exception:
                 owed += group
                 continue
-            gone.update(k for k, hit in zip(group, deleted, strict=True) if hit)
+            gone.update(k for k, hit in zip(group, deleted, strict=False) if hit)
+            if extra or pool.pending_forgets:
+                done = extra + [k for k in group if k in pool.pending_forgets]
+                if done:
+                    self._delivered(done)
         if owed:
             self._owe(owed)
-        elif pool.pending_forgets:
+        elif due:
             self._deliver_owed()
         return gone
 
@@ -239,12 +250,15 @@ class FallbackPair:
                 )
             except Exception:
                 continue
-            pool.delivered(group)
-            try:
-                for new_node, keys in self._by_new_node(group).items():
-                    markers.unmark_owed(new_node, keys)
-            except Exception as exc:  # a stale tombstone only costs misses
-                logger.debug("removing tombstones failed: %r", exc)
+            self._delivered(group)
+
+    def _delivered(self, keys: list[bytes]) -> None:
+        self._pool.delivered(keys)
+        try:
+            for node, group in self._by_new_node(keys).items():
+                markers.unmark_owed(node, group)
+        except Exception as exc:  # a stale tombstone only costs misses
+            logger.debug("removing tombstones failed: %r", exc)
 
     def _on_old(self, node: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(node, *args)`` on an old server; a failure marks it skipped,
@@ -390,16 +404,19 @@ class FallbackPair:
             with deadline.own_deadline(_undo_deadline()):  # the re-check
                 blocked = self._blocked(list(stored))
                 now_cas: dict[bytes, int] = {}
+                unconfirmed: builtins.set[bytes] = builtins.set()
                 for node, group in pool.old_nodes(stored, skipped=True).items():
                     if pool.is_down(node):
-                        continue  # the source cannot be confirmed: undo
+                        unconfirmed.update(group)  # cannot be confirmed: undo
+                        continue
                     try:
                         got = meta.get_many(
                             node, [wire_key(node, k) for k in group], value=False
                         )
                     except Exception as exc:
                         pool.old_failed(node, exc)
-                        continue  # the source cannot be confirmed: undo
+                        unconfirmed.update(group)  # cannot be confirmed: undo
+                        continue
                     now_cas.update(
                         (k, it.cas)
                         for k, it in zip(group, got, strict=True)
@@ -407,6 +424,11 @@ class FallbackPair:
                     )
             undo: dict[Any, list[tuple[bytes, int | None]]] = {}
             for key, (node, cas) in stored.items():
+                if updated and key in unconfirmed and key not in blocked:
+                    # An incr/decr/touch already ran on the copy: undoing it
+                    # on a mere timeout would lose those updates. Kept; the
+                    # old servers forget the key next (owed if need be).
+                    continue
                 if key in blocked or now_cas.get(key) != items[key].cas:
                     # Without the copy's CAS (reply lost, or updated since)
                     # the delete is unconditional: at worst a miss.

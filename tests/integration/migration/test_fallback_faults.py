@@ -146,9 +146,7 @@ def test_new_server_using_the_deadline_is_not_blamed_on_the_old_one(
     for i in range(5):
         pair.get(f"k{i}")
     pool = pair._pool
-    assert pool.old_errors == 0 and not pool._down_until
-    new_proxy.mode = "pass"
-    assert pair.get("k0") == 0  # the old server was never skipped
+    assert pool.old_errors == 0 and not pool._down_until  # never skipped
 
 
 # -- item 2: read-repair undone under late replies ------------------------------
@@ -265,11 +263,12 @@ def test_concurrent_incr_on_an_old_only_counter_counts_every_incr(
     old_new, old_cache, new_cache, make_cache, proxies
 ):
     old, new = old_new
-    # One hop to the old server fits the DEADLINE, two do not.
-    old_proxy = proxies(old, "slow", delay=0.3)
+    # One hop to the old server fits the DEADLINE, two do not (margins for
+    # a loaded machine: the proxy shares this process's GIL).
+    old_proxy = proxies(old, "slow", delay=0.5)
     pair = pair_over(
         make_cache, new.location, old_proxy.location,
-        DEADLINE=0.5, IGNORE_EXCEPTIONS=True,
+        DEADLINE=0.8, IGNORE_EXCEPTIONS=True,
     )  # fmt: skip
     threads_n = 6
     for trial in range(3):
@@ -292,7 +291,35 @@ def test_concurrent_incr_on_an_old_only_counter_counts_every_incr(
             t.join(10)
         assert errors == [], trial
         assert new_cache.get(key) == 10 + threads_n, trial
-        assert old_cache.get(key, MISS) is MISS
+        pair.set("other", trial)  # owed forgets ride along with this one
+        assert old_cache.get(key, MISS) is MISS, trial
+
+
+def test_incr_is_kept_when_the_recheck_times_out(
+    old_new, old_cache, new_cache, make_cache, proxies, monkeypatch
+):
+    """The counter was moved and incremented; the old server then stops
+    answering, so its re-check times out. Undoing the copy would lose the
+    increment: it is kept, and the old server forgets the key later."""
+    old, new = old_new
+    old_proxy = proxies(old)
+    pair = pair_over(
+        make_cache, new.location, old_proxy.location,
+        DEADLINE=0.3, IGNORE_EXCEPTIONS=True,
+    )  # fmt: skip
+    old_cache.set("n", 10)
+    real_add = fallback.meta.add_many
+
+    def add_then_old_goes_silent(node, items):
+        result = real_add(node, items)
+        old_proxy.mode = "silent"
+        return result
+
+    monkeypatch.setattr(fallback.meta, "add_many", add_then_old_goes_silent)
+    assert pair.incr("n") == 11
+    assert new_cache.get("n") == 11
+    monkeypatch.setattr(fallback.meta, "add_many", real_add)
+    assert pair._pool.pending_forgets  # the forget is owed, not lost
 
 
 # -- item 6: a large item through the pair -------------------------------------
