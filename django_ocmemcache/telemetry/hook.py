@@ -28,7 +28,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..conf import hash_node, project_settings
-from .metrics import HERD, HERD_OUTCOMES, METRICS, MetricKey, multiprocess_writer
+from .metrics import (
+    FOLD_AT,
+    HERD,
+    HERD_OUTCOMES,
+    METRICS,
+    MetricKey,
+    Row,
+    multiprocess_writer,
+)
 from .opencensus import tracing as opencensus_tracing
 from .semconv import (
     ATTR_ALIAS,
@@ -127,6 +135,7 @@ class CacheTelemetry:
         self.metrics = conf["METRICS"]
         self.record = METRICS.record
         self.ok_keys: dict[str, MetricKey] = {}
+        self.ok_rows: dict[str, list[Row]] = {}
         self._cache_type = type(cache)
         self.tracing = tracing() if conf["TRACING"] else None
         #: The current sampled span, or None (read on every call).
@@ -173,16 +182,19 @@ class CacheTelemetry:
             name, span, t0 = call
             elapsed = _clock() - t0
             err = raised if raised is not None else ignored
-            if self.metrics:
-                key = self.ok_keys.get(name) if err is None else None
-                if key is None:
-                    key = self.metric_key(name, err)
-                self.record(key, elapsed * 1000.0, hits, misses)
+            row = (elapsed, hits, misses, err is not None)  # metrics.Row
+            if self.metrics:  # one append; summed when collected (METRICS.rows)
+                rows = self.ok_rows.get(name) if err is None else None
+                if rows is None:
+                    rows = self.metric_rows(name, err)
+                rows.append(row)
+                if len(rows) >= FOLD_AT:
+                    METRICS.fold(self.metric_key(name, err))
                 if herd is not None:
                     HERD.record(self.alias or "unknown", herd[0])
             summary = _summary()
             if summary is not None:
-                summary.append((elapsed, hits, misses, err is not None))
+                summary.append(row)
             if span is not None:
                 self._close(name, span, hits, misses, err, err is ignored, herd)
         except Exception:
@@ -196,6 +208,13 @@ class CacheTelemetry:
             return (self.alias, name, type(err).__name__)
         key = self.ok_keys[name] = (self.alias, name, "")
         return key
+
+    def metric_rows(self, name: str, err: BaseException | None) -> list[Row]:
+        """The ``METRICS`` list of ``metric_key``; the ok one is kept."""
+        rows = METRICS.rows(self.metric_key(name, err))
+        if err is None:
+            self.ok_rows[name] = rows
+        return rows
 
     def _open(self, tracing: Tracing, parent: Any, cache: Any, name: str,
               args: tuple[Any, ...], kwargs: Any) -> Any:  # fmt: skip

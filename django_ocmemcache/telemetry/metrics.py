@@ -14,10 +14,13 @@ from __future__ import annotations
 import atexit
 import bisect
 import collections
+import itertools
 import logging
+import operator
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -47,102 +50,103 @@ logger = logging.getLogger("django_ocmemcache.telemetry")
 # An entry: [count, sum_ms, sum_sq_ms, hits, misses, bucket_0 .. bucket_n]
 _COUNT, _SUM, _SUMSQ, _HITS, _MISSES, _BUCKETS = range(6)
 MetricKey = tuple[str, str, str]  # (cache, method, error class name or "")
+#: A call as the hook appends it: (seconds, hits, misses, failed), the tuple the
+#: request summary keeps too.
+Row = tuple[float, int, int, bool]
+
+#: Rows kept per key before the caller that adds the next one folds them into
+#: the totals (memory stays flat: ~100 KB per key at most).
+FOLD_AT = 1024
 
 
 class MetricsStore:
-    """Cumulative call metrics, written per thread without locks.
+    """Cumulative call metrics: raw rows appended on the call path, folded
+    into totals when read.
 
-    Each thread owns a dict ``{(cache, method, error): entry}``; collectors sum
-    the dicts of every thread (threads that ended are folded into one).
+    A call costs one ``list.append`` of its row to the list of its key
+    (``rows(key)``; appends are atomic, no lock, no thread-local lookup). The
+    bucketing and summing happen at collection (``snapshot``) or when a list
+    reaches ``FOLD_AT`` rows, in bulk C-level passes (``Counter(map(bisect))``,
+    ``sum(map(...))``). Only folding takes the lock; a fold removes the rows it
+    read and nothing else, so rows appended meanwhile wait for the next one.
     """
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
         self.bounds = bounds
         self.start_time = time.time()
-        self._local = threading.local()
-        self._tables: list[tuple[threading.Thread, dict[MetricKey, list[Any]]]] = []
-        self._retired: dict[MetricKey, list[Any]] = {}
+        self._pending: dict[MetricKey, list[Row]] = {}
+        self._totals: dict[MetricKey, list[Any]] = {}
         self._lock = threading.Lock()
 
-    def _table(self) -> dict[MetricKey, list[Any]]:
-        table: dict[MetricKey, list[Any]] = {}
-        with self._lock:
-            # A server that starts a thread per request (runserver) and is never
-            # scraped would otherwise keep every ended thread and its table.
-            self._fold_ended()
-            self._tables.append((threading.current_thread(), table))
-        self._local.table = table
-        return table
-
-    def _fold_ended(self) -> None:
-        # Caller holds self._lock.
-        live = []
-        for thread, table in self._tables:
-            if thread.is_alive():
-                live.append((thread, table))
-            else:
-                _merge(self._retired, table.copy())
-        self._tables = live
+    def rows(self, key: MetricKey) -> list[Row]:
+        """The list the calls of ``key`` append their ``Row`` to (the same list
+        for the store's lifetime: callers keep it). A caller that makes it
+        reach ``FOLD_AT`` rows calls ``fold(key)``."""
+        rows = self._pending.get(key)
+        if rows is None:
+            with self._lock:
+                rows = self._pending.setdefault(key, [])
+        return rows
 
     def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
-        """Add one call that took ``ms`` milliseconds (runs on every call)."""
-        try:
-            entry = self._local.table[key]
-        except (AttributeError, KeyError):
-            entry = self._new_entry(key)
-        # No entry[_COUNT] += 1: snapshot() counts the buckets.
-        entry[_SUM] += ms
-        entry[_SUMSQ] += ms * ms
-        if hits:
-            entry[_HITS] += hits
-        if misses:
-            entry[_MISSES] += misses
-        entry[_BUCKETS + _bisect(self.bounds, ms)] += 1
+        """Add one call that took ``ms`` milliseconds (the hook appends rows
+        instead, see ``rows``)."""
+        with self._lock:
+            self._add(key, [ms], [hits], [misses])
 
-    def _new_entry(self, key: MetricKey) -> list[Any]:
-        try:
-            table = self._local.table
-        except AttributeError:
-            table = self._table()
-        entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
-        return entry
+    def fold(self, key: MetricKey) -> None:
+        """Fold the rows of ``key`` appended so far into the totals."""
+        with self._lock:
+            self._fold(key, self._pending[key])
+
+    def _fold(self, key: MetricKey, rows: list[Row]) -> None:
+        # Caller holds self._lock. Other threads may append meanwhile: only the
+        # first n rows are read and removed (both atomic list operations).
+        n = len(rows)
+        if not n:
+            return
+        batch = rows[:n]
+        del rows[:n]
+        seconds, hits, misses, _failed = zip(*batch, strict=True)
+        self._add(key, list(map(operator.mul, seconds, _THOUSANDS)), hits, misses)
+
+    def _add(self, key: MetricKey, ms: Sequence[float], hits: Sequence[int],
+             misses: Sequence[int]) -> None:  # fmt: skip
+        # Caller holds self._lock.
+        entry = self._totals.get(key)
+        if entry is None:
+            entry = self._totals[key] = [0, 0.0, 0.0, 0, 0] + [0] * (
+                len(self.bounds) + 1
+            )
+        entry[_SUM] = sum(ms, entry[_SUM])
+        entry[_SUMSQ] = sum(map(operator.mul, ms, ms), entry[_SUMSQ])
+        entry[_HITS] += sum(hits)
+        entry[_MISSES] += sum(misses)
+        for i, n in collections.Counter(
+            map(_bisect, itertools.repeat(self.bounds), ms)
+        ).items():
+            entry[_BUCKETS + i] += n
+        entry[_COUNT] = sum(entry[_BUCKETS:])
 
     def snapshot(self) -> dict[MetricKey, list[Any]]:
-        """Return the sum over all threads: ``{key: entry}`` (copies).
-
-        ``entry[_COUNT]`` is recomputed from the buckets, so a call recorded
-        while collecting never makes count and buckets disagree.
-        """
+        """Return the totals, every row appended so far folded in:
+        ``{key: entry}`` (copies; ``entry[_COUNT]`` is the buckets' sum)."""
         with self._lock:
-            self._fold_ended()
-            total: dict[MetricKey, list[Any]] = {}
-            _merge(total, self._retired)
-            for _, table in self._tables:
-                _merge(total, table.copy())
-        for entry in total.values():
-            entry[_COUNT] = sum(entry[_BUCKETS:])
-        return total
+            for key, rows in list(self._pending.items()):
+                self._fold(key, rows)
+            return {key: list(entry) for key, entry in self._totals.items()}
 
     def reset(self) -> None:
         """Forget every figure (tests; a forked child starts from zero)."""
         with self._lock:
-            for _, table in self._tables:
-                table.clear()
-            self._retired.clear()
+            for rows in self._pending.values():
+                del rows[:]  # in place: hooks hold these lists
+            self._totals.clear()
             self.start_time = time.time()
 
 
-def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
-    for key, entry in table.items():
-        have = into.get(key)
-        if have is None:
-            into[key] = list(entry)
-        else:
-            for i, value in enumerate(entry):
-                have[i] += value
-
-
 _bisect = bisect.bisect_left
+_THOUSANDS = itertools.repeat(1000.0)
 
 METRICS = MetricsStore()
 
