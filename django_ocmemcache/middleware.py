@@ -14,6 +14,11 @@ that middleware's span, and removes the tracer that middleware leaves behind.
 Whatever happens, the tracer is cleared from the context when the response is
 closed (streaming responses: when the last chunk has been sent), so a later
 cache call on the same thread never lands in a finished trace.
+
+With ``OCMEMCACHE["TELEMETRY_API"] = "opentelemetry"`` the span work is
+``otel.RequestTrace``'s: it annotates opentelemetry-instrumentation-django's
+SERVER span when that instrumentation runs first, and otherwise opens one
+through the OpenTelemetry API; OpenCensus is then never imported.
 """
 
 from __future__ import annotations
@@ -117,8 +122,9 @@ class _RequestTrace:
         # Whatever an earlier request left in this thread's context is stale:
         # cache calls must not join that trace.
         execution_context.clean()
-        if not mw.config.is_excluded(request.path):
-            self._open(mw.config, request)
+        config = mw.config
+        if config is not None and not config.is_excluded(request.path):
+            self._open(config, request)
 
     def _open(self, config: TraceConfig, request: Any) -> None:
         from opencensus.trace import span as span_module
@@ -203,25 +209,31 @@ class _RequestTrace:
 
 
 EXT_DJANGO_MIDDLEWARE = "opencensus.ext.django.middleware.OpencensusMiddleware"
+#: opentelemetry-instrumentation-django's middleware (``DjangoInstrumentor``).
+OTEL_DJANGO_MIDDLEWARE = (
+    "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+)
 THIS_MIDDLEWARE = "django_ocmemcache.middleware.RequestSpanMiddleware"
 
 
 def _check_order() -> None:
-    """Raise ``ImproperlyConfigured`` when opencensus-ext-django's middleware comes
-    after this one: each would open its own request span."""
+    """Raise ``ImproperlyConfigured`` when opencensus-ext-django's or
+    opentelemetry-instrumentation-django's middleware comes after this one: each
+    would open its own request span."""
     from django.conf import settings
 
     names = list(getattr(settings, "MIDDLEWARE", None) or [])
-    if (
-        THIS_MIDDLEWARE in names
-        and EXT_DJANGO_MIDDLEWARE in names
-        and names.index(EXT_DJANGO_MIDDLEWARE) > names.index(THIS_MIDDLEWARE)
-    ):
-        raise ImproperlyConfigured(
-            f"MIDDLEWARE lists {THIS_MIDDLEWARE!r} before {EXT_DJANGO_MIDDLEWARE!r}; "
-            "list it after, so that it annotates that middleware's request span "
-            "instead of opening a second one"
-        )
+    for other in (EXT_DJANGO_MIDDLEWARE, OTEL_DJANGO_MIDDLEWARE):
+        if (
+            THIS_MIDDLEWARE in names
+            and other in names
+            and names.index(other) > names.index(THIS_MIDDLEWARE)
+        ):
+            raise ImproperlyConfigured(
+                f"MIDDLEWARE lists {THIS_MIDDLEWARE!r} before {other!r}; "
+                "list it after, so that it annotates that middleware's request "
+                "span instead of opening a second one"
+            )
 
 
 def _on_close(response: Any, callback: Callable[[], None]) -> None:
@@ -264,8 +276,10 @@ class RequestSpanMiddleware:
     def __init__(self, get_response: Callable[..., Any]) -> None:
         _check_order()
         self.get_response = get_response
-        self.config = TraceConfig()
-        self.server_timing = project_settings()["SERVER_TIMING"]
+        conf = project_settings()
+        self.opentelemetry = conf["TELEMETRY_API"] == "opentelemetry"
+        self.config = None if self.opentelemetry else TraceConfig()
+        self.server_timing = conf["SERVER_TIMING"]
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
@@ -292,13 +306,19 @@ class RequestSpanMiddleware:
         self._respond(trace, request, response)
         return response
 
-    def _begin(self, request: Any) -> _RequestTrace | None:
+    def _begin(self, request: Any) -> Any:
         try:
-            trace = _RequestTrace(self, request)
+            if self.opentelemetry:
+                from .otel import RequestTrace
+
+                trace: Any = RequestTrace(request, _on_close)
+            else:
+                trace = _RequestTrace(self, request)
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)
-            clear_tracer_context()  # a Tracer may have stored itself before failing
+            if not self.opentelemetry:
+                clear_tracer_context()  # a Tracer may have stored itself first
             return None
         request._ocmemcache_trace = trace
         return trace
@@ -312,7 +332,7 @@ class RequestSpanMiddleware:
             except Exception:
                 logger.debug("exception not recorded", exc_info=True)
 
-    def _respond(self, trace: _RequestTrace | None, request: Any, response: Any):
+    def _respond(self, trace: Any, request: Any, response: Any):
         if trace is None:
             return
         try:
@@ -321,7 +341,7 @@ class RequestSpanMiddleware:
             logger.warning("request span not finished", exc_info=True)
             trace.end()
 
-    def _fail(self, trace: _RequestTrace | None, exc: BaseException) -> None:
+    def _fail(self, trace: Any, exc: BaseException) -> None:
         if trace is not None:
             try:
                 trace.exception(exc)

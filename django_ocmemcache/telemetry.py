@@ -91,7 +91,11 @@ DEFAULTS: dict[str, Any] = {
     "EXIT_FLUSH_TIMEOUT": 1.0,  # seconds spent exporting queued spans at exit
     "PROMETHEUS_REGISTER": False,  # also register with prometheus_client.REGISTRY
     "SIGNING_KEYS": None,  # signed-pickle keys, newest first (serializers.py)
+    "TELEMETRY_API": "opencensus",  # or "opentelemetry" (otel.py)
 }
+
+#: The values of ``OCMEMCACHE["TELEMETRY_API"]``.
+TELEMETRY_APIS = ("opencensus", "opentelemetry")
 
 # Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
 OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE = (
@@ -121,6 +125,11 @@ def project_settings() -> dict[str, Any]:
             raise ImproperlyConfigured(
                 f"OCMEMCACHE[{name!r}] must be True or False, not {conf[name]!r}"
             )
+    if conf["TELEMETRY_API"] not in TELEMETRY_APIS:
+        raise ImproperlyConfigured(
+            f"OCMEMCACHE['TELEMETRY_API'] must be one of "
+            f"{', '.join(map(repr, TELEMETRY_APIS))}, not {conf['TELEMETRY_API']!r}"
+        )
     size = conf["SPAN_QUEUE_SIZE"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ImproperlyConfigured(
@@ -289,6 +298,14 @@ class RequestSummary:
             f'cache;dur={self.milliseconds:.3f};desc="{self.calls} calls, '
             f'{self.hits} hits, {self.misses} misses"'
         )
+
+
+def add_server_timing(response: Any, summary: RequestSummary) -> None:
+    """Append the summary's ``Server-Timing`` entry to ``response`` (if any call)."""
+    if summary.calls:
+        entry = summary.server_timing()
+        prior = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = f"{prior}, {entry}" if prior else entry
 
 
 #: The summary of the request being served in this context, if any.
@@ -531,15 +548,24 @@ def cache_span_data(records: list[SpanRecord]) -> list[Any]:
     return _builder.build(records)
 
 
-_tracing: Tracing | None = None
+_tracings: dict[str, Tracing] = {}
 
 
-def tracing() -> Tracing:
-    """The process' ``Tracing`` implementation (OpenCensus)."""
-    global _tracing
-    if _tracing is None:
-        _tracing = OpenCensusTracing()
-    return _tracing
+def tracing(api: str | None = None) -> Tracing:
+    """The ``Tracing`` implementation of ``api`` (default: the one
+    ``OCMEMCACHE["TELEMETRY_API"]`` names), one per process."""
+    if api is None:
+        api = project_settings()["TELEMETRY_API"]
+    found = _tracings.get(api)
+    if found is None:
+        if api == "opentelemetry":
+            from .otel import OpenTelemetryTracing
+
+            found = OpenTelemetryTracing()
+        else:
+            found = OpenCensusTracing()
+        _tracings[api] = found
+    return found
 
 
 # -- span export off the request thread -----------------------------------------
@@ -562,9 +588,18 @@ class SpanQueue:
     seconds without spans and starts again on the next item.
     """
 
-    def __init__(self, exporter: Any, maxsize: int = 1000, idle: float = 30.0,
-                 linger: float = 0.005) -> None:  # fmt: skip
+    def __init__(
+        self,
+        exporter: Any,
+        maxsize: int = 1000,
+        idle: float = 30.0,
+        linger: float = 0.005,
+        build: Callable[[list[Any]], list[Any]] | None = None,
+    ) -> None:
         self.exporter = exporter
+        #: Turns queued records into what the exporter takes (OpenCensus:
+        #: ``cache_span_data``; OpenTelemetry hands records on as they are).
+        self.build = build or cache_span_data
         self.maxsize = maxsize
         self.idle = idle
         self.linger = linger
@@ -592,8 +627,9 @@ class SpanQueue:
         if not self._wake.is_set():
             self._start()
 
-    def put(self, record: SpanRecord) -> None:
-        """Queue one cache span (a ``SpanRecord`` tuple, see ``cache_span_data``)."""
+    def put(self, record: tuple[Any, ...]) -> None:
+        """Queue one record (a tuple: a ``SpanRecord``, see ``cache_span_data``,
+        or what the queue's ``build`` takes)."""
         items = self._items
         if len(items) >= self.maxsize:
             self.dropped += 1
@@ -660,7 +696,7 @@ class SpanQueue:
                 else:
                     spans.extend(item)
             if records:
-                for place, data in zip(places, cache_span_data(records), strict=True):
+                for place, data in zip(places, self.build(records), strict=True):
                     spans[place] = data
             self.exporter.export(spans)
             self.exported += len(spans)
@@ -696,8 +732,11 @@ _queues: dict[int, SpanQueue] = {}
 _queues_lock = threading.Lock()
 
 
-def queued(exporter: Any) -> SpanQueue:
-    """Return the ``SpanQueue`` in front of ``exporter`` (one per exporter)."""
+def queued(
+    exporter: Any, build: Callable[[list[Any]], list[Any]] | None = None
+) -> SpanQueue:
+    """Return the ``SpanQueue`` in front of ``exporter`` (one per exporter);
+    ``build`` is the queue's record builder when it is made here."""
     if isinstance(exporter, SpanQueue):
         return exporter
     with _queues_lock:
@@ -711,7 +750,7 @@ def queued(exporter: Any) -> SpanQueue:
                 for key, q in list(_queues.items()):
                     if not q.running and not q.pending:
                         del _queues[key]
-            found = _queues[id(exporter)] = SpanQueue(exporter, size)
+            found = _queues[id(exporter)] = SpanQueue(exporter, size, build=build)
         return found
 
 
@@ -734,7 +773,24 @@ def flush(timeout: float = 5.0) -> bool:
     ok = True
     for q in span_queues():
         ok = q.flush(max(0.0, deadline - time.monotonic())) and ok
+    for flusher in list(_flushers):
+        try:
+            ok = flusher(max(0.0, deadline - time.monotonic())) and ok
+        except Exception:
+            logger.warning("telemetry flush failed", exc_info=True)
+            ok = False
     return ok
+
+
+#: Called by ``flush`` after the queues drained, with the seconds left (a
+#: tracer provider's own ``force_flush``, registered by ``otel.py``).
+_flushers: list[Callable[[float], bool]] = []
+
+
+def register_flusher(flusher: Callable[[float], bool]) -> None:
+    """Have ``flush`` also call ``flusher(seconds_left) -> bool`` (once)."""
+    if flusher not in _flushers:
+        _flushers.append(flusher)
 
 
 def _flush_at_exit() -> None:
@@ -783,7 +839,7 @@ class CacheTelemetry:
         self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
     ) -> None:
         self.metrics = conf["METRICS"]
-        self.tracing = tracing() if conf["TRACING"] else None
+        self.tracing = tracing(conf["TELEMETRY_API"]) if conf["TRACING"] else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
         self._location = server
@@ -953,6 +1009,10 @@ def for_cache(cache: Any, server: Any, params: Mapping[str, Any]) -> Any:
     conf = project_settings()
     if not (conf["METRICS"] or conf["TRACING"]):
         return None
+    if conf["METRICS"] and conf["TELEMETRY_API"] == "opentelemetry":
+        from .otel import install_metrics
+
+        install_metrics()
     return CacheTelemetry(cache, server, params, conf)
 
 
@@ -1135,6 +1195,10 @@ def install() -> None:
     with ``PROMETHEUS_REGISTER``, add the collector to prometheus_client's
     default registry."""
     conf = project_settings()
+    if conf["METRICS"] and conf["TELEMETRY_API"] == "opentelemetry":
+        from .otel import install_metrics
+
+        install_metrics()
     if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
         global _default_registered
         if not _default_registered:
@@ -1159,6 +1223,12 @@ def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
     """
     from django.conf import settings
 
+    if project_settings()["TELEMETRY_API"] == "opentelemetry":
+        from . import otel
+
+        with otel.root_span(name, attributes) as otel_span:
+            yield otel_span
+        return
     span = tracer = None
     if (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE"):
         try:

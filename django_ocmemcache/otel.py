@@ -1,0 +1,497 @@
+"""The OpenTelemetry implementation of the telemetry seam (API only).
+
+Chosen with ``settings.OCMEMCACHE["TELEMETRY_API"] = "opentelemetry"``. This
+module imports only ``opentelemetry-api``; the SDK, its span processors, samplers
+and exporters are the site's (``trace.set_tracer_provider``,
+``metrics.set_meter_provider``). OpenCensus is never imported on this path.
+
+Traces. A cache call under a *recording* span (the SERVER span of
+opentelemetry-instrumentation-django, ours, or any span the site opened) gets a
+CLIENT span ``cache.<method>``. The calling thread keeps only plain values (name,
+the current ``Context``, attributes, start and end in ns) and queues one tuple
+on the bounded ``SpanQueue``; its worker thread starts and ends the span through
+the tracer with those timestamps, so span processors and exporters (even a
+``SimpleSpanProcessor`` in front of an exporter that raises or hangs) never run
+on a cache call. A non-recording parent (unsampled) makes no span object.
+
+Metrics. Every call is aggregated per thread (``telemetry.METRICS``, about 1 µs)
+as on the OpenCensus path; recording an SDK histogram value per call costs
+~15 µs. When a reader collects, an observable callback feeds what was added
+since the previous collection to the ``db.client.operation.duration``
+histogram (seconds, the sub-millisecond bucket bounds), and reports hits and
+misses as the ``django_ocmemcache.lookups`` counter. The API has no way to hand
+the SDK a finished histogram, so the feed records one value per call, inside the
+bucket the call fell in, chosen so that the sum is exact: the collection pays
+what a per-call record would have cost, off the request path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .telemetry import (
+    _BUCKETS,
+    _HITS,
+    _MISSES,
+    _SUM,
+    ATTR_ALIAS,
+    ATTR_DB_SYSTEM,
+    ATTR_ERROR_TYPE,
+    METRICS,
+    MetricKey,
+    MetricsStore,
+    RequestSummary,
+    SpanQueue,
+    Tracing,
+    add_server_timing,
+    current_summary,
+    queued,
+    register_flusher,
+)
+
+logger = logging.getLogger("django_ocmemcache.telemetry")
+
+INSTRUMENTATION_NAME = "django_ocmemcache"
+
+# Semantic-convention names (OpenTelemetry database and HTTP conventions).
+ATTR_DB_SYSTEM_NAME = "db.system.name"
+ATTR_DB_OPERATION = "db.operation.name"
+ATTR_HTTP_METHOD = "http.request.method"
+ATTR_HTTP_ROUTE = "http.route"
+ATTR_HTTP_STATUS = "http.response.status_code"
+ATTR_CACHE_RESULT = "cache.result"
+METRIC_DURATION = "db.client.operation.duration"  # seconds
+METRIC_LOOKUPS = "django_ocmemcache.lookups"
+DB_SYSTEM = "memcached"
+
+#: The request-summary attributes, as on the OpenCensus request span.
+SUMMARY_ATTRIBUTES = (
+    ("cache.calls", "calls"),
+    ("cache.hits", "hits"),
+    ("cache.misses", "misses"),
+    ("cache.errors", "errors"),
+)
+
+#: Methods named as sent; any other becomes "_OTHER" (no cardinality from clients).
+HTTP_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+
+#: Where opentelemetry-instrumentation-django keeps its request span.
+INSTRUMENTOR_SPAN_KEY = "opentelemetry-instrumentor-django.span_key"
+INSTRUMENTOR_MIDDLEWARE = (
+    "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+)
+
+_EMPTY = otel_context.Context()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("django-ocmemcache")
+    except Exception:
+        return "0"
+
+
+_tracer: Any = None
+
+
+def tracer() -> Any:
+    """This package's tracer from the global provider (a proxy until one is set)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(INSTRUMENTATION_NAME, _version())
+    return _tracer
+
+
+# -- spans ----------------------------------------------------------------------
+
+
+class _CacheSpan:
+    """A sampled cache span while its call runs: plain values, no SDK object."""
+
+    __slots__ = ("sink", "name", "parent", "attributes", "start", "error")
+
+    def __init__(self, sink: SpanQueue, name: str, parent: Any,
+                 attributes: dict[str, Any]) -> None:  # fmt: skip
+        self.sink = sink
+        self.name = name
+        self.parent = parent
+        self.attributes = attributes
+        self.start = time.time_ns()
+        self.error: str | None = None
+
+
+class _SpanStarter:
+    """The ``SpanQueue`` exporter of this implementation, run on its worker thread.
+
+    Items are cache-span records ``(name, parent Context, attributes, start ns,
+    end ns, error type or None)``, started and ended through the tracer, and
+    ``(span, end ns)`` pairs: spans opened on a request thread (request and
+    root spans) ended here, so that their processors run off that thread too.
+    """
+
+    def export(self, items: list[Any]) -> None:
+        start_span = tracer().start_span
+        client = SpanKind.CLIENT
+        for item in items:
+            if len(item) == 2:
+                span, end = item
+                span.end(end_time=end)
+                continue
+            name, parent, attrs, start, end, error = item
+            span = start_span(name, parent, client, attrs, start_time=start)
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+            span.end(end_time=end)
+
+
+def _records(items: list[Any]) -> list[Any]:
+    return items  # the worker starts the spans itself (_SpanStarter)
+
+
+_sink: SpanQueue | None = None
+
+
+def span_sink() -> SpanQueue:
+    """The bounded queue whose worker starts and ends this package's spans."""
+    global _sink
+    if _sink is None:
+        _sink = queued(_SpanStarter(), build=_records)
+        register_flusher(_force_flush)
+    return _sink
+
+
+def _force_flush(timeout: float) -> bool:
+    """Ask the site's tracer provider (the SDK's has ``force_flush``) to export."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is None:
+        return True
+    return bool(flush(int(timeout * 1000)))
+
+
+def end_later(span: Any) -> None:
+    """End ``span`` now, on the span queue's worker thread (never blocks)."""
+    span_sink().put((span, time.time_ns()))
+
+
+class OpenTelemetryTracing(Tracing):
+    """``Tracing`` over the OpenTelemetry API (see the module docstring).
+
+    ``parent()`` returns the current ``Context`` when its span is recording,
+    else ``None``. ``mark_error`` also accepts a real span (``root_span``).
+    """
+
+    def parent(self) -> Any:
+        ctx = otel_context.get_current()
+        if trace.get_current_span(ctx).is_recording():
+            return ctx
+        return None
+
+    def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
+        attributes.pop(ATTR_DB_SYSTEM, None)  # OpenCensus' name: db.system.name here
+        attributes[ATTR_DB_SYSTEM_NAME] = DB_SYSTEM
+        return _CacheSpan(span_sink(), name, parent, attributes)
+
+    def set_attributes(self, span: Any, attributes: dict[str, Any]) -> None:
+        span.attributes.update(attributes)
+
+    def mark_error(self, span: Any, code: int, error_type: str) -> None:
+        if type(span) is _CacheSpan:
+            span.error = error_type
+            span.attributes[ATTR_ERROR_TYPE] = error_type
+            return
+        span.set_status(Status(StatusCode.ERROR, error_type))
+        span.set_attribute(ATTR_ERROR_TYPE, error_type)
+
+    def close_span(self, span: Any) -> None:
+        span.sink.put(
+            (span.name, span.parent, span.attributes, span.start, time.time_ns(),
+             span.error)
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
+    """Run a block inside a root span of the site's tracer provider (see
+    ``telemetry.root_span``); the span is current inside the block."""
+    span = token = None
+    try:
+        span = tracer().start_span(
+            name, _EMPTY, SpanKind.INTERNAL, dict(attributes)
+        )  # a new trace, whatever is current
+        token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+    except Exception:
+        logger.warning("could not open the %s root span", name, exc_info=True)
+    try:
+        yield span
+    except BaseException as exc:
+        if span is not None:
+            _safely(OpenTelemetryTracing().mark_error, span, 0, type(exc).__name__)
+        raise
+    finally:
+        if token is not None:
+            _safely(_detach, token)
+        if span is not None:
+            _safely(end_later, span)
+
+
+def _safely(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        logger.warning("telemetry failed in %s", getattr(fn, "__name__", fn))
+
+
+def _detach(token: Any) -> None:
+    """Restore the context that was current before ``attach`` gave ``token``.
+
+    Django closes an ASGI response in another ``contextvars.Context``, where the
+    token cannot be used and there is nothing to restore: that is not an error.
+    """
+    if isinstance(token, contextvars.Token):
+        try:
+            token.var.reset(token)
+        except ValueError:
+            pass
+    else:  # a runtime context that is not contextvars-based
+        otel_context.detach(token)
+
+
+# -- the request span (RequestSpanMiddleware) ------------------------------------
+
+
+class RequestTrace:
+    """The tracing state of one request under OpenTelemetry.
+
+    With opentelemetry-instrumentation-django in front, its SERVER span gets the
+    route name, ``http.route`` and the cache summary, and no second span is
+    opened. Without it, a SERVER span is opened here: parent from the incoming
+    headers (the global propagator: W3C ``traceparent`` by default), sampled by
+    the site's provider, current until the response is closed.
+    """
+
+    def __init__(
+        self, request: Any, on_close: Callable[[Any, Callable[[], None]], None]
+    ) -> None:
+        self.on_close = on_close
+        self.summary = RequestSummary()
+        self.token = current_summary.set(self.summary)
+        self.done = False
+        self.ctx_token: Any = None
+        self.error_type: str | None = None
+        self.span: Any = request.META.get(INSTRUMENTOR_SPAN_KEY)
+        self.own = self.span is None
+        if self.own:
+            method = request.method if request.method in HTTP_METHODS else "_OTHER"
+            parent = propagate.extract(request.headers)
+            span = tracer().start_span(
+                method, parent, SpanKind.SERVER, {ATTR_HTTP_METHOD: method}
+            )
+            current = trace.set_span_in_context(span, parent)
+            self.ctx_token = otel_context.attach(current)
+            self.span, self.method = span, method
+
+    def exception(self, exc: BaseException) -> None:
+        self.error_type = type(exc).__name__
+        if self.span is not None and self.span.is_recording():
+            self.span.set_attribute(ATTR_ERROR_TYPE, self.error_type)
+
+    def response(self, request: Any, response: Any, server_timing: bool) -> None:
+        """Annotate the span; end it now, or when a streaming response closes."""
+        if server_timing:
+            add_server_timing(response, self.summary)
+        span = self.span
+        if span is not None and span.is_recording():
+            self._annotate(span, request, response.status_code)
+        if self.own and getattr(response, "streaming", False):
+            self.on_close(response, self.end)  # calls in the body are children
+        else:
+            self.end()
+
+    def _annotate(self, span: Any, request: Any, status: int) -> None:
+        match = getattr(request, "resolver_match", None)
+        route = getattr(match, "route", None) if match is not None else None
+        method = getattr(self, "method", None) or request.method
+        if route:
+            span.update_name(f"{method} {route}")
+            span.set_attribute(ATTR_HTTP_ROUTE, route)
+        s = self.summary
+        attrs: dict[str, Any] = {k: getattr(s, f) for k, f in SUMMARY_ATTRIBUTES}
+        attrs["cache.duration_ms"] = round(s.milliseconds, 3)
+        span.set_attributes(attrs)
+        if self.own:
+            span.set_attribute(ATTR_HTTP_STATUS, status)
+            if status >= 500:
+                if self.error_type is None:
+                    span.set_attribute(ATTR_ERROR_TYPE, str(status))
+                span.set_status(Status(StatusCode.ERROR))
+
+    def end(self) -> None:
+        """End our span (on the span queue's thread) and restore the context."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.ctx_token is not None:
+                _detach(self.ctx_token)
+            if self.own and self.span is not None:
+                if self.error_type is not None and self.span.is_recording():
+                    self.span.set_status(Status(StatusCode.ERROR, self.error_type))
+                end_later(self.span)
+        finally:
+            try:
+                current_summary.reset(self.token)
+            except ValueError:  # another context (ASGI close): nothing to restore
+                current_summary.set(None)
+
+
+# -- metrics ------------------------------------------------------------------------
+
+
+def replay_values(
+    counts: list[int], total: float, bounds: tuple[float, ...]
+) -> Iterator[tuple[float, int]]:
+    """Yield ``(value, n)``: ``n`` values to record so that each bucket of
+    ``bounds`` gets ``counts[i]`` of them and their sum is ``total``.
+
+    A bucket ``i`` holds ``bounds[i-1] < v <= bounds[i]`` (the SDK's and our
+    ``bisect_left``); the last one is the overflow. Every value lies in its
+    bucket; the sum is exact unless ``total`` is outside what the counts allow
+    (then the values sit at the nearest edge).
+    """
+    n = len(bounds)
+    lows = (0.0, *bounds)
+    finite = [(i, c) for i, c in enumerate(counts[:n]) if c]
+    over = counts[n] if len(counts) > n else 0
+    if over:
+        mids = {i: (lows[i] + bounds[i]) / 2 for i, _ in finite}
+        rest = total - sum(mids[i] * c for i, c in finite)
+        for i, c in finite:
+            yield mids[i], c
+        yield max(rest / over, bounds[-1] * (1 + 1e-9)), over
+        return
+    low = sum(lows[i] * c for i, c in finite)
+    width = sum((bounds[i] - lows[i]) * c for i, c in finite)
+    if not width:
+        return
+    f = min(1.0, max(1e-9, (total - low) / width))
+    for i, c in finite:
+        yield lows[i] + f * (bounds[i] - lows[i]), c
+
+
+def metric_attributes(key: MetricKey) -> dict[str, Any]:
+    """Attributes of one aggregate: alias, method and error (``""`` when ok)."""
+    cache, method, error = key
+    attrs = {
+        ATTR_DB_SYSTEM_NAME: DB_SYSTEM,
+        ATTR_DB_OPERATION: method,
+        ATTR_ALIAS: cache,
+    }
+    if error:
+        attrs[ATTR_ERROR_TYPE] = error
+    return attrs
+
+
+class MetricsFeed:
+    """Feeds ``METRICS`` to the OpenTelemetry metrics API when a reader collects."""
+
+    def __init__(self, store: MetricsStore = METRICS, meter: Any = None) -> None:
+        self.store = store
+        self.bounds = tuple(b / 1000.0 for b in store.bounds)
+        meter = meter or otel_metrics.get_meter(INSTRUMENTATION_NAME, _version())
+        self.histogram = meter.create_histogram(
+            METRIC_DURATION,
+            unit="s",
+            description="Duration of memcached cache calls",
+            explicit_bucket_boundaries_advisory=list(self.bounds),
+        )
+        meter.create_observable_counter(
+            METRIC_LOOKUPS,
+            callbacks=[self.collect],
+            unit="{lookup}",
+            description="Keys looked up by cache reads, by result (hit or miss)",
+        )
+        self._fed: dict[MetricKey, list[Any]] = {}  # [sum_ms, bucket counts...]
+        self._lock = threading.Lock()
+
+    def collect(self, options: Any = None) -> Iterable[Any]:
+        """The observable callback: feed the histogram, return lookup counts."""
+        snap = self.store.snapshot()
+        with self._lock:
+            self._feed(snap)
+        lookups: dict[tuple[str, str], list[int]] = {}
+        for (cache, method, _error), e in snap.items():
+            if e[_HITS] or e[_MISSES]:
+                pair = lookups.setdefault((cache, method), [0, 0])
+                pair[0] += e[_HITS]
+                pair[1] += e[_MISSES]
+        out = []
+        for (cache, method), pair in sorted(lookups.items()):
+            base = metric_attributes((cache, method, ""))
+            for result, n in zip(("hit", "miss"), pair, strict=True):
+                out.append(
+                    otel_metrics.Observation(n, {**base, ATTR_CACHE_RESULT: result})
+                )
+        return out
+
+    def _feed(self, snap: dict[MetricKey, list[Any]]) -> None:
+        record = self.histogram.record
+        for key, e in snap.items():
+            buckets = e[_BUCKETS:]
+            fed = self._fed.get(key)
+            if fed is None or any(
+                b < f for b, f in zip(buckets, fed[1:], strict=True)
+            ):  # new, or the store was reset (fork, tests)
+                fed = [0.0] + [0] * len(buckets)
+            delta = [b - f for b, f in zip(buckets, fed[1:], strict=True)]
+            self._fed[key] = [e[_SUM], *buckets]
+            if not any(delta):
+                continue
+            attrs = metric_attributes(key)
+            total = (e[_SUM] - fed[0]) / 1000.0
+            for value, n in replay_values(delta, total, self.bounds):
+                for _ in range(n):
+                    record(value, attrs, _EMPTY)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._fed = {}
+
+
+_feed: MetricsFeed | None = None
+_feed_lock = threading.Lock()
+
+
+def install_metrics() -> MetricsFeed:
+    """Create this package's instruments on the global meter provider (once)."""
+    global _feed
+    with _feed_lock:
+        if _feed is None:
+            _feed = MetricsFeed()
+        return _feed
+
+
+def _after_fork_in_child() -> None:
+    global _feed_lock
+    _feed_lock = threading.Lock()
+    if _feed is not None:
+        _feed._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
