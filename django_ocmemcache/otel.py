@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import threading
 import time
@@ -389,9 +390,10 @@ def replay_values(
     width = sum((bounds[i] - lows[i]) * c for i, c in finite)
     if not width:
         return
-    f = min(1.0, max(1e-9, (total - low) / width))
+    f = min(1.0, max(0.0, (total - low) / width))
     for i, c in finite:
-        yield lows[i] + f * (bounds[i] - lows[i]), c
+        value = lows[i] + f * (bounds[i] - lows[i])  # rounding may leave the bucket
+        yield min(bounds[i], max(math.nextafter(lows[i], math.inf), value)), c
 
 
 def metric_attributes(key: MetricKey) -> dict[str, Any]:
