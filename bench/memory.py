@@ -26,6 +26,8 @@ TELEMETRY_FILES = (
     "*opencensus*",
     "*prometheus_client*",
     "*django_ocmemcache/telemetry*",
+    "*opentelemetry*",
+    "*django_ocmemcache/otel*",
 )
 
 

@@ -430,6 +430,7 @@ class MetricsFeed:
         )
         self._fed: dict[MetricKey, list[Any]] = {}  # [sum_ms, bucket counts...]
         self._lock = threading.Lock()
+        self.replayed = 0  # calls fed to the histogram so far
 
     def collect(self, options: Any = None) -> Iterable[Any]:
         """The observable callback: feed the histogram, return lookup counts."""
@@ -469,6 +470,7 @@ class MetricsFeed:
             for value, n in replay_values(delta, total, self.bounds):
                 for _ in range(n):
                     record(value, attrs, _EMPTY)
+                self.replayed += n
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
