@@ -370,6 +370,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the Zipkin receiver, the span tree and Prometheus",
     )
     parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="run the site on OpenTelemetry (OCMEMCACHE['TELEMETRY_API']): spans "
+        "through the SDK's Zipkin exporter, metrics through its Prometheus exporter",
+    )
+    parser.add_argument(
         "--serve",
         action="store_true",
         help="keep the site running for a browser afterwards, until Ctrl-C",
@@ -405,6 +411,9 @@ def demo(args: argparse.Namespace) -> int:
             "EXAMPLE_DATABASE": str(workdir / "db.sqlite3"),
             "EXAMPLE_SLOW_COST": str(args.cost),
         }
+        if args.otel:
+            env["EXAMPLE_TELEMETRY_API"] = "opentelemetry"
+            print("  telemetry: OpenTelemetry (OCMEMCACHE['TELEMETRY_API'])")
         if args.telemetry:
             receiver = telemetry_demo.start_zipkin(stack)
             env["EXAMPLE_ZIPKIN"] = f"127.0.0.1:{receiver.port}"
@@ -418,8 +427,8 @@ def demo(args: argparse.Namespace) -> int:
 
         ok = fragment_ok and page_ok and figures["get-hits"] > 0
         if args.telemetry:
-            ok = telemetry_demo.show_trace(receiver) and ok
-            ok = telemetry_demo.show_metrics(stack, url) and ok
+            ok = telemetry_demo.show_trace(receiver, otel=args.otel) and ok
+            ok = telemetry_demo.show_metrics(stack, url, otel=args.otel) and ok
         if len(timings) > 1 and timings[-1] >= timings[0]:
             print("UNEXPECTED: the last run was not faster than the first")
             ok = False

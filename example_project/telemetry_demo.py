@@ -39,6 +39,23 @@ P95_GET_MS = (
 )
 GETS = 'sum(pymemcache_latency_ms_count{method="get",status="ok"})'
 
+#: The same three figures from the OpenTelemetry names (``demo.py --otel``):
+#: opentelemetry-exporter-prometheus turns ``db.client.operation.duration`` (s)
+#: into ``db_client_operation_duration_seconds`` and dots in attributes into _.
+OTEL_HIT_RATIO = (
+    'sum(django_ocmemcache_lookups_total{db_operation_name="get",cache_result="hit"})'
+    ' / sum(django_ocmemcache_lookups_total{db_operation_name="get"})'
+)
+OTEL_P95_GET_MS = (
+    "1000 * histogram_quantile(0.95, sum by (le) "
+    '(db_client_operation_duration_seconds_bucket{db_operation_name="get",'
+    'error_type=""}))'
+)
+OTEL_GETS = (
+    'sum(db_client_operation_duration_seconds_count{db_operation_name="get",'
+    'error_type=""})'
+)
+
 
 class ZipkinReceiver:
     """Accept Zipkin v2 JSON spans on ``POST /api/v2/spans`` and keep them."""
@@ -109,7 +126,8 @@ def span_tree(spans: list[dict[str, Any]], trace_id: str) -> list[str]:
             tags = s.get("tags", {})
             shown = [
                 f"{k}={tags[k]}"
-                for k in ("http.route", "http.status_code", "cache.calls",
+                for k in ("http.route", "http.status_code",
+                          "http.response.status_code", "cache.calls",
                           "cache.hits", "cache.misses", "cache.hit",
                           "db.operation.batch.size", "server.port", "error.type")
                 if k in tags
@@ -133,7 +151,9 @@ def prometheus_binary() -> str | None:
 class Prometheus:
     """A Prometheus process scraping ``target`` (``host:port``) every 0.5 s."""
 
-    def __init__(self, binary: str, target: str, port: int) -> None:
+    def __init__(
+        self, binary: str, target: str, port: int, path: str = "/metrics"
+    ) -> None:
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="ocmemcache-demo-prom-")
         config = os.path.join(self.dir, "prometheus.yml")
@@ -142,6 +162,7 @@ class Prometheus:
                 "global: {scrape_interval: 500ms, scrape_timeout: 500ms}\n"
                 "scrape_configs:\n"
                 "  - job_name: example\n"
+                f"    metrics_path: {json.dumps(path)}\n"
                 f"    static_configs: [{{targets: [{json.dumps(target)}]}}]\n"
             )
         self.proc = subprocess.Popen(
@@ -213,13 +234,18 @@ def start_zipkin(stack: Any) -> ZipkinReceiver:
     return receiver
 
 
-def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
+def show_trace(
+    receiver: ZipkinReceiver, route: str = "squares/", otel: bool = False
+) -> bool:
     """Print the span tree of the first ``GET <route>`` request; True if it has
     cache spans under the request span."""
-    print(
-        f"\n5. Traces: OpenCensus' ZipkinExporter -> the receiver; the first "
-        f"GET /{route} request"
+    via = (
+        "the OpenTelemetry SDK's Zipkin exporter (server span: "
+        "opentelemetry-instrumentation-django)"
+        if otel
+        else "OpenCensus' ZipkinExporter"
     )
+    print(f"\n5. Traces: {via} -> the receiver; the first GET /{route} request")
     name = f"GET {route}"
 
     def first_request(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -243,11 +269,18 @@ def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
     return True
 
 
-def show_metrics(stack: Any, site: str) -> bool:
+def show_metrics(stack: Any, site: str, otel: bool = False) -> bool:
     """Start Prometheus scraping ``site`` (``http://host:port``); print the get hit
-    ratio and p95 latency from its API. True if it answered (or is not installed)."""
+    ratio and p95 latency from its API. True if it answered (or is not installed).
+    With ``otel`` it scrapes the OpenTelemetry SDK's metrics at /otel-metrics."""
     target = site.split("://", 1)[-1]
-    print(f"\n6. Metrics: a real Prometheus scraping {site}/metrics every 0.5 s")
+    path = "/otel-metrics" if otel else "/metrics"
+    queries = (
+        (OTEL_HIT_RATIO, OTEL_P95_GET_MS, OTEL_GETS)
+        if otel
+        else (HIT_RATIO, P95_GET_MS, GETS)
+    )
+    print(f"\n6. Metrics: a real Prometheus scraping {site}{path} every 0.5 s")
     binary = prometheus_binary()
     if binary is None:
         print(
@@ -255,7 +288,7 @@ def show_metrics(stack: Any, site: str) -> bool:
             "(sudo apt-get install --no-install-recommends prometheus)"
         )
         return True
-    prom = Prometheus(binary, target, _free_port())
+    prom = Prometheus(binary, target, _free_port(), path)
 
     def stop() -> None:
         prom.stop()
@@ -266,15 +299,16 @@ def show_metrics(stack: Any, site: str) -> bool:
         print("   UNEXPECTED: prometheus did not start")
         return False
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
-    ratio = prom.value(HIT_RATIO)
-    p95 = prom.value(P95_GET_MS)
-    gets = prom.value(GETS)
+    hit_ratio, p95_get_ms, get_count = queries
+    ratio = prom.value(hit_ratio)
+    p95 = prom.value(p95_get_ms)
+    gets = prom.value(get_count)
     if ratio is None or p95 is None or gets is None:
-        print("   UNEXPECTED: prometheus has no figures for pymemcache_* yet")
+        print("   UNEXPECTED: prometheus has no figures for the cache metrics yet")
         return False
-    print(f"   hit ratio of get:   {ratio:.2f}   <- {HIT_RATIO}")
-    print(f"   p95 latency of get: {p95:.3f} ms <- {P95_GET_MS}")
-    print(f"   get calls counted:  {gets:.0f}      <- {GETS}")
+    print(f"   hit ratio of get:   {ratio:.2f}   <- {hit_ratio}")
+    print(f"   p95 latency of get: {p95:.3f} ms <- {p95_get_ms}")
+    print(f"   get calls counted:  {gets:.0f}      <- {get_count}")
     print(
         "   (each gunicorn worker serves its own figures and a scrape is answered by\n"
         "   one of them, so these are one worker's; over a few calls the p95 is\n"
