@@ -297,15 +297,16 @@ class RequestTrace:
         self.error_type: str | None = None
         self.span: Any = request.META.get(INSTRUMENTOR_SPAN_KEY)
         self.own = self.span is None
+        method = request.method if request.method in HTTP_METHODS else "_OTHER"
+        self.method = method
         if self.own:
-            method = request.method if request.method in HTTP_METHODS else "_OTHER"
             parent = propagate.extract(request.headers)
             span = tracer().start_span(
                 method, parent, SpanKind.SERVER, {ATTR_HTTP_METHOD: method}
             )
             current = trace.set_span_in_context(span, parent)
             self.ctx_token = otel_context.attach(current)
-            self.span, self.method = span, method
+            self.span = span
 
     def exception(self, exc: BaseException) -> None:
         self.error_type = type(exc).__name__
@@ -327,9 +328,8 @@ class RequestTrace:
     def _annotate(self, span: Any, request: Any, status: int) -> None:
         match = getattr(request, "resolver_match", None)
         route = getattr(match, "route", None) if match is not None else None
-        method = getattr(self, "method", None) or request.method
         if route:
-            span.update_name(f"{method} {route}")
+            span.update_name(f"{self.method} {route}")
             span.set_attribute(ATTR_HTTP_ROUTE, route)
         s = self.summary
         attrs: dict[str, Any] = {k: getattr(s, f) for k, f in SUMMARY_ATTRIBUTES}
