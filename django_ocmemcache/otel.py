@@ -147,18 +147,26 @@ class _SpanStarter:
     """
 
     def export(self, items: list[Any]) -> None:
+        """Start and end each item's span; a failing item does not stop the
+        others, and the first failure is raised after (the queue counts it)."""
         start_span = tracer().start_span
         client = SpanKind.CLIENT
+        failed: Exception | None = None
         for item in items:
-            if len(item) == 2:
-                span, end = item
+            try:
+                if len(item) == 2:
+                    span, end = item
+                    span.end(end_time=end)
+                    continue
+                name, parent, attrs, start, end, error = item
+                span = start_span(name, parent, client, attrs, start_time=start)
+                if error is not None:
+                    span.set_status(Status(StatusCode.ERROR, error))
                 span.end(end_time=end)
-                continue
-            name, parent, attrs, start, end, error = item
-            span = start_span(name, parent, client, attrs, start_time=start)
-            if error is not None:
-                span.set_status(Status(StatusCode.ERROR, error))
-            span.end(end_time=end)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 def _records(items: list[Any]) -> list[Any]:
@@ -173,6 +181,7 @@ def span_sink() -> SpanQueue:
     global _sink
     if _sink is None:
         _sink = queued(_SpanStarter(), build=_records)
+        _sink.pinned = True  # the process' one queue: never forgotten when idle
         register_flusher(_force_flush)
     return _sink
 

@@ -606,6 +606,8 @@ class SpanQueue:
         self.dropped = 0
         self.failures = 0
         self.exported = 0
+        #: Kept in the registry even when idle (a process-wide queue).
+        self.pinned = False
         self._last_log = 0.0
         self._fresh_state()
 
@@ -748,7 +750,7 @@ def queued(
                 size = DEFAULTS["SPAN_QUEUE_SIZE"]
             if len(_queues) >= 64:  # exporters made per request: forget idle ones
                 for key, q in list(_queues.items()):
-                    if not q.running and not q.pending:
+                    if not (q.running or q.pending or q.pinned):
                         del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size, build=build)
         return found

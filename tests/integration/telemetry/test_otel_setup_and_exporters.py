@@ -280,3 +280,36 @@ def test_warm_cache_failure_marks_its_root_span(settings, otel):
     assert span.status.status_code == StatusCode.ERROR
     assert otel_attrs(span)["error.type"] == "RuntimeError"
     assert otel_current_is_clear()
+
+
+class PickyProcessor:
+    """A span processor that raises when a ``cache.get`` span starts."""
+
+    def on_start(self, span, parent_context=None):
+        if span.name == "cache.get":
+            raise RuntimeError("processor bug")
+
+    def on_end(self, span):
+        pass
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis=0):
+        return True
+
+
+def test_a_failing_span_does_not_lose_the_others_of_its_batch(otel_site, otel):
+    queue = otel_impl.span_sink()
+    failures = queue.failures
+    otel.processors.delegates.insert(0, PickyProcessor())
+    cache = caches["default"]
+    parent = otel.tracer().start_span("p")
+    with trace.use_span(parent, end_on_exit=False):
+        cache.get("a")
+        cache.set("b", 1)
+        cache.get("c")
+        cache.delete("b")
+    names = sorted(s.name for s in otel.spans())
+    assert names == ["cache.delete", "cache.set"]
+    assert queue.failures > failures  # counted (and logged at a bounded rate)
