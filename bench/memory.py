@@ -27,8 +27,7 @@ TELEMETRY_FILES = (
     "*prometheus_client*",
     "*django_ocmemcache/telemetry*",
     "*opentelemetry*",
-    "*django_ocmemcache/otel*",
-)
+    )
 
 
 def _telemetry_bytes(snapshot: tracemalloc.Snapshot) -> int:

@@ -16,9 +16,10 @@ closed (streaming responses: when the last chunk has been sent), so a later
 cache call on the same thread never lands in a finished trace.
 
 With ``OCMEMCACHE["TELEMETRY_API"] = "opentelemetry"`` the span work is
-``otel.RequestTrace``'s: it annotates opentelemetry-instrumentation-django's
-SERVER span when that instrumentation runs first, and otherwise opens one
-through the OpenTelemetry API; OpenCensus is then never imported.
+``telemetry.opentelemetry.RequestSpan``'s: it annotates
+opentelemetry-instrumentation-django's SERVER span when that instrumentation
+runs first, and otherwise opens one through the OpenTelemetry API; OpenCensus
+is then never imported.
 """
 
 from __future__ import annotations
@@ -30,39 +31,22 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .telemetry import (
-    RequestSummary,
-    clear_tracer_context,
-    current_summary,
-    project_settings,
-    queued,
-    quiet_opencensus_clock,
+from .conf import project_settings
+from .telemetry.hook import RequestSummary, add_server_timing, current_summary
+from .telemetry.opencensus import TraceConfig, clear_tracer_context
+from .telemetry.semconv import (
+    ATTR_CACHE_CALLS,
+    ATTR_CACHE_ERRORS,
+    ATTR_CACHE_HITS,
+    ATTR_CACHE_MISSES,
+    ATTR_CACHE_TIME,
+    ATTR_ERROR_TYPE,
+    ATTR_HTTP_METHOD,
+    ATTR_HTTP_ROUTE,
+    ATTR_HTTP_STATUS,
 )
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
-
-ATTR_HTTP_METHOD = "http.method"
-ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.status_code"
-ATTR_ERROR_TYPE = "error.type"
-ATTR_CACHE_CALLS = "cache.calls"
-ATTR_CACHE_HITS = "cache.hits"
-ATTR_CACHE_MISSES = "cache.misses"
-ATTR_CACHE_ERRORS = "cache.errors"
-ATTR_CACHE_TIME = "cache.duration_ms"
-
-#: opencensus-ext-django keeps its request span under this execution-context key.
-EXT_DJANGO_SPAN_KEY = "django_span"
-
-
-class _NullExporter:
-    """Drops spans: the default when ``OPENCENSUS["TRACE"]`` names no exporter."""
-
-    def export(self, span_datas: Any) -> None:
-        pass
-
-    def emit(self, span_datas: Any) -> None:
-        pass
 
 
 class _AlwaysOn:
@@ -75,32 +59,8 @@ class _AlwaysOn:
 _ALWAYS_ON = _AlwaysOn()
 
 
-class TraceConfig:
-    """``settings.OPENCENSUS["TRACE"]``, loaded once per middleware instance."""
-
-    def __init__(self) -> None:
-        from django.conf import settings
-        from opencensus.common import configuration
-        from opencensus.trace import samplers
-        from opencensus.trace.propagation import trace_context_http_header_format
-
-        quiet_opencensus_clock()
-        trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE", {})
-
-        def load(name: str, default: Callable[[], Any]) -> Any:
-            value = trace.get(name) or default()
-            return configuration.load(value) if isinstance(value, str) else value
-
-        self.sampler = load("SAMPLER", samplers.ProbabilitySampler)
-        self.exporter = queued(load("EXPORTER", _NullExporter))
-        self.propagator = load(
-            "PROPAGATOR", trace_context_http_header_format.TraceContextPropagator
-        )
-        self.excluded = list(trace.get("EXCLUDELIST_PATHS") or [])
-
-    def is_excluded(self, path: str) -> bool:
-        path = path.lstrip("/")
-        return any(path.startswith(p.lstrip("/")) for p in self.excluded)
+#: opencensus-ext-django keeps its request span under this execution-context key.
+EXT_DJANGO_SPAN_KEY = "django_span"
 
 
 class _RequestTrace:
@@ -208,6 +168,49 @@ class _RequestTrace:
             current_summary.set(None)
 
 
+class _OtelRequestTrace:
+    """One request under OpenTelemetry: the summary, Server-Timing and the
+    response's close here; the span in ``opentelemetry.RequestSpan``."""
+
+    def __init__(self, request: Any) -> None:
+        from .telemetry.opentelemetry import RequestSpan
+
+        self.summary = RequestSummary()
+        self.token = current_summary.set(self.summary)
+        self.done = False
+        try:
+            self.span = RequestSpan(request)
+        except BaseException:
+            current_summary.reset(self.token)
+            raise
+
+    def exception(self, exc: BaseException) -> None:
+        self.span.exception(exc)
+
+    def response(self, request: Any, response: Any, server_timing: bool) -> None:
+        """Annotate the span; end it now, or when a streaming response closes
+        (cache calls in the body are then its children)."""
+        if server_timing:
+            add_server_timing(response, self.summary)
+        self.span.respond(request, response.status_code, self.summary)
+        if self.span.own and getattr(response, "streaming", False):
+            _on_close(response, self.end)
+        else:
+            self.end()
+
+    def end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.span.end()
+        finally:
+            try:
+                current_summary.reset(self.token)
+            except ValueError:  # another context (ASGI close): nothing to restore
+                current_summary.set(None)
+
+
 EXT_DJANGO_MIDDLEWARE = "opencensus.ext.django.middleware.OpencensusMiddleware"
 #: opentelemetry-instrumentation-django's middleware (``DjangoInstrumentor``).
 OTEL_DJANGO_MIDDLEWARE = (
@@ -309,9 +312,7 @@ class RequestSpanMiddleware:
     def _begin(self, request: Any) -> Any:
         try:
             if self.opentelemetry:
-                from .otel import RequestTrace
-
-                trace: Any = RequestTrace(request, _on_close)
+                trace: Any = _OtelRequestTrace(request)
             else:
                 trace = _RequestTrace(self, request)
         except Exception:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from django_ocmemcache import telemetry
-from django_ocmemcache.otel import replay_values
+from django_ocmemcache.telemetry import metrics
+from django_ocmemcache.telemetry.opentelemetry import replay_values
+from django_ocmemcache.telemetry.semconv import LATENCY_BOUNDS_MS
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +51,13 @@ def test_known_sequence(otel_site, otel, make_cache, memcached_factory):
     err = durations[frozenset({**SEQ, "error.type": "ConnectionRefusedError"}.items())]
     assert (ok.count, err.count) == (5, 2)
     assert durations[frozenset({**SEQ, "db.operation.name": "set"}.items())].count == 1
-    bounds = [b / 1000 for b in telemetry.LATENCY_BOUNDS_MS]
+    bounds = [b / 1000 for b in LATENCY_BOUNDS_MS]
     assert list(ok.explicit_bounds) == pytest.approx(bounds)
     assert ok.explicit_bounds[0] < 0.001  # resolves sub-millisecond latencies
     # The same buckets and sum as the per-thread aggregates they came from.
-    entry = telemetry.METRICS.snapshot()[("seq", "get", "")]
-    assert list(ok.bucket_counts) == entry[telemetry._BUCKETS :]
-    assert ok.sum == pytest.approx(entry[telemetry._SUM] / 1000, rel=1e-6)
+    entry = metrics.METRICS.snapshot()[("seq", "get", "")]
+    assert list(ok.bucket_counts) == entry[metrics._BUCKETS :]
+    assert ok.sum == pytest.approx(entry[metrics._SUM] / 1000, rel=1e-6)
 
     lookups = points(otel.reader, "django_ocmemcache.lookups")
     assert lookups.pop("_metric").unit == "{lookup}"
@@ -107,7 +108,7 @@ def test_no_key_material_in_metric_attributes(otel_site, otel):
 def test_replayed_values_keep_buckets_and_sum(values):
     import bisect
 
-    bounds = tuple(b / 1000 for b in telemetry.LATENCY_BOUNDS_MS)
+    bounds = tuple(b / 1000 for b in LATENCY_BOUNDS_MS)
     counts = [0] * (len(bounds) + 1)
     for v in values:
         counts[bisect.bisect_left(bounds, v)] += 1

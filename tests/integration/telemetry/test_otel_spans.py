@@ -12,8 +12,8 @@ from django.test import AsyncClient, Client
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from django_ocmemcache import otel as otel_impl
 from django_ocmemcache import telemetry
+from django_ocmemcache.telemetry import opentelemetry as otel_impl
 from tests.integration.telemetry.conftest import (
     MIDDLEWARE,
     OTEL_DJANGO_MIDDLEWARE,

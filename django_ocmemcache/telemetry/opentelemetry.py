@@ -42,48 +42,31 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .telemetry import (
-    _BUCKETS,
-    _HITS,
-    _MISSES,
-    _SUM,
+from .export import SpanQueue, queued, register_flusher
+from .metrics import _BUCKETS, _HITS, _MISSES, _SUM, METRICS, MetricKey, MetricsStore
+from .semconv import (
     ATTR_ALIAS,
+    ATTR_CACHE_CALLS,
+    ATTR_CACHE_ERRORS,
+    ATTR_CACHE_HITS,
+    ATTR_CACHE_MISSES,
+    ATTR_CACHE_RESULT,
+    ATTR_CACHE_TIME,
     ATTR_DB_SYSTEM,
+    ATTR_DB_SYSTEM_NAME,
     ATTR_ERROR_TYPE,
-    METRICS,
-    MetricKey,
-    MetricsStore,
-    RequestSummary,
-    SpanQueue,
-    Tracing,
-    add_server_timing,
-    current_summary,
-    queued,
-    register_flusher,
+    ATTR_HTTP_REQUEST_METHOD,
+    ATTR_HTTP_RESPONSE_STATUS,
+    ATTR_HTTP_ROUTE,
+    ATTR_OPERATION,
+    DB_SYSTEM,
+    INSTRUMENTATION_NAME,
+    METRIC_DURATION,
+    METRIC_LOOKUPS,
 )
+from .tracing import Tracing
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
-
-INSTRUMENTATION_NAME = "django_ocmemcache"
-
-# Semantic-convention names (OpenTelemetry database and HTTP conventions).
-ATTR_DB_SYSTEM_NAME = "db.system.name"
-ATTR_DB_OPERATION = "db.operation.name"
-ATTR_HTTP_METHOD = "http.request.method"
-ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.response.status_code"
-ATTR_CACHE_RESULT = "cache.result"
-METRIC_DURATION = "db.client.operation.duration"  # seconds
-METRIC_LOOKUPS = "django_ocmemcache.lookups"
-DB_SYSTEM = "memcached"
-
-#: The request-summary attributes, as on the OpenCensus request span.
-SUMMARY_ATTRIBUTES = (
-    ("cache.calls", "calls"),
-    ("cache.hits", "hits"),
-    ("cache.misses", "misses"),
-    ("cache.errors", "errors"),
-)
 
 #: Methods named as sent; any other becomes "_OTHER" (no cardinality from clients).
 HTTP_METHODS = frozenset(
@@ -92,9 +75,6 @@ HTTP_METHODS = frozenset(
 
 #: Where opentelemetry-instrumentation-django keeps its request span.
 INSTRUMENTOR_SPAN_KEY = "opentelemetry-instrumentor-django.span_key"
-INSTRUMENTOR_MIDDLEWARE = (
-    "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
-)
 
 _EMPTY = otel_context.Context()
 
@@ -235,6 +215,17 @@ class OpenTelemetryTracing(Tracing):
         )  # fmt: skip
 
 
+_tracing: OpenTelemetryTracing | None = None
+
+
+def tracing() -> OpenTelemetryTracing:
+    """The process' OpenTelemetry ``Tracing``."""
+    global _tracing
+    if _tracing is None:
+        _tracing = OpenTelemetryTracing()
+    return _tracing
+
+
 @contextlib.contextmanager
 def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
     """Run a block inside a root span of the site's tracer provider (see
@@ -251,7 +242,7 @@ def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
         yield span
     except BaseException as exc:
         if span is not None:
-            _safely(OpenTelemetryTracing().mark_error, span, 0, type(exc).__name__)
+            _safely(tracing().mark_error, span, 0, type(exc).__name__)
         raise
     finally:
         if token is not None:
@@ -285,89 +276,77 @@ def _detach(token: Any) -> None:
 # -- the request span (RequestSpanMiddleware) ------------------------------------
 
 
-class RequestTrace:
-    """The tracing state of one request under OpenTelemetry.
+class RequestSpan:
+    """The SERVER span of one request under OpenTelemetry (``RequestSpanMiddleware``
+    keeps the summary, Server-Timing and the response's close).
 
-    With opentelemetry-instrumentation-django in front, its SERVER span gets the
-    route name, ``http.route`` and the cache summary, and no second span is
-    opened. Without it, a SERVER span is opened here: parent from the incoming
-    headers (the global propagator: W3C ``traceparent`` by default), sampled by
-    the site's provider, current until the response is closed.
+    With opentelemetry-instrumentation-django in front, its span gets the route
+    name, ``http.route`` and the cache summary, and no second span is opened.
+    Without it, a SERVER span is opened here: parent from the incoming headers
+    (the global propagator: W3C ``traceparent`` by default), sampled by the
+    site's provider, current until ``end()``.
     """
 
-    def __init__(
-        self, request: Any, on_close: Callable[[Any, Callable[[], None]], None]
-    ) -> None:
-        self.on_close = on_close
-        self.summary = RequestSummary()
-        self.token = current_summary.set(self.summary)
-        self.done = False
+    def __init__(self, request: Any) -> None:
         self.ctx_token: Any = None
         self.error_type: str | None = None
+        self.method = request.method if request.method in HTTP_METHODS else "_OTHER"
         self.span: Any = request.META.get(INSTRUMENTOR_SPAN_KEY)
+        #: True when the span is ours (else the instrumentation's, which ends it).
         self.own = self.span is None
-        method = request.method if request.method in HTTP_METHODS else "_OTHER"
-        self.method = method
         if self.own:
             parent = propagate.extract(request.headers)
-            span = tracer().start_span(
-                method, parent, SpanKind.SERVER, {ATTR_HTTP_METHOD: method}
-            )
-            current = trace.set_span_in_context(span, parent)
+            self.span = tracer().start_span(
+                self.method, parent, SpanKind.SERVER,
+                {ATTR_HTTP_REQUEST_METHOD: self.method},
+            )  # fmt: skip
+            current = trace.set_span_in_context(self.span, parent)
             self.ctx_token = otel_context.attach(current)
-            self.span = span
 
     def exception(self, exc: BaseException) -> None:
+        """Record the class of an exception the view raised."""
         self.error_type = type(exc).__name__
-        if self.span is not None and self.span.is_recording():
+        if self.span.is_recording():
             self.span.set_attribute(ATTR_ERROR_TYPE, self.error_type)
 
-    def response(self, request: Any, response: Any, server_timing: bool) -> None:
-        """Annotate the span; end it now, or when a streaming response closes."""
-        if server_timing:
-            add_server_timing(response, self.summary)
+    def respond(self, request: Any, status: int, summary: Any) -> None:
+        """Name the span by route; add the status and the request's cache
+        ``summary`` (a ``hook.RequestSummary``)."""
         span = self.span
-        if span is not None and span.is_recording():
-            self._annotate(span, request, response.status_code)
-        if self.own and getattr(response, "streaming", False):
-            self.on_close(response, self.end)  # calls in the body are children
-        else:
-            self.end()
-
-    def _annotate(self, span: Any, request: Any, status: int) -> None:
+        if not span.is_recording():
+            return
         match = getattr(request, "resolver_match", None)
         route = getattr(match, "route", None) if match is not None else None
         if route:
             span.update_name(f"{self.method} {route}")
             span.set_attribute(ATTR_HTTP_ROUTE, route)
-        s = self.summary
-        attrs: dict[str, Any] = {k: getattr(s, f) for k, f in SUMMARY_ATTRIBUTES}
-        attrs["cache.duration_ms"] = round(s.milliseconds, 3)
-        span.set_attributes(attrs)
+        span.set_attributes(
+            {
+                ATTR_CACHE_CALLS: summary.calls,
+                ATTR_CACHE_HITS: summary.hits,
+                ATTR_CACHE_MISSES: summary.misses,
+                ATTR_CACHE_ERRORS: summary.errors,
+                ATTR_CACHE_TIME: round(summary.milliseconds, 3),
+            }
+        )
         if self.own:
-            span.set_attribute(ATTR_HTTP_STATUS, status)
+            span.set_attribute(ATTR_HTTP_RESPONSE_STATUS, status)
             if status >= 500:
                 if self.error_type is None:
-                    span.set_attribute(ATTR_ERROR_TYPE, str(status))
+                    self.error_type = str(status)  # the convention's fallback
+                    span.set_attribute(ATTR_ERROR_TYPE, self.error_type)
                 span.set_status(Status(StatusCode.ERROR))
 
     def end(self) -> None:
-        """End our span (on the span queue's thread) and restore the context."""
-        if self.done:
-            return
-        self.done = True
-        try:
-            if self.ctx_token is not None:
-                _detach(self.ctx_token)
-            if self.own and self.span is not None:
-                if self.error_type is not None and self.span.is_recording():
-                    self.span.set_status(Status(StatusCode.ERROR, self.error_type))
-                end_later(self.span)
-        finally:
-            try:
-                current_summary.reset(self.token)
-            except ValueError:  # another context (ASGI close): nothing to restore
-                current_summary.set(None)
+        """Restore the context and end our span (on the span queue's thread)."""
+        if self.ctx_token is not None:
+            token, self.ctx_token = self.ctx_token, None
+            _detach(token)
+        if self.own:
+            span, self.own = self.span, False
+            if self.error_type is not None and span.is_recording():
+                span.set_status(Status(StatusCode.ERROR))
+            end_later(span)
 
 
 # -- metrics ------------------------------------------------------------------------
@@ -410,7 +389,7 @@ def metric_attributes(key: MetricKey) -> dict[str, Any]:
     cache, method, error = key
     attrs = {
         ATTR_DB_SYSTEM_NAME: DB_SYSTEM,
-        ATTR_DB_OPERATION: method,
+        ATTR_OPERATION: method,
         ATTR_ALIAS: cache,
     }
     if error:
