@@ -11,8 +11,9 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
 - ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
 
-The names documented in README.md are importable from here:
-``django_ocmemcache.telemetry.flush``, ``metric_producer``, ``root_span``.
+The names documented in docs/telemetry.md and docs/migration.md are importable
+from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
+``root_span``.
 """
 
 from __future__ import annotations

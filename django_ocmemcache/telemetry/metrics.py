@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+
 from ..conf import project_settings
 from .export import span_queues
 from .semconv import (
@@ -226,7 +228,13 @@ def install() -> None:
     if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
         global _default_registered
         if not _default_registered:
-            from prometheus_client import REGISTRY
+            try:
+                from prometheus_client import REGISTRY
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    "OCMEMCACHE['PROMETHEUS_REGISTER'] needs prometheus_client: "
+                    'pip install "django-ocmemcache[prometheus]"'
+                ) from exc
 
             REGISTRY.register(PrometheusCollector())
             _default_registered = True

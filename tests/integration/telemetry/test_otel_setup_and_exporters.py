@@ -46,6 +46,54 @@ def test_a_bad_telemetry_api_fails_at_start_up(settings, bad):
     assert "'opencensus', 'opentelemetry'" in message
 
 
+def _check_errors(**settings_) -> list:
+    from django.core import checks
+    from django.test.utils import override_settings
+
+    with override_settings(**settings_):
+        return [
+            m
+            for m in checks.run_checks()
+            if m.id and m.id.startswith("django_ocmemcache.E")
+        ]
+
+
+def test_a_bad_telemetry_api_is_e005_in_manage_py_check():
+    (error,) = _check_errors(OCMEMCACHE={"TELEMETRY_API": "otel"})
+    assert error.id == "django_ocmemcache.E005"
+    assert "OCMEMCACHE['TELEMETRY_API'] must be one of" in error.msg
+    assert _check_errors(OCMEMCACHE={"TELEMETRY_API": "opentelemetry"}) == []
+
+
+def test_opentelemetry_without_the_api_installed_is_e005(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_otel(name, *args):
+        if name.split(".")[0] == "opentelemetry":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_otel)
+    (error,) = _check_errors(OCMEMCACHE={"TELEMETRY_API": "opentelemetry"})
+    assert error.id == "django_ocmemcache.E005"
+    assert "needs opentelemetry-api" in error.msg
+    assert error.hint == 'pip install "django-ocmemcache[opentelemetry]"'
+
+
+def test_listed_before_the_instrumentation_is_e004():
+    wrong = [
+        "django_ocmemcache.middleware.RequestSpanMiddleware",
+        "opentelemetry.instrumentation.django.middleware.otel_middleware."
+        "_DjangoMiddleware",
+    ]
+    (error,) = _check_errors(MIDDLEWARE=wrong)
+    assert error.id == "django_ocmemcache.E004"
+    assert "_DjangoMiddleware" in error.msg
+    assert _check_errors(MIDDLEWARE=wrong[::-1]) == []
+
+
 OTEL_SITE = """
     import sys, django
     from django.conf import settings
