@@ -44,6 +44,7 @@ class AsyncCacheMethods:
     aincr = _async("incr")
     adecr = _async("decr")
     aget_or_set = _async("get_or_set")
+    ainvalidate = _async("invalidate")
     ahas_key = _async("has_key")
     aincr_version = _async("incr_version")
     adecr_version = _async("decr_version")

@@ -20,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys
+from . import herd, keys
 from .asyncapi import AsyncCacheMethods
 from .client.deadline import deadline_scope, end_deadline_scope
 from .client.pool import (
@@ -51,6 +51,7 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
+    herd: tuple[str, float] | None = None
 
 
 _state = _CallState()
@@ -92,7 +93,7 @@ def operation(
                     st.depth = 0
                     end_deadline_scope()
             st.hits = st.misses = 0
-            st.error = None
+            st.error = st.herd = None
             call = tel.start(self, name, args, kwargs)
             try:
                 try:
@@ -101,11 +102,11 @@ def operation(
                     result = _failed(self, name, exc, on_failure, args, kwargs)
             except BaseException as exc:
                 if call is not None:
-                    call.finish(st.hits, st.misses, exc, st.error)
+                    call.finish(st.hits, st.misses, exc, st.error, st.herd)
                 raise
             else:
                 if call is not None:
-                    call.finish(st.hits, st.misses, None, st.error)
+                    call.finish(st.hits, st.misses, None, st.error, st.herd)
                 return result
             finally:
                 st.depth = 0
@@ -248,6 +249,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self._errors = get_policy(self._pool, False)
         self._deadline: float | None = None
         self._key_prefix = b""
+        self._herd = herd.Options.of(self._options)
         self._telemetry = None
 
     def _configure(self, server: Any, params: dict[str, Any]) -> None:
@@ -262,6 +264,8 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = get_policy(self._pool, options.ignore_exceptions)
         self._deadline = options.call_deadline
+        self._serde = kwargs["serde"]
+        self._herd = herd.Options.of(options)
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
@@ -469,26 +473,35 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``.
-        """
-        value = self.get(key, _MISSING, version=version)
-        if value is not _MISSING:
-            return value
-        if callable(default):
-            default = self._run_outside_call(default)
-        self.add(key, default, timeout=timeout, version=version)
-        # Read again: another caller may have added a value since the get().
-        return self.get(key, default, version=version)
+        against ``DEADLINE``. On a miss only one caller runs it (``herd.py``)."""
+        opts = self._herd
+        if opts.recache_within is None or not (opts.wait and callable(default)):
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+            if not (opts.wait and callable(default)):
+                if callable(default):
+                    default = self._run_outside_call(default)
+                self.add(key, default, timeout=timeout, version=version)
+                # Read again: another caller may have added a value since the get().
+                return self.get(key, default, version=version)
+        request = herd.Request(self, key, default, timeout, version)
+        value, outcome, waited = herd.get_or_set(request, opts)
+        if outcome is not None and self._telemetry is not None:
+            _state.herd = (outcome, waited)  # the call state only feeds telemetry
+        return value
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
         st = _state
-        saved = st.depth, st.hits, st.misses, st.error
+        saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:
             return fn()
         finally:
-            st.depth, st.hits, st.misses, st.error = saved
+            st.depth, st.hits, st.misses, st.error, st.herd = saved
             deadline_scope(self._deadline)  # the rest of the call starts afresh
+
+    invalidate = operation("invalidate", _false)(herd.invalidate)
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:

@@ -6,8 +6,9 @@ Errors: ``E001`` a ``CACHES`` entry that cannot be used (``LOCATION``,
 ``E004`` the middleware order; ``E005`` an invalid ``settings.OCMEMCACHE``.
 Warnings: ``W001`` no timeouts; ``W002`` pymemcache's ``ignore_exc`` set;
 ``W003`` (``check --deploy`` only) unsigned pickle to a server that is neither
-loopback nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``.
-Each message is one line naming the setting; each has a hint.
+loopback nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``;
+``W005`` ``RECACHE_WITHIN`` not below ``TIMEOUT``. Each message is one line
+naming the setting; each has a hint.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def check_reliability(
     app_configs: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """W001 no timeouts, W002 ``ignore_exc``, W004 aliases sharing servers and
-    ``KEY_PREFIX``."""
+    ``KEY_PREFIX``, W005 ``RECACHE_WITHIN`` not below ``TIMEOUT``."""
     messages: list[checks.CheckMessage] = []
     for alias, conf in our_caches().items():
         opts = _options(conf)
@@ -248,6 +249,7 @@ def check_reliability(
                     id="django_ocmemcache.W002",
                 )
             )
+        messages += _check_recache_within(alias, conf, opts)
     return messages + _check_shared_prefixes()
 
 
@@ -263,6 +265,25 @@ def check_deployment(
         if opts is not None:
             messages += _check_unsigned_pickle(alias, conf, opts)
     return messages
+
+
+def _check_recache_within(
+    alias: str, conf: dict[str, Any], opts: Any
+) -> list[checks.CheckMessage]:
+    within, timeout = opts.recache_within, conf.get("TIMEOUT", 300)
+    if within is None or not isinstance(timeout, (int, float)) or within < timeout:
+        return []
+    return [
+        checks.Warning(
+            f"CACHES[{alias!r}] has OPTIONS['RECACHE_WITHIN'] = {within} s, not "
+            f"below its TIMEOUT ({timeout} s): every value get_or_set stores with "
+            "the default timeout is due for an early recompute at once, so the key "
+            "is recomputed back to back.",
+            hint="Set RECACHE_WITHIN to a small part of the timeouts (a few seconds "
+            "for a 300 s TIMEOUT): the time one recompute takes, with a margin.",
+            id="django_ocmemcache.W005",
+        )
+    ]
 
 
 def _check_timeouts(alias: str, opts: Any) -> list[checks.CheckMessage]:

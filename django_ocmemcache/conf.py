@@ -94,6 +94,13 @@ class BackendOptions:
     #: ``call_deadline`` is ``connect_timeout + timeout``, and an explicit
     #: ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
+    #: Seconds a ``get_or_set`` caller waits for another caller's recompute of
+    #: a missing key before it runs the callable itself; 0 turns stampede
+    #: protection off (see ``herd.py``).
+    herd_wait: float = 5.0
+    #: Seconds: a ``get_or_set`` hit whose remaining TTL is below this makes
+    #: one caller recompute the value early; ``None`` (default) is off.
+    recache_within: int | None = None
     #: pymemcache keyword arguments, defaults applied; ``ignore_exc`` is folded
     #: into ``ignore_exceptions`` and never passed on.
     client_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_NOT_OURS)
@@ -159,6 +166,24 @@ class BackendOptions:
             raise ImproperlyConfigured(
                 f"OPTIONS['DEADLINE'] must be a positive number of seconds or None, "
                 f"not {self.deadline!r}"
+            )
+        if (
+            isinstance(self.herd_wait, bool)
+            or not isinstance(self.herd_wait, (int, float))
+            or not 0 <= self.herd_wait <= 3600
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['HERD_WAIT'] must be a number of seconds from 0 (off) "
+                f"to 3600, not {self.herd_wait!r}"
+            )
+        if self.recache_within is not None and (
+            isinstance(self.recache_within, bool)
+            or not isinstance(self.recache_within, int)
+            or not 0 < self.recache_within <= 30 * 24 * 3600  # relative exptime
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['RECACHE_WITHIN'] must be a whole number of seconds "
+                f"(1 to 30 days) or None, not {self.recache_within!r}"
             )
         if "serde" in self.client_kwargs and self.serializer is not None:
             raise ImproperlyConfigured(

@@ -29,6 +29,7 @@ from .hook import (
     tracing,
 )
 from .metrics import (
+    HERD,
     METRICS,
     MetricsStore,
     PrometheusCollector,
@@ -46,6 +47,7 @@ from .opencensus import (
 from .tracing import Tracing, status_code
 
 __all__ = [
+    "HERD",
     "METRICS",
     "CacheTelemetry",
     "MetricProducer",

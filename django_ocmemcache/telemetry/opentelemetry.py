@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import os
@@ -43,7 +44,16 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .export import SpanQueue, queued, register_flusher
-from .metrics import _BUCKETS, _HITS, _MISSES, _SUM, METRICS, MetricKey, MetricsStore
+from .metrics import (
+    _BUCKETS,
+    _HITS,
+    _MISSES,
+    _SUM,
+    METRICS,
+    MetricKey,
+    MetricsStore,
+    herd_series,
+)
 from .semconv import (
     ATTR_ALIAS,
     ATTR_CACHE_CALLS,
@@ -63,6 +73,7 @@ from .semconv import (
     INSTRUMENTATION_NAME,
     METRIC_DURATION,
     METRIC_LOOKUPS,
+    TAG_CACHE,
 )
 from .tracing import Tracing
 
@@ -384,6 +395,13 @@ def replay_values(
         yield min(bounds[i], max(math.nextafter(lows[i], math.inf), value)), c
 
 
+def herd_instrument(family: str) -> str:
+    """The OpenTelemetry name of a stampede family (``django_ocmemcache_herd_waits``
+    -> ``django_ocmemcache.herd.waits``)."""
+    prefix = "django_ocmemcache_herd_"
+    return "django_ocmemcache.herd." + family.removeprefix(prefix)
+
+
 def metric_attributes(key: MetricKey) -> dict[str, Any]:
     """Attributes of one aggregate: alias, method and error (``""`` when ok)."""
     cache, method, error = key
@@ -416,6 +434,15 @@ class MetricsFeed:
             unit="{lookup}",
             description="Keys looked up by cache reads, by result (hit or miss)",
         )
+        # The stampede counters (``metrics.herd_series``), one counter per family:
+        # django_ocmemcache_herd_waits -> django_ocmemcache.herd.waits.
+        for family, description, _labels, _series in herd_series():
+            meter.create_observable_counter(
+                herd_instrument(family),
+                callbacks=[functools.partial(self.herd, family)],
+                unit="{call}",
+                description=description,
+            )
         self._fed: dict[MetricKey, list[Any]] = {}  # [sum_ms, bucket counts...]
         self._lock = threading.Lock()
         self.replayed = 0  # calls fed to the histogram so far
@@ -438,6 +465,23 @@ class MetricsFeed:
                 out.append(
                     otel_metrics.Observation(n, {**base, ATTR_CACHE_RESULT: result})
                 )
+        return out
+
+    def herd(self, family: str, options: Any = None) -> Iterable[Any]:
+        """The observable callback of one stampede family: cumulative counts
+        with ``cache.alias`` and ``cache.herd.<label>`` attributes."""
+        out = []
+        for name, _description, labels, series in herd_series():
+            if name != family:
+                continue
+            keys = [
+                ATTR_ALIAS if label == TAG_CACHE else f"cache.herd.{label}"
+                for label in labels
+            ]
+            for values, n in series:
+                attrs = dict(zip(keys, values, strict=True))
+                attrs[ATTR_DB_SYSTEM_NAME] = DB_SYSTEM
+                out.append(otel_metrics.Observation(n, attrs))
         return out
 
     def _feed(self, snap: dict[MetricKey, list[Any]]) -> None:

@@ -1,4 +1,4 @@
-"""System checks W001-W004 (no sockets: checks only parse settings); W003 is
+"""System checks W001-W005 (no sockets: checks only parse settings); W003 is
 deployment advice (``check --deploy``)."""
 
 from __future__ import annotations
@@ -62,6 +62,15 @@ def test_w004_aliases_share_servers_and_prefix():
     assert _ids(caches) == ["django_ocmemcache.W004"]
     caches["sessions"]["KEY_PREFIX"] = "s"
     assert _ids(caches) == []
+
+
+def test_w005_recache_within_not_below_timeout():
+    assert _ids(_one(OPTIONS={"RECACHE_WITHIN": 10})) == []  # TIMEOUT 300
+    assert _ids(_one(OPTIONS={"RECACHE_WITHIN": 300})) == ["django_ocmemcache.W005"]
+    assert _ids(_one(TIMEOUT=5, OPTIONS={"RECACHE_WITHIN": 10})) == [
+        "django_ocmemcache.W005"
+    ]
+    assert _ids(_one(TIMEOUT=None, OPTIONS={"RECACHE_WITHIN": 10})) == []
 
 
 def test_every_warning_has_a_hint():

@@ -119,3 +119,16 @@ def test_replayed_values_keep_buckets_and_sum(values):
         total += value * n
     assert replayed == counts
     assert total == pytest.approx(sum(values), rel=1e-9)
+
+
+def test_stampede_counters_reach_the_reader(otel_site, otel, make_cache, memcached):
+    from django_ocmemcache.telemetry.metrics import HERD
+
+    HERD.reset()
+    cache = make_cache(memcached.location, OPTIONS={"LABEL": "herd"})
+    assert cache.get_or_set("herd-key", lambda: 7) == 7  # a miss: one recompute
+    recomputes = points(otel.reader, "django_ocmemcache.herd.recomputes")
+    assert recomputes.pop("_metric").unit == "{call}"
+    miss = {"db.system.name": "memcached", "cache.alias": "herd",
+            "cache.herd.reason": "miss"}  # fmt: skip
+    assert recomputes[frozenset(miss.items())].value == 1
