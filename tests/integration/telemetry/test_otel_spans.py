@@ -247,8 +247,12 @@ def test_nested_calls_make_one_span_and_batches_have_a_size(otel_site, otel):
 def test_error_type_and_error_status(otel_site, otel, make_cache, memcached_factory):
     dead = memcached_factory()
     dead.stop()
-    unreachable = make_cache(dead.location)
-    ignoring = make_cache(dead.location, OPTIONS={"IGNORE_EXCEPTIONS": True})
+    # Client arguments of their own: the process-wide pool (and its "server is
+    # down" state) of these two is then not the pool of a later test whose
+    # memcached gets this port again with default options.
+    opts = {"connect_timeout": 0.75}
+    unreachable = make_cache(dead.location, OPTIONS=opts)
+    ignoring = make_cache(dead.location, OPTIONS={**opts, "IGNORE_EXCEPTIONS": True})
     with otel.tracer().start_as_current_span("p"):
         with pytest.raises(ConnectionRefusedError):
             unreachable.get("a")
