@@ -66,6 +66,14 @@ def paired_cpu_ratio(a: Result, b: Result) -> float:
     return statistics.median(y / x for x, y in zip(a.cpu, b.cpu, strict=True))
 
 
+def paired_cpu_extra_us(a: Result, b: Result) -> float:
+    """Median over repeats of a's CPU µs per unit minus b's in the same repeat."""
+    ua, ub = a.calls * a.per_call, b.calls * b.per_call
+    return statistics.median(
+        (x / ua - y / ub) * 1e6 for x, y in zip(a.cpu, b.cpu, strict=True)
+    )
+
+
 def _timed(fn: Callable[[int], None], calls: int) -> float:
     t0 = time.perf_counter()
     fn(calls)

@@ -49,17 +49,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MISSING = MISS
 
 
-class _CallState(threading.local):
+class _CallState:
     """What the outermost cache call on this thread has seen so far."""
 
-    depth = 0
-    hits = 0
-    misses = 0
-    error: BaseException | None = None
-    herd: tuple[str, float] | None = None
+    __slots__ = ("depth", "hits", "misses", "error", "herd")
+
+    def __init__(self) -> None:
+        self.depth = self.hits = self.misses = 0
+        self.error: BaseException | None = None
+        self.herd: tuple[str, float] | None = None
 
 
-_state = _CallState()
+class _PerThread(threading.local):  # one lookup a call, then plain slots
+    def __init__(self) -> None:
+        self.state = _CallState()
+
+
+_per_thread = _PerThread()
 
 
 def operation(
@@ -72,16 +78,16 @@ def operation(
 
     ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
     the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
-    return). The ignored failure is kept in ``_state.error`` (this module's
-    own per-call state) and handed to the telemetry's ``finish``. ``on_skip``
-    (default ``on_failure``) gives the result of a call skipped because its
-    server is marked down (``policy.ErrorPolicy.absorb``).
+    return). The ignored failure is kept in the call state's ``error`` and
+    handed to the telemetry's ``finish``. ``on_skip`` (default ``on_failure``)
+    gives the result of a call skipped because its server is marked down
+    (``policy.ErrorPolicy.absorb``).
     """
     handlers = (on_failure, on_skip or on_failure)
 
     def decorate(fn: F) -> F:
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
-            st = _state
+            st = _per_thread.state
             if st.depth:
                 st.depth += 1
                 try:
@@ -110,12 +116,10 @@ def operation(
                 except Exception as exc:
                     result = _failed(self, name, exc, handlers, args, kwargs)
             except BaseException as exc:
-                if call is not None:
-                    call.finish(st.hits, st.misses, exc, st.error, st.herd)
+                tel.finish(call, st.hits, st.misses, exc, st.error, st.herd)
                 raise
             else:
-                if call is not None:
-                    call.finish(st.hits, st.misses, None, st.error, st.herd)
+                tel.finish(call, st.hits, st.misses, None, st.error, st.herd)
                 return result
             finally:
                 st.depth = 0
@@ -145,9 +149,9 @@ def _failed(
 ) -> Any:
     """The result of a call that failed with ``exc``: ``exc`` re-raised unless
     the error policy ignores it, else ``handlers`` ``(on_failure, on_skip)``'s
-    (``None`` without one). It stays in ``_state.error`` for the span."""
+    (``None`` without one). It stays in the call state for the span."""
     skipped = cache._errors.absorb(name, exc)
-    _state.error = exc
+    _per_thread.state.error = exc
     handler = handlers[skipped]
     return handler(cache, exc, *args, **kwargs) if handler else None
 
@@ -247,14 +251,10 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self._herd = herd.Options.of(options)
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
-        self._telemetry = self._load_telemetry(server, params)
-
-    def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
-        """The telemetry hook (``start(cache, method, args, kwargs) -> call``),
-        or ``None`` when ``settings.OCMEMCACHE`` turns metrics and tracing off."""
         from . import telemetry  # imports OpenCensus lazily, only when tracing
 
-        return telemetry.for_cache(self, server, params)
+        #: The start/finish hook; None when OCMEMCACHE turns telemetry off.
+        self._telemetry = telemetry.for_cache(self, server, params)
 
     # -- helpers -----------------------------------------------------------
 
@@ -289,7 +289,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         pool.hits += hits
         pool.misses += misses
         if self._telemetry is not None:  # the call state only feeds telemetry
-            st = _state
+            st = _per_thread.state
             st.hits += hits
             st.misses += misses
 
@@ -479,11 +479,11 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         request = herd.Request(self, key, default, timeout, version)
         value, outcome, waited = herd.get_or_set(request, opts)
         if outcome is not None and self._telemetry is not None:
-            _state.herd = (outcome, waited)  # the call state only feeds telemetry
+            _per_thread.state.herd = (outcome, waited)  # only feeds telemetry
         return value
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
-        st = _state
+        st = _per_thread.state
         saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:

@@ -7,7 +7,8 @@ Errors: ``E001`` a ``CACHES`` entry that cannot be used (``LOCATION``,
 Warnings: ``W001`` no timeouts; ``W002`` pymemcache's ``ignore_exc`` set;
 ``W003`` (``check --deploy`` only) unsigned pickle to a server that is neither
 loopback nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``;
-``W005`` ``RECACHE_WITHIN`` not below ``TIMEOUT``. Each message is one line
+``W005`` ``RECACHE_WITHIN`` not below ``TIMEOUT``; ``W006`` (``check --deploy``
+only) the metrics view is routed but open to anyone. Each message is one line
 naming the setting; each has a hint.
 """
 
@@ -155,9 +156,11 @@ def check_project_settings(
     """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
     (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
     from .conf import project_settings
+    from .views import allowed_networks
 
     try:
         conf = project_settings()
+        allowed_networks(conf["METRICS_ALLOWED_NETWORKS"])
     except ImproperlyConfigured as exc:
         return [
             checks.Error(
@@ -354,3 +357,57 @@ def _check_shared_prefixes() -> list[checks.CheckMessage]:
                 )
                 break
     return messages
+
+
+@checks.register(checks.Tags.security, deploy=True)
+def check_metrics_access(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W006: ``views.metrics`` is routed in ``ROOT_URLCONF`` with neither
+    ``OCMEMCACHE["METRICS_ALLOWED_NETWORKS"]`` nor ``["METRICS_BEARER_TOKEN"]``."""
+    conf = getattr(settings, "OCMEMCACHE", None) or {}
+    if conf.get("METRICS_ALLOWED_NETWORKS") is not None or conf.get(
+        "METRICS_BEARER_TOKEN"
+    ):
+        return []
+    route = _metrics_route()
+    if route is None:
+        return []
+    return [
+        checks.Warning(
+            f"django_ocmemcache.views.metrics is routed at '/{route}' and answers "
+            "anyone who can reach the site: cache names, methods, error classes "
+            "and call rates are visible from outside.",
+            hint="Set OCMEMCACHE['METRICS_ALLOWED_NETWORKS'] (e.g. ['10.0.0.0/8']) "
+            "and/or OCMEMCACHE['METRICS_BEARER_TOKEN'] (Prometheus: "
+            "'authorization: {credentials: ...}'), or serve /metrics only on an "
+            "internal listener; see docs/telemetry.md.",
+            id="django_ocmemcache.W006",
+        )
+    ]
+
+
+def _metrics_route() -> str | None:
+    """The route of ``views.metrics`` in ``ROOT_URLCONF``, or None if not routed."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    from .views import metrics
+
+    def walk(patterns: Any, prefix: str) -> str | None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                found = walk(p.url_patterns, prefix + str(p.pattern))
+                if found is not None:
+                    return found
+            elif isinstance(p, URLPattern):
+                callback = p.callback
+                while callback is not None:
+                    if callback is metrics:
+                        return prefix + str(p.pattern)
+                    callback = getattr(callback, "__wrapped__", None)
+        return None
+
+    try:
+        return walk(get_resolver().url_patterns, "")
+    except Exception:  # a broken URLconf is reported by Django's own checks
+        return None

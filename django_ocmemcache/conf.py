@@ -524,6 +524,10 @@ PROJECT_DEFAULTS: dict[str, Any] = {
     "EXIT_FLUSH_TIMEOUT": 1.0,  # seconds spent exporting queued spans at exit
     "PROMETHEUS_REGISTER": False,  # also register with prometheus_client.REGISTRY
     "SIGNING_KEYS": None,  # signed-pickle keys, newest first (serializers.py)
+    "METRICS_ALLOWED_NETWORKS": None,  # views.metrics: client networks (CIDR)
+    "METRICS_BEARER_TOKEN": None,  # views.metrics: "Authorization: Bearer <token>"
+    "FOLLOW_PARENT_SAMPLED": True,  # a sampled traceparent is traced, sampler or not
+    "METRICS_FLUSH_INTERVAL": 1.0,  # seconds; multiprocess mode's file writes
     "TELEMETRY_API": "opencensus",  # or "opentelemetry" (telemetry/opentelemetry.py)
 }
 
@@ -549,7 +553,7 @@ def project_settings() -> dict[str, Any]:
             + ", ".join(sorted(PROJECT_DEFAULTS))
         )
     conf = {**PROJECT_DEFAULTS, **given}
-    for name in ("METRICS", "TRACING", "SERVER_TIMING", "PROMETHEUS_REGISTER"):
+    for name in [k for k, v in PROJECT_DEFAULTS.items() if isinstance(v, bool)]:
         if not isinstance(conf[name], bool):
             raise ImproperlyConfigured(
                 f"OCMEMCACHE[{name!r}] must be True or False, not {conf[name]!r}"
@@ -571,6 +575,18 @@ def project_settings() -> dict[str, Any]:
             "OCMEMCACHE['EXIT_FLUSH_TIMEOUT'] must be a number of seconds >= 0, "
             f"not {wait!r}"
         )
+    # METRICS_ALLOWED_NETWORKS is parsed by views.allowed_networks (check E005).
+    every, token = conf["METRICS_FLUSH_INTERVAL"], conf["METRICS_BEARER_TOKEN"]
+    for name, bad, what in (
+        ("METRICS_FLUSH_INTERVAL", type(every) not in (int, float) or every <= 0,
+         "a number of seconds > 0"),
+        ("METRICS_BEARER_TOKEN", token is not None and not (
+            isinstance(token, str) and token), "a non-empty string or None"),
+    ):  # fmt: skip
+        if bad:
+            raise ImproperlyConfigured(
+                f"OCMEMCACHE[{name!r}] must be {what}, not {conf[name]!r}"
+            )
     return conf
 
 

@@ -25,6 +25,7 @@ is then never imported.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +43,21 @@ from .telemetry.semconv import (
     ATTR_CACHE_TIME,
     ATTR_ERROR_TYPE,
     ATTR_HTTP_METHOD,
+    ATTR_HTTP_REQUEST_METHOD,
+    ATTR_HTTP_RESPONSE_STATUS,
     ATTR_HTTP_ROUTE,
     ATTR_HTTP_STATUS,
+    HTTP_KNOWN_METHODS,
+    HTTP_OTHER_METHOD,
+    HTTP_OTHER_SPAN_NAME,
 )
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
+
+#: opencensus-ext-django keeps its request span and request under these
+#: execution-context keys.
+EXT_DJANGO_SPAN_KEY = "django_span"
+EXT_DJANGO_REQUEST_KEY = "django_request"
 
 
 class _AlwaysOn:
@@ -59,54 +70,81 @@ class _AlwaysOn:
 _ALWAYS_ON = _AlwaysOn()
 
 
-#: opencensus-ext-django keeps its request span under this execution-context key.
-EXT_DJANGO_SPAN_KEY = "django_span"
+def span_method(method: str | None) -> str:
+    """The method as request spans carry it: itself if standard, else ``_OTHER``."""
+    return method if method in HTTP_KNOWN_METHODS else HTTP_OTHER_METHOD
+
+
+class _MetaHeaders:
+    """``request.META`` as the ``get(name)`` mapping OpenCensus' propagators read.
+
+    ``request.headers`` would build a dict of every header on each request
+    (~10 us); a propagator reads one or two.
+    """
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.meta.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
 class _RequestTrace:
-    """The tracing state of one request: span (ours or opencensus-ext-django's)."""
+    """The tracing state of one request: span (ours or opencensus-ext-django's).
+
+    ``span`` is None when the request is not sampled (or excluded); ``own``
+    says the span is ours to end; ``outer`` that opencensus-ext-django's
+    middleware, listed before ours, traces this request (sampled or not).
+    """
 
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
-        from opencensus.trace import execution_context
-
-        self.ctx = execution_context
+        self.ctx = ctx = mw.ctx
+        self.mw = mw
         self.span: Any = None
-        self.own = self.outer = False
+        self.own = self.outer = self.done = False
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
-        self.done = False
-        outer = execution_context.get_opencensus_attr(EXT_DJANGO_SPAN_KEY)
-        if outer is not None and outer is execution_context.get_current_span():
-            self.span, self.outer = outer, True  # opencensus-ext-django's span
+        attrs = mw.context_attrs(None)
+        if attrs and attrs.get(EXT_DJANGO_REQUEST_KEY) is request:
+            # opencensus-ext-django decided (and sampled) this request: its span
+            # is a real Span when sampled, a BlankSpan otherwise. Never a second
+            # sampling decision or span; its tracer stays until the response
+            # closes (its process_response needs it).
+            self.outer = True
+            span = attrs.get(EXT_DJANGO_SPAN_KEY)
+            if span is not None and span is ctx.get_current_span():
+                self.span = span
             return
-        # Whatever an earlier request left in this thread's context is stale:
-        # cache calls must not join that trace.
-        execution_context.clean()
-        config = mw.config
-        if config is not None and not config.is_excluded(request.path):
-            self._open(config, request)
+        if attrs or mw.context_in_use():
+            # Whatever an earlier request left in this thread's context is
+            # stale: cache calls must not join that trace.
+            ctx.clean()
+        if mw.excluded and request.path.lstrip("/").startswith(mw.excluded):
+            return
+        context = mw.sampled_context(request.META)
+        if context is not None:
+            self._open(mw, request, context)
 
-    def _open(self, config: TraceConfig, request: Any) -> None:
+    def _open(self, mw: RequestSpanMiddleware, request: Any, context: Any) -> None:
         from opencensus.trace import span as span_module
         from opencensus.trace import tracer as tracer_module
 
-        context = config.propagator.from_headers(request.headers)
-        if not (
-            context.trace_options.get_enabled() or config.sampler.should_sample(context)
-        ):
-            # Not sampled: nothing would be recorded, so build no tracer (an
-            # unsampled OpenCensus Tracer costs ~40 us a request); cache calls
-            # then find no sampled parent and open no span, as they would anyway.
-            return
+        config = mw.config
         tracer = tracer_module.Tracer(
             span_context=context,
-            sampler=_ALWAYS_ON,  # the sampler above decided, once
+            sampler=_ALWAYS_ON,  # the decision was made, once
             exporter=config.exporter,
             propagator=config.propagator,
         )  # stores itself in the execution context
-        span = tracer.start_span(request.method)
+        method = span_method(request.method)
+        span = tracer.start_span(
+            method if method != HTTP_OTHER_METHOD else HTTP_OTHER_SPAN_NAME
+        )
         span.span_kind = span_module.SpanKind.SERVER
-        span.add_attribute(ATTR_HTTP_METHOD, request.method)
+        span.add_attribute(ATTR_HTTP_REQUEST_METHOD, method)
+        span.add_attribute(ATTR_HTTP_METHOD, method)  # deprecated name
         self.tracer, self.span, self.own = tracer, span, True
 
     def exception(self, exc: BaseException) -> None:
@@ -115,16 +153,20 @@ class _RequestTrace:
 
     def response(self, request: Any, response: Any, server_timing: bool) -> None:
         """Annotate the span; end it now, or when a streaming response closes."""
-        summary = self.summary
-        if server_timing and summary.calls:
-            entry = summary.server_timing()
-            prior = response.headers.get("Server-Timing")
-            response.headers["Server-Timing"] = f"{prior}, {entry}" if prior else entry
+        if server_timing:
+            add_server_timing(response, self.summary)
+        streaming = getattr(response, "streaming", False)
         if self.span is not None:
             self._annotate(request, response.status_code)
-        if getattr(response, "streaming", False) or self.outer:
+            if streaming and self.outer:
+                # opencensus-ext-django ends its span before the body is sent:
+                # cache calls made while sending it are still its children.
+                _stream_under(response, self.span, self.ctx)
+        if streaming or self.outer:
             # Streaming content is still to come; opencensus-ext-django ends its
             # span after us and leaves its tracer behind: finish on close.
+            self.route = _route(request)
+            self.status = response.status_code
             _on_close(response, self.end)
         else:
             self.end()
@@ -132,24 +174,31 @@ class _RequestTrace:
     def _annotate(self, request: Any, status: int) -> None:
         from opencensus.trace import utils
 
-        span, s = self.span, self.summary
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None) if match is not None else None
-        span.name = f"{request.method} {route}" if route else request.method
+        span = self.span
+        route = _route(request)
+        method = span_method(request.method)
+        name = method if method != HTTP_OTHER_METHOD else HTTP_OTHER_SPAN_NAME
+        span.name = f"{name} {route}" if route else name
         span.add_attribute(ATTR_HTTP_ROUTE, route or "")
-        span.add_attribute(ATTR_HTTP_STATUS, status)
+        span.add_attribute(ATTR_HTTP_RESPONSE_STATUS, status)
+        span.add_attribute(ATTR_HTTP_STATUS, status)  # deprecated name
+        self._summarise()
+        if status >= 500:
+            span.set_status(utils.status_from_http_code(status))
+
+    def _summarise(self) -> None:
+        span, s = self.span, self.summary
         span.add_attribute(ATTR_CACHE_CALLS, s.calls)
         span.add_attribute(ATTR_CACHE_HITS, s.hits)
         span.add_attribute(ATTR_CACHE_MISSES, s.misses)
         span.add_attribute(ATTR_CACHE_ERRORS, s.errors)
         span.add_attribute(ATTR_CACHE_TIME, round(s.milliseconds, 3))
-        if status >= 500:
-            span.set_status(utils.status_from_http_code(status))
 
     def _end_span(self) -> None:
         if self.own and self.span is not None:
             own, self.own = self.span, False
             try:
+                self._summarise()  # a streaming body's calls count too
                 self.ctx.set_current_span(own)
                 self.tracer.end_span()
             except Exception:
@@ -161,18 +210,90 @@ class _RequestTrace:
             return
         self.done = True
         self._end_span()
-        self.ctx.clean()  # no tracer, span or attrs left for the next request
+        mw = self.mw
+        if self.outer or mw.context_attrs(None) or mw.context_in_use():
+            self.ctx.clean()  # no tracer, span or attrs left for the next request
         try:
             current_summary.reset(self.token)
         except ValueError:  # another context (ASGI close): nothing to restore
             current_summary.set(None)
 
 
+class _NotSampled:
+    """Trace options of a request without an incoming context."""
+
+    @staticmethod
+    def get_enabled() -> bool:
+        return False
+
+
+class _Probe:
+    """What OpenCensus' samplers read of a new ``SpanContext``: its trace
+    options and trace id (made on first read, as ``generate_trace_id`` does)."""
+
+    __slots__ = ("_trace_id",)
+    trace_options = _NotSampled()
+
+    def __init__(self) -> None:
+        self._trace_id: str | None = None
+
+    @property
+    def trace_id(self) -> str:
+        if self._trace_id is None:
+            self._trace_id = f"{random.getrandbits(128):032x}"
+        return self._trace_id
+
+
+def _route(request: Any) -> str | None:
+    match = getattr(request, "resolver_match", None)
+    return getattr(match, "route", None) if match is not None else None
+
+
+def _stream_under(response: Any, span: Any, ctx: Any) -> None:
+    """Make ``span`` the current span while each chunk of ``response`` is made."""
+    if getattr(response, "is_async", False):
+        chunks = response.streaming_content
+
+        async def under_async() -> Any:
+            async for chunk in _aiter_under(chunks, span, ctx):
+                yield chunk
+
+        response.streaming_content = under_async()
+        return
+    iterator = iter(response.streaming_content)
+
+    def under() -> Any:
+        while True:
+            ctx.set_current_span(span)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                ctx.set_current_span(None)
+            yield chunk
+
+    response.streaming_content = under()
+
+
+async def _aiter_under(chunks: Any, span: Any, ctx: Any) -> Any:
+    iterator = chunks.__aiter__()
+    while True:
+        ctx.set_current_span(span)
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            ctx.set_current_span(None)
+        yield chunk
+
+
 class _OtelRequestTrace:
     """One request under OpenTelemetry: the summary, Server-Timing and the
     response's close here; the span in ``opentelemetry.RequestSpan``."""
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
         from .telemetry.opentelemetry import RequestSpan
 
         self.summary = RequestSummary()
@@ -259,15 +380,18 @@ class RequestSpanMiddleware:
     """Open a SERVER span per request (sync and async) with a cache summary.
 
     Span name ``"<METHOD> <route pattern>"`` (``"GET squares/<int:n>"``; the
-    method alone when no route matched). Attributes: ``http.method``,
-    ``http.route``, ``http.status_code``, ``error.type`` (class of an exception
-    the view raised), ``cache.calls``, ``cache.hits``, ``cache.misses``,
-    ``cache.errors``, ``cache.duration_ms``. Status is an error for HTTP >= 500.
-    With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
+    method alone when no route matched; ``"HTTP ..."`` for a method outside the
+    standard set). Attributes: ``http.request.method`` (``_OTHER`` outside the
+    standard set), ``http.route``, ``http.response.status_code``, ``error.type``
+    (class of an exception the view raised), ``cache.calls``, ``cache.hits``,
+    ``cache.misses``, ``cache.errors``, ``cache.duration_ms``; on OpenCensus also
+    the deprecated ``http.method`` and ``http.status_code``. Status is an error
+    for HTTP >= 500. With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
     ``Server-Timing: cache;dur=<ms>;desc="<n> calls, <h> hits, <m> misses"``.
 
     Raises ``ImproperlyConfigured`` when Django builds the middleware chain if it
-    is listed before opencensus-ext-django's ``OpencensusMiddleware``, or if
+    is listed before opencensus-ext-django's ``OpencensusMiddleware`` or
+    opentelemetry-instrumentation-django's middleware, or if
     ``settings.OCMEMCACHE`` is invalid. A tracing failure while serving (a
     sampler or propagator that raises) is logged as a warning and costs the
     request its span, never its response.
@@ -280,12 +404,83 @@ class RequestSpanMiddleware:
         _check_order()
         self.get_response = get_response
         conf = project_settings()
-        self.opentelemetry = conf["TELEMETRY_API"] == "opentelemetry"
-        self.config = None if self.opentelemetry else TraceConfig()
         self.server_timing = conf["SERVER_TIMING"]
+        self.opentelemetry = conf["TELEMETRY_API"] == "opentelemetry"
+        #: What one request's tracing state is (chosen once, not per request).
+        self.trace_type: Any = _RequestTrace
+        if self.opentelemetry:  # no OpenCensus import on this path
+            self.trace_type = _OtelRequestTrace
+        else:
+            self.config = TraceConfig()
+            self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
+            self.excluded = tuple(p.lstrip("/") for p in self.config.excluded)
+            self._bind_opencensus()
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+
+    def _bind_opencensus(self) -> None:
+        from opencensus.trace import execution_context, samplers
+        from opencensus.trace.propagation import trace_context_http_header_format
+        from opencensus.trace.span_context import SpanContext
+        from opencensus.trace.tracers.noop_tracer import NoopTracer
+
+        self.ctx = execution_context
+        self.noop_tracer = NoopTracer
+        self.span_context = SpanContext
+        # The execution context read straight from its context variables (one
+        # C call each; OpenCensus' getters go through RuntimeContext's Python
+        # __getattr__). None means "never set": no attrs, no span, no tracer.
+        ec = execution_context
+        slots = (ec._attrs_slot, ec._current_span_slot, ec._tracer_slot)
+        variables: list[Any] = [getattr(slot, "contextvar", None) for slot in slots]
+        if all(v is not None for v in variables):
+            self.context_attrs = variables[0].get
+            current_span, current_tracer = variables[1].get, variables[2].get
+        else:  # thread-local runtime context (no contextvars)
+            self.context_attrs = lambda _: ec.get_opencensus_attrs()
+            current_span = lambda _: ec.get_current_span()  # noqa: E731
+            current_tracer = lambda _: ec.get_opencensus_tracer()  # noqa: E731
+        no_tracer = (type(None), NoopTracer)
+
+        def context_in_use() -> bool:
+            """True if a span or a (non-noop) tracer is in this context."""
+            return (
+                current_span(None) is not None
+                or type(current_tracer(None)) not in no_tracer
+            )
+
+        self.context_in_use = context_in_use
+        # Without a traceparent header, the default propagator makes a new
+        # context and OpenCensus' own samplers read only its trace id: decide
+        # on a _Probe that makes the id only if asked (AlwaysOff never asks).
+        self.quick = type(self.config.propagator) is (
+            trace_context_http_header_format.TraceContextPropagator
+        ) and type(self.config.sampler) in (
+            samplers.AlwaysOffSampler,
+            samplers.AlwaysOnSampler,
+            samplers.ProbabilitySampler,
+        )
+
+    def sampled_context(self, meta: Any) -> Any:
+        """The request's ``SpanContext`` if it is to be traced, else None.
+
+        The sampler is asked once; a sampled incoming ``traceparent`` decides
+        alone unless ``OCMEMCACHE["FOLLOW_PARENT_SAMPLED"]`` is False.
+        """
+        sampler = self.config.sampler
+        if self.quick and "HTTP_TRACEPARENT" not in meta:
+            probe = _Probe()
+            if not sampler.should_sample(probe):
+                return None
+            return self.span_context(trace_id=probe.trace_id)
+        context = self.config.propagator.from_headers(_MetaHeaders(meta))
+        options = context.trace_options
+        if options.get_enabled():
+            if self.follow_parent:
+                return context
+            options.set_enabled(False)  # the sampler must not see the flag
+        return context if sampler.should_sample(context) else None
 
     def __call__(self, request: Any) -> Any:
         if self.is_async:
@@ -309,12 +504,9 @@ class RequestSpanMiddleware:
         self._respond(trace, request, response)
         return response
 
-    def _begin(self, request: Any) -> Any:
+    def _begin(self, request: Any) -> _RequestTrace | _OtelRequestTrace | None:
         try:
-            if self.opentelemetry:
-                trace: Any = _OtelRequestTrace(request)
-            else:
-                trace = _RequestTrace(self, request)
+            trace = self.trace_type(self, request)
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)

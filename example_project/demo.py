@@ -356,7 +356,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cost", type=float, default=0.1, help="seconds per square computed (0.1)"
     )
     parser.add_argument("--seed", type=int, default=2024, help="random seed (2024)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="gunicorn workers (2; 1 with --otel, whose Prometheus exporter serves "
+        "one process's figures)",
+    )
     parser.add_argument(
         "--preload", action="store_true", help="gunicorn --preload (fork after import)"
     )
@@ -385,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.draws, args.range, args.cost = 15, 20, 0.02
+    if args.workers is None:
+        args.workers = 1 if args.otel else 2
     if args.runs < 1 or args.draws < 1 or args.range < 1 or args.cost < 0:
         parser.error("--runs, --draws and --range must be >= 1, --cost >= 0")
     return args
@@ -419,6 +426,11 @@ def demo(args: argparse.Namespace) -> int:
         if args.telemetry:
             receiver = telemetry_demo.start_zipkin(stack)
             env["EXAMPLE_ZIPKIN"] = f"127.0.0.1:{receiver.port}"
+            # prometheus_client's multiprocess mode: every worker writes its
+            # figures there and /metrics serves the whole site's sum.
+            multiproc = workdir / "prometheus-multiproc"
+            multiproc.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         migrate(env)
         url = start_gunicorn(stack, env, workdir, args)
 
@@ -430,7 +442,13 @@ def demo(args: argparse.Namespace) -> int:
         ok = fragment_ok and page_ok and figures["get-hits"] > 0
         if args.telemetry:
             ok = telemetry_demo.show_trace(receiver, otel=args.otel) and ok
-            ok = telemetry_demo.show_metrics(stack, url, otel=args.otel) and ok
+            ok = (
+                telemetry_demo.show_metrics(
+                    stack, url, workers=args.workers, squares=len(timings),
+                    otel=args.otel,
+                )  # fmt: skip
+                and ok
+            )
         if len(timings) > 1 and timings[-1] >= timings[0]:
             print("UNEXPECTED: the last run was not faster than the first")
             ok = False

@@ -29,31 +29,36 @@ from typing import Any
 #: Where Debian's package puts Prometheus, when ``/usr/bin`` is not on ``PATH``.
 PROMETHEUS_FALLBACK = "/usr/bin/prometheus"
 
+# The squares view reads and fills the cache with get_many / set_many.
 HIT_RATIO = (
-    'sum(pymemcache_lookups_total{method="get",result="hit"})'
-    ' / sum(pymemcache_lookups_total{method="get"})'
+    'sum(pymemcache_lookups_total{method="get_many",result="hit"})'
+    ' / sum(pymemcache_lookups_total{method="get_many"})'
 )
-P95_GET_MS = (
+P95_MS = (
     "histogram_quantile(0.95, sum by (le) "
-    '(pymemcache_latency_ms_bucket{method="get",status="ok"}))'
+    '(pymemcache_latency_ms_bucket{method="get_many",status="ok"}))'
 )
-GETS = 'sum(pymemcache_latency_ms_count{method="get",status="ok"})'
+GET_MANYS = 'sum(pymemcache_calls_total{method="get_many"})'
+BY_METHOD = "sum by (method) (pymemcache_calls_total)"
 
-#: The same three figures from the OpenTelemetry names (``demo.py --otel``):
+#: The same figures from the OpenTelemetry names (``demo.py --otel``):
 #: opentelemetry-exporter-prometheus turns ``db.client.operation.duration`` (s)
 #: into ``db_client_operation_duration_seconds`` and dots in attributes into _.
 OTEL_HIT_RATIO = (
-    'sum(django_ocmemcache_lookups_total{db_operation_name="get",cache_result="hit"})'
-    ' / sum(django_ocmemcache_lookups_total{db_operation_name="get"})'
+    'sum(django_ocmemcache_lookups_total{db_operation_name="get_many",'
+    'cache_result="hit"})'
+    ' / sum(django_ocmemcache_lookups_total{db_operation_name="get_many"})'
 )
-OTEL_P95_GET_MS = (
+OTEL_P95_MS = (
     "1000 * histogram_quantile(0.95, sum by (le) "
-    '(db_client_operation_duration_seconds_bucket{db_operation_name="get",'
+    '(db_client_operation_duration_seconds_bucket{db_operation_name="get_many",'
     'error_type=""}))'
 )
-OTEL_GETS = (
-    'sum(db_client_operation_duration_seconds_count{db_operation_name="get",'
-    'error_type=""})'
+OTEL_GET_MANYS = (
+    'sum(db_client_operation_duration_seconds_count{db_operation_name="get_many"})'
+)
+OTEL_BY_METHOD = (
+    "sum by (db_operation_name) (db_client_operation_duration_seconds_count)"
 )
 
 
@@ -189,6 +194,17 @@ class Prometheus:
             time.sleep(0.1)
         return False
 
+    def vector(self, promql: str, label: str) -> dict[str, float]:
+        """An instant query's series as ``{label value: number}`` (empty on error)."""
+        query = urllib.parse.urlencode({"query": promql})
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?{query}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                result = json.load(r)["data"]["result"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return {s["metric"].get(label, ""): float(s["value"][1]) for s in result}
+
     def value(self, promql: str, timeout: float = 15.0) -> float | None:
         """Poll an instant query until it gives a number; None after ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -269,18 +285,38 @@ def show_trace(
     return True
 
 
-def show_metrics(stack: Any, site: str, otel: bool = False) -> bool:
-    """Start Prometheus scraping ``site`` (``http://host:port``); print the get hit
-    ratio and p95 latency from its API. True if it answered (or is not installed).
-    With ``otel`` it scrapes the OpenTelemetry SDK's metrics at /otel-metrics."""
+def show_metrics(
+    stack: Any, site: str, workers: int = 1, squares: int = 0, otel: bool = False
+) -> bool:
+    """Start Prometheus scraping ``site`` (``http://host:port``); print the whole
+    site's get_many hit ratio, p95 latency and calls by method from its API.
+
+    On OpenCensus the site runs ``workers`` gunicorn workers with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, so whichever worker answers a scrape serves
+    the sum over all of them. With ``otel`` it scrapes the OpenTelemetry SDK's
+    metrics at /otel-metrics, one process's figures (the demo then runs one
+    worker). Either way the get_many count must equal ``squares`` (the /squares/
+    requests made, one get_many each). True if the figures came (or Prometheus
+    is missing).
+    """
     target = site.split("://", 1)[-1]
     path = "/otel-metrics" if otel else "/metrics"
-    queries = (
-        (OTEL_HIT_RATIO, OTEL_P95_GET_MS, OTEL_GETS)
-        if otel
-        else (HIT_RATIO, P95_GET_MS, GETS)
-    )
+    if otel:
+        hit_ratio, p95_ms, get_manys = OTEL_HIT_RATIO, OTEL_P95_MS, OTEL_GET_MANYS
+        by_method, label = OTEL_BY_METHOD, "db_operation_name"
+        how = (
+            f"{workers} gunicorn worker(s); opentelemetry-exporter-prometheus "
+            "serves the figures of the process a scrape reaches"
+        )
+    else:
+        hit_ratio, p95_ms, get_manys = HIT_RATIO, P95_MS, GET_MANYS
+        by_method, label = BY_METHOD, "method"
+        how = (
+            f"{workers} gunicorn workers writing to PROMETHEUS_MULTIPROC_DIR: any "
+            "worker answers a scrape with the whole site's figures"
+        )
     print(f"\n6. Metrics: a real Prometheus scraping {site}{path} every 0.5 s")
+    print(f"   ({how})")
     binary = prometheus_binary()
     if binary is None:
         print(
@@ -299,18 +335,26 @@ def show_metrics(stack: Any, site: str, otel: bool = False) -> bool:
         print("   UNEXPECTED: prometheus did not start")
         return False
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
-    hit_ratio, p95_get_ms, get_count = queries
+    deadline = time.monotonic() + 15
+    calls = prom.value(get_manys)
+    while calls is not None and calls < squares and time.monotonic() < deadline:
+        time.sleep(0.25)  # workers write their figures every second
+        calls = prom.value(get_manys)
     ratio = prom.value(hit_ratio)
-    p95 = prom.value(p95_get_ms)
-    gets = prom.value(get_count)
-    if ratio is None or p95 is None or gets is None:
+    p95 = prom.value(p95_ms)
+    methods = prom.vector(by_method, label)
+    if ratio is None or p95 is None or calls is None:
         print("   UNEXPECTED: prometheus has no figures for the cache metrics yet")
         return False
-    print(f"   hit ratio of get:   {ratio:.2f}   <- {hit_ratio}")
-    print(f"   p95 latency of get: {p95:.3f} ms <- {p95_get_ms}")
-    print(f"   get calls counted:  {gets:.0f}      <- {get_count}")
+    print(f"   hit ratio of get_many: {ratio:.2f}   <- {hit_ratio}")
+    print(f"   p95 latency of get_many: {p95:.3f} ms <- {p95_ms}")
     print(
-        "   (one worker's figures: each gunicorn worker serves its own /metrics "
-        "and a scrape reaches one of them)"
+        f"   get_many calls counted: {calls:.0f} for {squares} /squares/ requests "
+        f"<- {get_manys}"
     )
+    listed = ", ".join(f"{m} {n:.0f}" for m, n in sorted(methods.items()))
+    print(f"   calls by method: {listed}\n      <- {by_method}")
+    if calls != squares:
+        print("   UNEXPECTED: the count is not the whole site's")
+        return False
     return True

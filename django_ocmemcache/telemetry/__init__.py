@@ -6,14 +6,19 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``tracing``: the ``Tracing`` interface a tracing library implements, and
   ``status_code(exc)``.
 - ``opencensus``: the OpenCensus implementation, ``TraceConfig``,
-  ``MetricProducer``, ``root_span``.
-- ``metrics``: per-thread aggregates (``METRICS``), the Prometheus collector.
+  its ``root_span``; ``opencensus_stats``: the metrics as OpenCensus stats views
+  (``enable_metrics_views``) and ``MetricProducer``.
+- ``metrics``: per-thread aggregates (``METRICS``), the Prometheus collector,
+  prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
-- ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
+- ``opentelemetry``: the OpenTelemetry implementation (API only), imported
+  only when ``OCMEMCACHE["TELEMETRY_API"]`` is ``"opentelemetry"``.
+- ``hook``: per-call telemetry of a cache (``for_cache``), the request summary,
+  ``tracing(api)`` and ``root_span`` (the implementation the setting names).
 
 The names documented in docs/telemetry.md and docs/migration.md are importable
 from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
-``root_span``.
+``enable_metrics_views``, ``root_span``.
 """
 
 from __future__ import annotations
@@ -33,16 +38,21 @@ from .metrics import (
     METRICS,
     MetricsStore,
     PrometheusCollector,
+    metrics_registry,
     prometheus_registry,
 )
 from .opencensus import (
-    MetricProducer,
     OpenCensusTracing,
     TraceConfig,
     clear_tracer_context,
-    metric_producer,
     queued,
     quiet_opencensus_clock,
+)
+from .opencensus_stats import (
+    MetricProducer,
+    enable_metrics_views,
+    metric_producer,
+    stop_views_export,
 )
 from .tracing import Tracing, status_code
 
@@ -60,15 +70,18 @@ __all__ = [
     "Tracing",
     "clear_tracer_context",
     "current_summary",
+    "enable_metrics_views",
     "flush",
     "for_cache",
     "install",
     "metric_producer",
+    "metrics_registry",
     "prometheus_registry",
     "queued",
     "quiet_opencensus_clock",
     "root_span",
     "span_queues",
     "status_code",
+    "stop_views_export",
     "tracing",
 ]

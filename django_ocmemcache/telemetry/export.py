@@ -3,7 +3,8 @@
 An exporter that raises, hangs or cannot be reached changes nothing for a
 cache call or a request: ``SpanQueue`` hands spans to a daemon worker thread,
 drops them (counted) when the queue is full, counts the exporter's failures
-and logs them at a bounded rate. At exit the queues are flushed for
+(an exception, or an ERROR it logs itself while exporting) and logs them at a
+bounded rate. At exit the queues are flushed for
 ``OCMEMCACHE["EXIT_FLUSH_TIMEOUT"]`` seconds.
 """
 
@@ -154,16 +155,30 @@ class SpanQueue:
                 assert self.build is not None, "cache spans queued without a builder"
                 for place, data in zip(places, self.build(records), strict=True):
                     spans[place] = data
-            self.exporter.export(spans)
-            self.exported += len(spans)
+            watch = _exporter_logs
+            watch.failure = None
+            watch.active = True
+            try:
+                self.exporter.export(spans)
+            finally:
+                watch.active = False
+            if watch.failure is not None:  # it caught its own error and logged it
+                self._failed(watch.failure)
+            else:
+                self.exported += len(spans)
         except Exception as exc:
-            self.failures += 1
-            if _export_log.allow(str(id(self)), 60.0):
-                logger.warning(
-                    "span exporter %s failed (%s); spans dropped",
-                    type(self.exporter).__name__,
-                    type(exc).__name__,
-                )
+            self._failed(type(exc).__name__)
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        if _export_log.allow(str(id(self)), 60.0):
+            logger.warning(
+                "span exporter %s failed (%s); spans dropped. Failures are "
+                "counted in django_ocmemcache_span_export_failures_total and "
+                "logged at most once a minute per exporter.",
+                type(self.exporter).__name__,
+                why,
+            )
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for queued spans; True if none is left."""
@@ -180,6 +195,48 @@ class SpanQueue:
 
     def _after_fork(self) -> None:
         self._fresh_state()
+
+
+class _ExporterLogs(threading.local):
+    """Per thread: ``active`` while a ``SpanQueue`` worker is inside an
+    exporter's ``export``; ``failure`` the first error that exporter logged."""
+
+    active = False
+    failure: str | None = None
+
+
+_exporter_logs = _ExporterLogs()
+
+
+class _ExporterErrorFilter(logging.Filter):
+    """Takes the ERROR records an exporter logs while it exports on a span
+    queue's thread: the queue counts them as a failed export and logs once a
+    minute instead. OpenCensus' Zipkin exporter, for one, catches its own
+    errors and logs each through the root logger (one line per request).
+    Records of any other thread, or outside ``export``, pass untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        watch = _exporter_logs
+        if not watch.active or record.levelno < logging.ERROR:
+            return True
+        if watch.failure is None:
+            try:
+                text = record.getMessage()
+            except Exception:
+                text = str(record.msg)
+            watch.failure = f"logged on {record.name!r}: {text[:120]}"
+        return False
+
+
+_error_filter = _ExporterErrorFilter()
+
+
+def _watch_logs_of(exporter: Any) -> None:
+    """Put the filter on the root logger and on the exporter's module logger."""
+    for log in (logging.getLogger(), logging.getLogger(type(exporter).__module__)):
+        if _error_filter not in log.filters:
+            log.addFilter(_error_filter)
 
 
 _queues: dict[int, SpanQueue] = {}
@@ -205,6 +262,7 @@ def queued(
                     if not (q.running or q.pending or q.pinned):
                         del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size, build=build)
+            _watch_logs_of(exporter)
         elif found.build is None:
             found.build = build
         return found

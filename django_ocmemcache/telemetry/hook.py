@@ -2,7 +2,7 @@
 
 The backend calls ``for_cache(cache, server, params)`` once per backend
 instance; the hook it returns has ``start(cache, method, args, kwargs) -> call``
-and ``call.finish(hits, misses, raised, ignored)`` around the outermost call of
+and ``finish(call, hits, misses, raised, ignored)`` around the outermost call of
 each public method (``ignored``: the failure ``IGNORE_EXCEPTIONS`` turned into
 a miss, passed by the backend).
 
@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..conf import hash_node, project_settings
-from .metrics import HERD, HERD_OUTCOMES, METRICS
+from .metrics import HERD, HERD_OUTCOMES, METRICS, MetricKey, multiprocess_writer
 from .metrics import install as install_metrics
 from .opencensus import root_span as opencensus_root_span
 from .opencensus import tracing as opencensus_tracing
@@ -37,6 +37,7 @@ from .semconv import (
     ATTR_ALIAS,
     ATTR_BATCH_SIZE,
     ATTR_DB_SYSTEM,
+    ATTR_DB_SYSTEM_NAME,
     ATTR_HERD_OUTCOME,
     ATTR_HERD_WAIT_MS,
     ATTR_HIT,
@@ -47,6 +48,7 @@ from .semconv import (
     ATTR_OPERATION,
     ATTR_SERVER_ADDRESS,
     ATTR_SERVER_PORT,
+    DB_SYSTEM,
     SPAN_PREFIX,
 )
 from .tracing import Tracing, status_code
@@ -54,21 +56,37 @@ from .tracing import Tracing, status_code
 logger = logging.getLogger("django_ocmemcache.telemetry")
 
 
-class RequestSummary:
-    """Cache calls made while serving one request (``RequestSpanMiddleware``)."""
+class RequestSummary(list):  # type: ignore[type-arg]
+    """Cache calls made while serving one request (``RequestSpanMiddleware``).
 
-    __slots__ = ("calls", "hits", "misses", "seconds", "errors")
+    One ``(seconds, hits, misses, failed)`` tuple per outermost call, appended
+    by the hook (one C call per cache call); the totals are summed when read.
+    """
 
-    def __init__(self) -> None:
-        self.calls = self.hits = self.misses = self.errors = 0
-        self.seconds = 0.0
+    __slots__ = ()
 
     def add(self, seconds: float, hits: int, misses: int, error: bool) -> None:
-        self.calls += 1
-        self.hits += hits
-        self.misses += misses
-        self.errors += error
-        self.seconds += seconds
+        self.append((seconds, hits, misses, error))
+
+    @property
+    def calls(self) -> int:
+        return len(self)
+
+    @property
+    def seconds(self) -> float:
+        return sum(call[0] for call in self)
+
+    @property
+    def hits(self) -> int:
+        return sum(call[1] for call in self)
+
+    @property
+    def misses(self) -> int:
+        return sum(call[2] for call in self)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for call in self if call[3])
 
     @property
     def milliseconds(self) -> float:
@@ -141,7 +159,12 @@ class CacheTelemetry:
         self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
     ) -> None:
         self.metrics = conf["METRICS"]
+        self.record = METRICS.record
+        self.ok_keys: dict[str, MetricKey] = {}
+        self._cache_type = type(cache)
         self.tracing = tracing(conf["TELEMETRY_API"]) if conf["TRACING"] else None
+        #: The current sampled parent (span or Context), or None (every call).
+        self.parent = self.tracing.parent if self.tracing is not None else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
         self._location = server
@@ -153,34 +176,74 @@ class CacheTelemetry:
             self.server = _server_attributes(servers[0])
         self.multi_server = len(servers) > 1
 
-    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Any:
-        """Begin one outermost call; return the object whose ``finish`` ends it.
+    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Call:
+        """Begin one outermost call; return what ``finish`` takes to end it.
 
         Never raises: a failure here costs the call its span, nothing else.
         """
         span = None
-        try:
-            if self.alias is None:
-                self.alias = self._find_alias(cache)
-            tracing = self.tracing
-            if tracing is not None:
-                parent = tracing.parent()
-                if parent is not None:
-                    span = self._open(tracing, parent, cache, name, args, kwargs)
+        parent = self.parent
+        try:  # costs nothing unless something raises (Python 3.11+)
+            if parent is not None and parent() is not None:  # a sampled span
+                tracing = self.tracing
+                assert tracing is not None
+                if self.alias is None:
+                    self.alias = self._find_alias()
+                span = self._open(tracing, parent(), cache, name, args, kwargs)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
-        return _Call(self, name, span)
+        return (name, span, _clock())
+
+    def finish(self, call: Call, hits: int, misses: int,
+               raised: BaseException | None,
+               ignored: BaseException | None,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
+        """End ``call``: keys found and not found, the exception that leaves
+        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
+        miss (``ignored``), if any, and what stampede protection made of a
+        ``get_or_set`` (``(outcome, seconds waited)``, see ``herd``). Never
+        raises. Runs on every call."""
+        try:
+            name, span, t0 = call
+            elapsed = _clock() - t0
+            err = raised if raised is not None else ignored
+            if self.metrics:
+                key = self.ok_keys.get(name) if err is None else None
+                if key is None:
+                    key = self.metric_key(name, err)
+                self.record(key, elapsed * 1000.0, hits, misses)
+                if herd is not None:
+                    HERD.record(self.alias or "unknown", herd[0])
+            summary = _summary()
+            if summary is not None:
+                summary.append((elapsed, hits, misses, err is not None))
+            if span is not None:
+                self._close(name, span, hits, misses, err, err is ignored, herd)
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
+
+    def metric_key(self, name: str, err: BaseException | None) -> MetricKey:
+        """``(cache, method, error class or "")``; the ok key is made once."""
+        if self.alias is None:
+            self.alias = self._find_alias()
+        if err is not None:
+            return (self.alias, name, type(err).__name__)
+        key = self.ok_keys[name] = (self.alias, name, "")
+        return key
 
     def _open(self, tracing: Tracing, parent: Any, cache: Any, name: str,
               args: tuple[Any, ...], kwargs: Any) -> Any:  # fmt: skip
         try:
             attrs: dict[str, Any] = {
-                ATTR_DB_SYSTEM: "memcached",
+                ATTR_DB_SYSTEM_NAME: DB_SYSTEM,
+                ATTR_DB_SYSTEM: DB_SYSTEM,
                 ATTR_OPERATION: name,
                 ATTR_ALIAS: self.alias,
             }
             if name in _BATCH and args and hasattr(args[0], "__len__"):
-                attrs[ATTR_BATCH_SIZE] = len(args[0])
+                size = len(args[0])
+                if size > 1:  # semantic conventions: only for batches of 2+
+                    attrs[ATTR_BATCH_SIZE] = size
             if name in _VERSION_ARG and (args or "key" in kwargs):
                 try:
                     self._key_attributes(attrs, cache, name, args, kwargs)
@@ -214,7 +277,7 @@ class CacheTelemetry:
         else:
             attrs.update(self.server)
 
-    def _find_alias(self, cache: Any) -> str:
+    def _find_alias(self) -> str:
         """The ``CACHES`` alias whose entry built this backend, else "unknown".
 
         Django does not tell a backend its alias: match ``BACKEND``,
@@ -223,7 +286,7 @@ class CacheTelemetry:
         try:
             from django.conf import settings
 
-            cls = type(cache)
+            cls = self._cache_type
             names = {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
             for alias, entry in settings.CACHES.items():
                 rest = {
@@ -239,38 +302,18 @@ class CacheTelemetry:
             logger.debug("cache alias not found", exc_info=True)
         return "unknown"
 
-    def finish_call(self, call: _Call, hits: int, misses: int,
-                    raised: BaseException | None,
-                    ignored: BaseException | None,
-                    herd: tuple[str, float] | None = None) -> None:  # fmt: skip
-        elapsed = time.perf_counter() - call.t0
-        err = raised if raised is not None else ignored
-        if self.metrics:
-            METRICS.record(
-                (self.alias or "unknown", call.name,
-                 "" if err is None else type(err).__name__),
-                elapsed * 1000.0, hits, misses,
-            )  # fmt: skip
-            if herd is not None:
-                HERD.record(self.alias or "unknown", herd[0])
-        summary = current_summary.get()
-        if summary is not None:
-            summary.add(elapsed, hits, misses, err is not None)
-        if call.span is not None:
-            self._close(call, hits, misses, err, err is ignored, herd)
-
-    def _close(self, call: _Call, hits: int, misses: int,
+    def _close(self, name: str, span: Any, hits: int, misses: int,
                err: BaseException | None, ignored: bool,
                herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         tracing = self.tracing
         assert tracing is not None
-        span, name = call.span, call.name
         attrs: dict[str, Any] = {}
         if name in _SINGLE_READS and err is None:
             attrs[ATTR_HIT] = hits > 0 and misses == 0  # get_or_set re-reads
         elif name == "get_many":
             attrs[ATTR_HITS] = hits
-            attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
+            if hits + misses > 1:  # keys looked up (a generator has no len)
+                attrs[ATTR_BATCH_SIZE] = hits + misses
         if herd is not None:
             outcome, waited = herd
             attrs[ATTR_HERD_OUTCOME] = outcome
@@ -285,27 +328,12 @@ class CacheTelemetry:
         tracing.close_span(span)
 
 
-class _Call:
-    __slots__ = ("tel", "name", "span", "t0")
+_clock = time.perf_counter
+_summary = current_summary.get
 
-    def __init__(self, tel: CacheTelemetry, name: str, span: Any) -> None:
-        self.tel = tel
-        self.name = name
-        self.span = span
-        self.t0 = time.perf_counter()
-
-    def finish(self, hits: int, misses: int, raised: BaseException | None,
-               ignored: BaseException | None,
-               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
-        """End the call: keys found and not found, the exception that leaves
-        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
-        miss (``ignored``), if any, and what stampede protection made of a
-        ``get_or_set`` (``(outcome, seconds waited)``, see ``herd``). Never
-        raises."""
-        try:
-            self.tel.finish_call(self, hits, misses, raised, ignored, herd)
-        except Exception:
-            logger.debug("cache telemetry failed", exc_info=True)
+#: One outermost call, as ``start`` returns it: ``(method, span or None, start)``
+#: (``time.perf_counter()`` seconds). A plain tuple: made in C on every call.
+Call = tuple[str, Any, float]
 
 
 def _server_attributes(spec: Any) -> dict[str, Any]:
@@ -320,10 +348,12 @@ def for_cache(cache: Any, server: Any, params: Mapping[str, Any]) -> Any:
     conf = project_settings()
     if not (conf["METRICS"] or conf["TRACING"]):
         return None
-    if conf["METRICS"] and conf["TELEMETRY_API"] == "opentelemetry":
-        from .opentelemetry import install_metrics
+    if conf["METRICS"]:  # several processes: their files (PROMETHEUS_MULTIPROC_DIR)
+        multiprocess_writer(conf["METRICS_FLUSH_INTERVAL"])
+        if conf["TELEMETRY_API"] == "opentelemetry":
+            from .opentelemetry import install_metrics
 
-        install_metrics()  # the instruments fed from METRICS at collection
+            install_metrics()  # the instruments fed from METRICS at collection
     return CacheTelemetry(cache, server, params, conf)
 
 

@@ -4,13 +4,17 @@ OpenCensus' ``stats.record()`` costs 60+ µs per call, so nothing is recorded
 through it: each thread adds its calls to its own table without a lock
 (``MetricsStore.record``), and the tables are summed when an exporter collects
 (``PrometheusCollector`` here, ``opencensus.MetricProducer`` for OpenCensus
-stats exporters). Metric and label names are in ``semconv``.
+stats exporters). Metric and label names are in ``semconv``. Several
+processes (gunicorn workers) share their figures through prometheus_client's
+multiprocess files (``MultiprocessWriter``, below).
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
+import logging
 import os
 import threading
 import time
@@ -37,6 +41,8 @@ from .semconv import (
     TAG_RESULT,
     TAG_STATUS,
 )
+
+logger = logging.getLogger("django_ocmemcache.telemetry")
 
 # An entry: [count, sum_ms, sum_sq_ms, hits, misses, bucket_0 .. bucket_n]
 _COUNT, _SUM, _SUMSQ, _HITS, _MISSES, _BUCKETS = range(6)
@@ -79,20 +85,27 @@ class MetricsStore:
         self._tables = live
 
     def record(self, key: MetricKey, ms: float, hits: int, misses: int) -> None:
-        """Add one call that took ``ms`` milliseconds."""
+        """Add one call that took ``ms`` milliseconds (runs on every call)."""
+        try:
+            entry = self._local.table[key]
+        except (AttributeError, KeyError):
+            entry = self._new_entry(key)
+        # No entry[_COUNT] += 1: snapshot() counts the buckets.
+        entry[_SUM] += ms
+        entry[_SUMSQ] += ms * ms
+        if hits:
+            entry[_HITS] += hits
+        if misses:
+            entry[_MISSES] += misses
+        entry[_BUCKETS + _bisect(self.bounds, ms)] += 1
+
+    def _new_entry(self, key: MetricKey) -> list[Any]:
         try:
             table = self._local.table
         except AttributeError:
             table = self._table()
-        entry = table.get(key)
-        if entry is None:
-            entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
-        entry[_COUNT] += 1
-        entry[_SUM] += ms
-        entry[_SUMSQ] += ms * ms
-        entry[_HITS] += hits
-        entry[_MISSES] += misses
-        entry[_BUCKETS + bisect.bisect_left(self.bounds, ms)] += 1
+        entry = table[key] = [0, 0.0, 0.0, 0, 0] + [0] * (len(self.bounds) + 1)
+        return entry
 
     def snapshot(self) -> dict[MetricKey, list[Any]]:
         """Return the sum over all threads: ``{key: entry}`` (copies).
@@ -128,6 +141,8 @@ def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
             for i, value in enumerate(entry):
                 have[i] += value
 
+
+_bisect = bisect.bisect_left
 
 METRICS = MetricsStore()
 
@@ -285,7 +300,7 @@ class PrometheusCollector:
         )
         yield CounterMetricFamily(
             PROM_EXPORT_FAILURES,
-            "Span exports that raised",
+            "Span exports that failed",
             value=sum(q.failures for q in queues),
         )
 
@@ -305,15 +320,25 @@ def prometheus_registry() -> Any:
     return _registry
 
 
+def metrics_registry() -> Any:
+    """The registry ``views.metrics`` serves: this process's figures
+    (``prometheus_registry``), or in prometheus_client's multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``) the sum over every process's files."""
+    if multiprocess_dir() is not None:
+        return multiprocess_registry()
+    return prometheus_registry()
+
+
 _default_registered = False
 
 
 def install() -> None:
     """Validate ``settings.OCMEMCACHE`` at startup (``AppConfig.ready``) and,
     with ``PROMETHEUS_REGISTER``, add the collector to prometheus_client's
-    default registry."""
+    default registry (not in multiprocess mode: a ``MultiProcessCollector``
+    there already reads this package's files, it would count twice)."""
     conf = project_settings()
-    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
+    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"] and not multiprocess_dir():
         global _default_registered
         if not _default_registered:
             try:
@@ -328,11 +353,213 @@ def install() -> None:
             _default_registered = True
 
 
+# -- several processes: prometheus_client's multiprocess mode ---------------------
+#
+# With PROMETHEUS_MULTIPROC_DIR set (gunicorn, uWSGI, any pre-fork server), each
+# process writes its figures to prometheus_client's files in that directory and
+# views.metrics, whichever worker answers, serves their sum (MultiProcessCollector).
+# Cache calls stay as cheap as in one process: they only add to this thread's
+# aggregates; a daemon thread writes what was added since its last pass every
+# OCMEMCACHE["METRICS_FLUSH_INTERVAL"] seconds, and so do a scrape answered by this
+# process and the process' exit (atexit: a worker that reaches max_requests, or is
+# replaced on SIGHUP, leaves nothing behind). Files of workers that ended keep
+# counting, so counters never go down.
+
+
+def multiprocess_dir() -> str | None:
+    """``PROMETHEUS_MULTIPROC_DIR`` (or prometheus_client's older lowercase
+    name), or None when prometheus_client's multiprocess mode is off."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir"  # noqa: SIM112 (prometheus_client reads both)
+    )
+
+
+class MultiprocessWriter:
+    """Writes the growth of ``store`` (and of the span queues' counters) to
+    prometheus_client's multiprocess files, as counters and a histogram with
+    the names ``PrometheusCollector`` serves in one process."""
+
+    def __init__(self, store: MetricsStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self.lock = threading.Lock()
+        self._fresh()
+
+    def _fresh(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)
+        # registry=None: these objects only write files; the multiprocess
+        # collector reads every process's files back.
+        self.latency = Histogram(
+            PROM_LATENCY,
+            "Latency of cache calls in milliseconds (pymemcache/latency)",
+            labels,
+            buckets=list(self.store.bounds),
+            registry=None,
+        )
+        self.calls = Counter(
+            PROM_CALLS, "Cache calls (pymemcache/calls)", labels, registry=None
+        )
+        self.lookups = Counter(
+            PROM_LOOKUPS,
+            "Keys looked up by cache reads, by result (pymemcache/lookups)",
+            (TAG_CACHE, TAG_METHOD, TAG_RESULT),
+            registry=None,
+        )
+        self.dropped = Counter(
+            PROM_SPANS_DROPPED,
+            "Spans dropped because the export queue was full",
+            registry=None,
+        )
+        self.failures = Counter(
+            PROM_EXPORT_FAILURES, "Span exports that failed", registry=None
+        )
+        self.herd = {
+            name: Counter(name, description, label_names, registry=None)
+            for name, description, label_names, _ in herd_series()
+        }
+        self.herd_written: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.written: dict[MetricKey, list[Any]] = {}
+        self.queue_counts = [0, 0]  # dropped, failures already written
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    def start(self) -> None:
+        """Start the flushing thread of this process (idempotent)."""
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(
+                    target=self._run, name="ocmemcache-metrics-flush", daemon=True
+                )
+                self.thread.start()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while self.thread is me:
+            self.wake.wait(self.interval)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what this process added since the last flush. Never raises."""
+        try:
+            with self.lock:
+                self._flush()
+        except Exception:
+            logger.warning("cache metrics not written to %s", multiprocess_dir())
+            logger.debug("multiprocess flush failed", exc_info=True)
+
+    def _flush(self) -> None:
+        snap = self.store.snapshot()
+        written = self.written
+        lookups: dict[tuple[str, str], list[int]] = {}
+        for key, entry in snap.items():
+            old = written.get(key)
+            if old is not None and old[_COUNT] == entry[_COUNT]:
+                continue  # no call since the last flush
+            cache, method, error = key
+            labels = (cache, method, "error" if error else "ok", error)
+            if old is None:
+                old = [0] * len(entry)
+            child = self.latency.labels(*labels)
+            for i, (now, was) in enumerate(
+                zip(entry[_BUCKETS:], old[_BUCKETS:], strict=True)
+            ):
+                if now != was:
+                    # prometheus_client keeps multiprocess histogram buckets
+                    # non-cumulative (observe() adds 1 to one bucket), as here.
+                    child._buckets[i].inc(now - was)
+            child._sum.inc(entry[_SUM] - old[_SUM])
+            self.calls.labels(*labels).inc(entry[_COUNT] - old[_COUNT])
+            pair = lookups.setdefault((cache, method), [0, 0])
+            pair[0] += entry[_HITS] - old[_HITS]
+            pair[1] += entry[_MISSES] - old[_MISSES]
+            written[key] = entry
+        for (cache, method), (hits, misses) in lookups.items():
+            if hits or misses:
+                self.lookups.labels(cache, method, "hit").inc(hits)
+                self.lookups.labels(cache, method, "miss").inc(misses)
+        for name, _, _, rows in herd_series():  # stampede outcomes (rare)
+            for values, n in rows:
+                was = self.herd_written.get((name, tuple(values)), 0)
+                if n > was:
+                    self.herd[name].labels(*values).inc(n - was)
+                    self.herd_written[(name, tuple(values))] = n
+        queues = span_queues()
+        counts = [sum(q.dropped for q in queues), sum(q.failures for q in queues)]
+        for counter, now, was in zip(
+            (self.dropped, self.failures), counts, self.queue_counts, strict=True
+        ):
+            if now > was:
+                counter.inc(now - was)
+            elif now == was == 0:
+                counter.inc(0)  # the family exists from the first flush on
+        self.queue_counts = counts
+
+    def after_fork(self) -> None:
+        # The child starts from zero (METRICS.reset) with files of its own pid;
+        # the parent's thread and lock did not come along.
+        running = self.thread is not None
+        self.lock = threading.Lock()
+        self._fresh()
+        if running:
+            self.start()
+
+
+_writer: MultiprocessWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def multiprocess_writer(interval: float = 1.0) -> MultiprocessWriter | None:
+    """This process's writer, started; None outside multiprocess mode."""
+    global _writer
+    if multiprocess_dir() is None:
+        return None
+    if _writer is None:
+        with _writer_lock:
+            if _writer is None:
+                try:
+                    _writer = MultiprocessWriter(METRICS, interval)
+                except ImportError:  # prometheus_client is an extra
+                    logger.warning(
+                        "PROMETHEUS_MULTIPROC_DIR is set but prometheus_client is "
+                        'not installed (pip install "django-ocmemcache[prometheus]"):'
+                        " cache metrics stay per process"
+                    )
+                    return None
+                atexit.register(_flush_at_exit)
+    _writer.start()
+    return _writer
+
+
+def _flush_at_exit() -> None:
+    if _writer is not None and _writer.pid == os.getpid():
+        _writer.flush()
+
+
+def multiprocess_registry() -> Any:
+    """A registry serving the sum over every process's files (flushes ours first)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    writer = multiprocess_writer(project_settings()["METRICS_FLUSH_INTERVAL"])
+    if writer is not None:
+        writer.flush()
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry)
+    return registry
+
+
 def _after_fork_in_child() -> None:
     # A lock another thread held at fork() stays held forever in the child.
+    global _writer_lock
     METRICS._lock = threading.Lock()
     METRICS.reset()
     HERD.reset()
+    _writer_lock = threading.Lock()
+    if _writer is not None:
+        _writer.after_fork()
 
 
 if hasattr(os, "register_at_fork"):

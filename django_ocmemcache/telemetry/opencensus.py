@@ -8,7 +8,8 @@ besides ``middleware.py``); OpenCensus is imported lazily, when first used.
   (``cache_span_data``).
 - ``TraceConfig``: ``settings.OPENCENSUS["TRACE"]`` (sampler, exporter,
   propagator, excluded paths), the setting opencensus-ext-django reads.
-- ``MetricProducer``: the cache metrics for OpenCensus stats exporters.
+- ``opencensus_stats`` (beside this module, to keep each under 600 lines):
+  the cache metrics as OpenCensus stats views and ``MetricProducer``.
 - ``root_span``: a root span around a management command.
 """
 
@@ -28,28 +29,7 @@ from typing import Any
 from ..conf import opencensus_trace
 from .export import SpanQueue
 from .export import queued as export_queued
-from .metrics import (
-    _BUCKETS,
-    _COUNT,
-    _SUM,
-    _SUMSQ,
-    METRICS,
-    MetricsStore,
-    herd_series,
-    lookup_totals,
-)
-from .semconv import (
-    ATTR_ERROR_TYPE,
-    MEASURE_CALLS,
-    MEASURE_LATENCY,
-    MEASURE_LOOKUPS,
-    OK,
-    TAG_CACHE,
-    TAG_ERROR,
-    TAG_METHOD,
-    TAG_RESULT,
-    TAG_STATUS,
-)
+from .semconv import ATTR_ERROR_TYPE, OK
 from .tracing import Tracing, status_code
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
@@ -95,12 +75,28 @@ class OpenCensusTracing(Tracing):
             self._current: Callable[[], Any] = lambda: var.get(None)
         else:  # thread-local runtime context (no contextvars)
             self._current = execution_context.get_current_span
+        current, span_type = self._current, self._span_type
+        if var is not None:
+            get = var.get
+
+            def parent() -> Any:  # runs on every cache call: one read, one test
+                span = get(None)
+                return span if span.__class__ is span_type else None
+
+        else:
+
+            def parent() -> Any:
+                span = current()
+                return span if span.__class__ is span_type else None
+
+        self.parent = parent  # type: ignore[method-assign]
 
     def parent(self) -> Any:
+        """The current span if it is a real (sampled) ``Span``, else None: only
+        a sampled ``ContextTracer`` makes ``Span`` objects (replaced per
+        instance by a closure, as it runs on every cache call)."""
         span = self._current()
-        if span is not None and isinstance(span, self._span_type):
-            return span  # only a sampled ContextTracer makes real Spans
-        return None
+        return span if span.__class__ is self._span_type else None
 
     def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
         tracer = parent.context_tracer
@@ -318,112 +314,6 @@ class TraceConfig:
     def is_excluded(self, path: str) -> bool:
         path = path.lstrip("/")
         return any(path.startswith(p.lstrip("/")) for p in self.excluded)
-
-
-# -- metrics for OpenCensus stats exporters -----------------------------------
-
-
-class MetricProducer:
-    """An OpenCensus ``MetricProducer`` over ``METRICS`` for stats exporters.
-
-    Pass it beside ``opencensus.stats.stats.stats`` to an exporter's
-    ``get_exporter_thread([stats, telemetry.metric_producer()], exporter)``.
-    Metrics: ``pymemcache/latency`` (cumulative distribution, ms),
-    ``pymemcache/calls`` and ``pymemcache/lookups`` (cumulative int64).
-    """
-
-    def __init__(self, store: MetricsStore = METRICS) -> None:
-        self.store = store
-
-    def get_metrics(self) -> list[Any]:
-        from datetime import datetime, timezone
-
-        from opencensus.metrics.export import metric as m
-        from opencensus.metrics.export import metric_descriptor as md
-        from opencensus.metrics.export import point, time_series, value
-        from opencensus.metrics.label_key import LabelKey
-        from opencensus.metrics.label_value import LabelValue
-
-        snap = self.store.snapshot()
-        # OpenCensus exporters expect naive UTC datetimes.
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
-        start = datetime.fromtimestamp(self.store.start_time, timezone.utc).replace(
-            tzinfo=None
-        )
-        keys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)]
-        options = value.BucketOptions(value.Explicit(list(self.store.bounds)))
-        dist, counts = [], []
-        for (cache, method, error), e in sorted(snap.items()):
-            status = "error" if error else "ok"
-            labels = [LabelValue(v) for v in (cache, method, status, error)]
-            n = e[_COUNT]
-            ssd = max(0.0, e[_SUMSQ] - e[_SUM] ** 2 / n) if n else 0.0
-            d = value.ValueDistribution(
-                n, e[_SUM] if n else 0, ssd, options,
-                [value.Bucket(c) for c in e[_BUCKETS:]],
-            )  # fmt: skip
-            dist.append(time_series.TimeSeries(labels, [point.Point(d, now)], start))
-            counts.append(
-                time_series.TimeSeries(
-                    labels, [point.Point(value.ValueLong(n), now)], start
-                )
-            )
-        lookups = []
-        for (cache, method), pair in sorted(lookup_totals(snap).items()):
-            for result, n in zip(("hit", "miss"), pair, strict=True):
-                labels = [LabelValue(cache), LabelValue(method), LabelValue(result)]
-                lookups.append(
-                    time_series.TimeSeries(
-                        labels, [point.Point(value.ValueLong(n), now)], start
-                    )
-                )
-        out = []
-        kind = md.MetricDescriptorType
-        if dist:
-            out.append(m.Metric(md.MetricDescriptor(
-                MEASURE_LATENCY, "Latency of cache calls", "ms",
-                kind.CUMULATIVE_DISTRIBUTION, keys), dist))  # fmt: skip
-            out.append(m.Metric(md.MetricDescriptor(
-                MEASURE_CALLS, "Cache calls", "1",
-                kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
-        for name, description, label_names, rows in herd_series():
-            if rows:
-                out.append(
-                    m.Metric(
-                        md.MetricDescriptor(
-                            name,
-                            description,
-                            "1",
-                            kind.CUMULATIVE_INT64,
-                            [LabelKey(k, "") for k in label_names],
-                        ),
-                        [
-                            time_series.TimeSeries(
-                                [LabelValue(v) for v in values],
-                                [point.Point(value.ValueLong(n), now)],
-                                start,
-                            )
-                            for values, n in rows
-                        ],
-                    )
-                )
-        if lookups:
-            lkeys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_RESULT)]
-            out.append(m.Metric(md.MetricDescriptor(
-                MEASURE_LOOKUPS, "Keys looked up by cache reads", "1",
-                kind.CUMULATIVE_INT64, lkeys), lookups))  # fmt: skip
-        return out
-
-
-_producer: MetricProducer | None = None
-
-
-def metric_producer() -> MetricProducer:
-    """The process-wide OpenCensus ``MetricProducer`` of cache metrics."""
-    global _producer
-    if _producer is None:
-        _producer = MetricProducer()
-    return _producer
 
 
 # -- a root span for management commands ---------------------------------------

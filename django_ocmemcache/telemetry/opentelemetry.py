@@ -70,6 +70,9 @@ from .semconv import (
     ATTR_HTTP_ROUTE,
     ATTR_OPERATION,
     DB_SYSTEM,
+    HTTP_KNOWN_METHODS,
+    HTTP_OTHER_METHOD,
+    HTTP_OTHER_SPAN_NAME,
     INSTRUMENTATION_NAME,
     METRIC_DURATION,
     METRIC_LOOKUPS,
@@ -78,11 +81,6 @@ from .semconv import (
 from .tracing import Tracing
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
-
-#: Methods named as sent; any other becomes "_OTHER" (no cardinality from clients).
-HTTP_METHODS = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
-)
 
 #: Where opentelemetry-instrumentation-django keeps its request span.
 INSTRUMENTOR_SPAN_KEY = "opentelemetry-instrumentor-django.span_key"
@@ -301,14 +299,19 @@ class RequestSpan:
     def __init__(self, request: Any) -> None:
         self.ctx_token: Any = None
         self.error_type: str | None = None
-        self.method = request.method if request.method in HTTP_METHODS else "_OTHER"
+        method = request.method
+        if method not in HTTP_KNOWN_METHODS:  # no cardinality from clients
+            method = HTTP_OTHER_METHOD
+        self.method = method
+        #: "GET", or "HTTP" for "_OTHER" (as on OpenCensus' request spans).
+        self.name = method if method != HTTP_OTHER_METHOD else HTTP_OTHER_SPAN_NAME
         self.span: Any = request.META.get(INSTRUMENTOR_SPAN_KEY)
         #: True when the span is ours (else the instrumentation's, which ends it).
         self.own = self.span is None
         if self.own:
             parent = propagate.extract(request.headers)
             self.span = tracer().start_span(
-                self.method, parent, SpanKind.SERVER,
+                self.name, parent, SpanKind.SERVER,
                 {ATTR_HTTP_REQUEST_METHOD: self.method},
             )  # fmt: skip
             current = trace.set_span_in_context(self.span, parent)
@@ -329,7 +332,7 @@ class RequestSpan:
         match = getattr(request, "resolver_match", None)
         route = getattr(match, "route", None) if match is not None else None
         if route:
-            span.update_name(f"{self.method} {route}")
+            span.update_name(f"{self.name} {route}")
             span.set_attribute(ATTR_HTTP_ROUTE, route)
         span.set_attributes(
             {

@@ -1,7 +1,10 @@
 """Every span, attribute, metric and tag name the package emits, in one place.
 
 Attribute names follow OpenTelemetry's semantic conventions where one exists
-(``db.system``, ``db.operation.name``, ``server.address``, ``error.type``);
+(``db.system.name``, ``db.operation.name``, ``db.operation.batch.size``,
+``server.address``, ``error.type``, ``http.request.method``); deprecated names
+are kept one release beside the new ones (``db.system``, ``http.method``,
+``http.status_code``);
 metric names are the original OpenCensus pymemcache integration's. Changing a
 value here changes what users' dashboards and alerts see.
 """
@@ -11,7 +14,10 @@ from __future__ import annotations
 # -- cache spans ------------------------------------------------------------------
 
 SPAN_PREFIX = "cache."
-ATTR_DB_SYSTEM = "db.system"
+#: OpenTelemetry semantic conventions for database client spans (v1.33+).
+ATTR_DB_SYSTEM_NAME = "db.system.name"
+ATTR_DB_SYSTEM = "db.system"  # deprecated by db.system.name; kept one release
+DB_SYSTEM = "memcached"
 ATTR_OPERATION = "db.operation.name"
 ATTR_BATCH_SIZE = "db.operation.batch.size"
 ATTR_HIT = "cache.hit"
@@ -30,21 +36,29 @@ ATTR_HERD_WAIT_MS = "cache.herd.wait_ms"
 
 # -- request spans (RequestSpanMiddleware) ------------------------------------------
 
-ATTR_HTTP_METHOD = "http.method"
+ATTR_HTTP_REQUEST_METHOD = "http.request.method"
+ATTR_HTTP_RESPONSE_STATUS = "http.response.status_code"
+ATTR_HTTP_METHOD = "http.method"  # deprecated name, kept one release
 ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.status_code"
+ATTR_HTTP_STATUS = "http.status_code"  # deprecated name, kept one release
+#: Methods named as they are on request spans (RFC 9110, RFC 5789 PATCH); any
+#: other method is "_OTHER" and the span is named "HTTP <route>" (OpenTelemetry's
+#: HTTP conventions: no cardinality, nothing a client chose).
+HTTP_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+HTTP_OTHER_METHOD = "_OTHER"
+HTTP_OTHER_SPAN_NAME = "HTTP"
 ATTR_CACHE_CALLS = "cache.calls"
 ATTR_CACHE_HITS = "cache.hits"
 ATTR_CACHE_MISSES = "cache.misses"
 ATTR_CACHE_ERRORS = "cache.errors"
 ATTR_CACHE_TIME = "cache.duration_ms"
 
-# -- OpenTelemetry (TELEMETRY_API = "opentelemetry"): current semantic conventions --
+# -- OpenTelemetry (TELEMETRY_API = "opentelemetry") ----------------------------------
+# Spans there carry the names above without the deprecated ones (db.system,
+# http.method, http.status_code).
 
-ATTR_DB_SYSTEM_NAME = "db.system.name"  # replaces ATTR_DB_SYSTEM on this path
-DB_SYSTEM = "memcached"
-ATTR_HTTP_REQUEST_METHOD = "http.request.method"
-ATTR_HTTP_RESPONSE_STATUS = "http.response.status_code"
 ATTR_CACHE_RESULT = "cache.result"  # "hit" | "miss" (lookups counter)
 #: The semantic-convention histogram of database client calls, in seconds.
 METRIC_DURATION = "db.client.operation.duration"
@@ -64,6 +78,10 @@ TAG_STATUS = "status"  # "ok" | "error"
 TAG_ERROR = "error"  # exception class name, "" when ok
 TAG_CACHE = "cache"  # alias or LABEL
 TAG_RESULT = "result"  # "hit" | "miss"
+#: Tag keys of the OpenCensus views: the seed's (method, error, status) and the
+#: cache alias or LABEL.
+CALL_TAG_KEYS = (TAG_CACHE, TAG_METHOD, TAG_STATUS, TAG_ERROR)
+LOOKUP_TAG_KEYS = (TAG_CACHE, TAG_METHOD, TAG_RESULT)
 
 #: Latency bucket upper bounds in milliseconds: sub-millisecond steps for a
 #: loopback memcached (~0.03 ms), then up to the default 1 s socket timeout and

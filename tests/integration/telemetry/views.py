@@ -66,3 +66,26 @@ urlpatterns = [
     path("health", health),
     path("metrics", metrics),
 ]
+
+
+def stream_body(request):
+    """A streaming response whose body makes a cache call while it is sent."""
+    cache.get("stream:head")
+
+    def chunks():
+        yield b"a"
+        cache.get("stream:body")
+        yield b"b"
+
+    return StreamingHttpResponse(chunks())
+
+
+def unavailable(request):
+    cache.get("unavailable")
+    return HttpResponse("down", status=503)
+
+
+urlpatterns += [
+    path("stream_body", stream_body),
+    path("unavailable", unavailable),
+]
