@@ -99,7 +99,7 @@ def check_opencensus(
 ) -> list[checks.CheckMessage]:
     """E003: ``OPENCENSUS["TRACE"]`` names a sampler, exporter or propagator
     that cannot be imported (the site would fail at its first request)."""
-    from .conf import opencensus_trace
+    from .conf_project import opencensus_trace
 
     trace = opencensus_trace()
     errors: list[checks.CheckMessage] = []
@@ -155,7 +155,7 @@ def check_project_settings(
 ) -> list[checks.CheckMessage]:
     """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
     (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
-    from .conf import project_settings
+    from .conf_project import project_settings
     from .views import allowed_networks
 
     try:

@@ -32,7 +32,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import project_settings
+from .conf_project import project_settings
 from .telemetry.hook import RequestSummary, add_server_timing, current_summary
 from .telemetry.opencensus import TraceConfig, clear_tracer_context
 from .telemetry.semconv import (

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..conf import PROJECT_DEFAULTS, project_settings
+from ..conf_project import PROJECT_DEFAULTS, project_settings
 from ..ratelimit import LogLimiter
 
 logger = logging.getLogger("django_ocmemcache.telemetry")

@@ -28,7 +28,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..conf import hash_node, project_settings
+from ..conf import hash_node
+from ..conf_project import project_settings
 from .metrics import HERD, HERD_OUTCOMES, METRICS, MetricKey, multiprocess_writer
 from .metrics import install as install_metrics
 from .opencensus import root_span as opencensus_root_span

@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from opentelemetry import trace
 
-from django_ocmemcache import conf, telemetry
+from django_ocmemcache import conf_project, telemetry
 from django_ocmemcache.telemetry import opentelemetry as otel_impl
 from tests.integration.telemetry.conftest import otel_attrs, otel_current_is_clear
 
@@ -28,12 +28,12 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("api", ["opencensus", "opentelemetry"])
 def test_telemetry_api_values(settings, api):
     settings.OCMEMCACHE = {"TELEMETRY_API": api}
-    assert conf.project_settings()["TELEMETRY_API"] == api
+    assert conf_project.project_settings()["TELEMETRY_API"] == api
 
 
 def test_telemetry_api_defaults_to_opencensus(settings):
     settings.OCMEMCACHE = {}
-    assert conf.project_settings()["TELEMETRY_API"] == "opencensus"
+    assert conf_project.project_settings()["TELEMETRY_API"] == "opencensus"
 
 
 @pytest.mark.parametrize("bad", ["OpenTelemetry", "otel", None, 1])
@@ -275,7 +275,7 @@ def test_blocking_exporter_drops_spans_and_calls_stay_fast(otel_site, otel):
         assert "django_ocmemcache_spans_dropped_total" in body
     finally:
         stuck.release.set()
-        queue.maxsize = conf.PROJECT_DEFAULTS["SPAN_QUEUE_SIZE"]
+        queue.maxsize = conf_project.PROJECT_DEFAULTS["SPAN_QUEUE_SIZE"]
     assert telemetry.flush(5)
 
 
