@@ -234,8 +234,66 @@ class _UnprefixedKeys:
         return self.serde.deserialize(key, data, flags)
 
 
+#: Replies ``_misc_cmd`` accepts per command (incr/decr: also a number);
+#: pymemcache reads anything else as "not found" (delete, touch) or fails in
+#: ``int()`` (incr, decr).
+_MISC_REPLIES: dict[bytes, tuple[bytes, ...]] = {
+    b"delete": (b"DELETED", b"NOT_FOUND"),
+    b"touch": (b"TOUCHED", b"NOT_FOUND"),
+    b"incr": (b"NOT_FOUND",),
+    b"decr": (b"NOT_FOUND",),
+    b"flush_all": (b"OK",),
+}
+_NUMERIC_REPLIES = (b"incr", b"decr")
+_NOT_ASKED = object()
+_RECV_SIZE = 4096  # pymemcache's RECV_SIZE
+
+
+def _read_value(sock: Any, buf: bytes, end: int) -> tuple[bytes, bytes, bytes]:
+    """Receive until ``end`` bytes (a value and its CR LF) are in; return
+    ``(the 2 bytes that should be CR LF, the value, the bytes after them)``,
+    copying the value once."""
+    chunks = [buf]
+    have = len(buf)
+    while have < end:
+        chunk = sock.recv(_RECV_SIZE)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        chunks.append(chunk)
+        have += len(chunk)
+    last = chunks[-1]
+    cut = len(last) - (have - end)  # last[:cut] ends the value and its CR LF
+    rest = last[cut:]
+    if cut >= 2:
+        crlf = last[cut - 2 : cut]
+        chunks[-1] = last[: cut - 2]
+    else:  # cut == 1: the CR ended the previous chunk
+        crlf = chunks[-2][-1:] + last[:1]
+        chunks[-2] = chunks[-2][:-1]
+        chunks[-1] = b""
+    return crlf, b"".join(chunks), rest
+
+
 class GuardedClient(Client):
-    """pymemcache ``Client`` whose connect, sends and reads obey the deadline."""
+    """pymemcache ``Client`` whose connect, sends and reads obey the deadline,
+    whose replies are checked against the protocol, and whose connection is
+    closed whenever a request does not end normally.
+
+    pymemcache closes the socket on an ``Exception`` raised inside a request,
+    but not on a ``BaseException`` (``KeyboardInterrupt`` from a signal
+    handler, a gevent ``Timeout``): the rest of the interrupted reply would
+    then be read as the answer to the next command. Every request goes through
+    ``_fetch_cmd``, ``_store_cmd`` or ``_misc_cmd``; each closes the socket on
+    any exception before passing it on.
+
+    A reply outside the protocol (a ``VALUE`` line with missing or non-numeric
+    fields, a value for a key not asked for or not followed by CR LF, an
+    ``incr`` answered with letters, a ``delete`` answered with anything but
+    ``DELETED``/``NOT_FOUND``) raises ``BadReply`` naming the command and the
+    server, never the reply text (it may hold keys), and closes the connection.
+    pymemcache would raise ``ValueError``/``KeyError`` (programming errors to
+    the error policy), return ``False``, or return the wrong bytes.
+    """
 
     generation = 0
 
@@ -243,6 +301,99 @@ class GuardedClient(Client):
         super().__init__(server, **kwargs)
         if self.key_prefix:
             self.serde = _UnprefixedKeys(self.serde, self.key_prefix)  # type: ignore[has-type]
+
+    def _bad_reply(self, command: bytes, what: str) -> BadReply:
+        self.close()
+        return BadReply(
+            f"memcached {hash_node(self.server)} sent a malformed reply to "
+            f"{command.decode(errors='replace')} ({what}); connection closed"
+        )
+
+    def _fetch_cmd(
+        self, name: bytes, keys: Any, expect_cas: bool, key_prefix: bytes = b""
+    ) -> Any:
+        try:
+            return Client._fetch_cmd(self, name, keys, expect_cas, key_prefix)
+        except MemcacheUnknownError:
+            pass  # an unexpected line; its text may hold a key
+        except BaseException:
+            self.close()  # interrupted mid-reply: never reuse the connection
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _extract_value(
+        self,
+        expect_cas: bool,
+        line: bytes,
+        buf: bytes,
+        remapped_keys: dict[bytes, Any],
+        prefixed_keys: list[bytes],
+    ) -> tuple[Any, Any, bytes]:
+        # pymemcache's extension point for one VALUE line and its data, strict:
+        # "VALUE <key> <flags> <bytes> [<cas unique>]" (protocol.txt).
+        command = b"gets" if expect_cas else b"get"
+        parts = line.split()
+        if (
+            len(parts) != (5 if expect_cas else 4)
+            or not parts[2].isdigit()
+            or not parts[3].isdigit()
+            or (expect_cas and not parts[4].isdigit())
+        ):
+            raise self._bad_reply(command, "bad VALUE line")
+        original_key = remapped_keys.get(parts[1], _NOT_ASKED)
+        if original_key is _NOT_ASKED:
+            raise self._bad_reply(command, "a value for a key not asked for")
+        size = int(parts[3])
+        end = size + 2  # the value and its CR LF
+        if len(buf) >= end:  # the common case: the whole value is buffered
+            crlf, data, buf = buf[size:end], buf[:size], buf[end:]
+        else:
+            crlf, data, buf = _read_value(self.sock, buf, end)
+        if crlf != b"\r\n":
+            raise self._bad_reply(command, "value not followed by CR LF")
+        value = self.serde.deserialize(original_key, data, int(parts[2]))
+        if expect_cas:
+            return original_key, (value, parts[4]), buf
+        return original_key, value, buf
+
+    def _store_cmd(
+        self,
+        name: bytes,
+        values: Any,
+        expire: int,
+        noreply: bool,
+        flags: int | None = None,
+        cas: bytes | None = None,
+    ) -> Any:
+        try:
+            return Client._store_cmd(self, name, values, expire, noreply, flags, cas)
+        except MemcacheUnknownError:
+            pass
+        except BaseException:
+            self.close()
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _misc_cmd(
+        self, cmds: Any, cmd_name: bytes, noreply: bool | None, end_tokens: Any = None
+    ) -> Any:
+        try:
+            results = Client._misc_cmd(self, cmds, cmd_name, noreply, end_tokens)
+        except MemcacheUnknownError:
+            results = None
+        except BaseException:
+            self.close()
+            raise
+        if results is None:
+            raise self._bad_reply(cmd_name, "unexpected line")
+        expected = _MISC_REPLIES.get(cmd_name)
+        if expected is not None:
+            for line in results:
+                if line not in expected and not (
+                    cmd_name in _NUMERIC_REPLIES and line.isdigit()
+                ):
+                    raise self._bad_reply(cmd_name, "unexpected line")
+        return results
 
     def _connect(self) -> None:
         left = _check_deadline()

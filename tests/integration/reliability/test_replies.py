@@ -1,0 +1,193 @@
+"""Connections and replies: an interrupted reply never leaves its connection in
+use, a malformed reply is a ``BadReply`` (a miss under IGNORE_EXCEPTIONS) whose
+message holds no key, and a silent server costs only its own keys."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MISS = object()
+
+
+class GreenletStyleTimeout(BaseException):
+    """Like ``gevent.Timeout``: a BaseException raised wherever the caller waits."""
+
+
+class _Interrupter:
+    """Raise ``exc_type`` in the main thread (where the test runs), from a
+    signal handler, at the moment the fake server chooses."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type = exc_type
+        self.main = threading.main_thread().ident
+
+    def __enter__(self) -> _Interrupter:
+        def handler(signum, frame):
+            raise self.exc_type()
+
+        self.saved = signal.signal(signal.SIGUSR1, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGUSR1, self.saved)
+
+    def fire(self) -> None:
+        signal.pthread_kill(self.main, signal.SIGUSR1)
+
+
+class _Store:
+    """What the fake server holds: wire key -> bytes (flags 0, read back as bytes)."""
+
+    def __init__(self, **items: bytes) -> None:
+        self.items = {b":1:" + k.encode(): v for k, v in items.items()}
+        self.interrupt_next: _Interrupter | None = None
+
+    def handler(self, line: bytes, data: bytes | None):
+        words = line.split()
+        if words[0] in (b"incr", b"decr"):
+            value = int(self.items[words[1]]) + int(words[2])
+            self.items[words[1]] = b"%d" % value
+            reply = b"%d\r\n" % value
+        elif words[0] == b"get":
+            reply = b"".join(
+                b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(self.items[k]), self.items[k])
+                for k in words[1:]
+                if k in self.items
+            ) + b"END\r\n"
+        else:
+            reply = b"ERROR\r\n"
+        interrupter, self.interrupt_next = self.interrupt_next, None
+        if interrupter is None:
+            return reply
+        # Half of the reply, the interrupt while the client waits for the rest,
+        # then the rest (as a slow network would deliver it).
+        half = reply.find(b"\r\n") + 2 if words[0] == b"get" else len(reply) // 2
+        return [reply[:half], interrupter.fire, lambda: time.sleep(0.2), reply[half:]]
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, GreenletStyleTimeout])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_a_reply_interrupted_midway_is_never_read_by_the_next_call(
+    exc_type, ignore, scripted_server, make_cache
+):
+    store = _Store(A=b"100", B=b"200", a=b"old-a", b=b"old-b")
+    server = scripted_server(store.handler)
+    opts = {"IGNORE_EXCEPTIONS": ignore, "DEADLINE": 2.0}
+    cache = make_cache(server.location, OPTIONS=opts)
+    with _Interrupter(exc_type) as interrupter:
+        store.interrupt_next = interrupter
+        with pytest.raises(exc_type):  # never swallowed, whatever the policy
+            cache.incr("A")
+        time.sleep(0.3)  # the rest of A's reply has arrived
+        assert cache.incr("B") == 201
+        assert cache.incr("A") == 102  # the interrupted incr did count once
+
+        store.interrupt_next = interrupter
+        with pytest.raises(exc_type):
+            cache.get_many(["a", "b"])
+        time.sleep(0.3)
+        store.items[b":1:a"], store.items[b":1:b"] = b"new-a", b"new-b"
+        assert cache.get_many(["a", "b"]) == {"a": b"new-a", "b": b"new-b"}
+
+
+# -- malformed replies ---------------------------------------------------------
+
+KEY = "secret-k"  # its text must never show in an error message
+WIRE = b":1:" + KEY.encode()
+
+#: Replies to get / get_many (and the get inside has_key, get_or_set).
+BAD_VALUE_REPLIES = {
+    "value line too short": b"VALUE %s 0\r\nv\r\nEND\r\n",
+    "flags not a number": b"VALUE %s x 1\r\nv\r\nEND\r\n",
+    "size not a number": b"VALUE %s 0 x\r\nv\r\nEND\r\n",
+    "negative size": b"VALUE %s 0 -3\r\nv\r\nEND\r\n",
+    "too many fields": b"VALUE %s 0 1 2 3\r\nv\r\nEND\r\n",
+    "value longer than announced": b"VALUE %s 0 1\r\nvXXEND\r\n",
+    "key not asked for": b"VALUE :1:other-k 0 1\r\nv\r\nEND\r\n",
+    "unknown line": b"HELLO %s\r\n",
+}
+#: Replies to gets (a VALUE line carries a CAS unique).
+BAD_GETS_REPLIES = {
+    "no cas": b"VALUE %s 0 1\r\nv\r\nEND\r\n",
+    "cas not a number": b"VALUE %s 0 1 x\r\nv\r\nEND\r\n",
+    "key not asked for": b"VALUE :1:other-k 0 1 7\r\nv\r\nEND\r\n",
+    "unknown line": b"HELLO %s\r\n",
+}
+_LINES = {"unknown line": b"HELLO %s\r\n", "empty line": b"\r\n"}
+BAD_STORE_REPLIES = {**_LINES, "a number": b"12\r\n"}
+BAD_DELETE_REPLIES = {**_LINES, "a number": b"12\r\n", "another verb": b"STORED\r\n"}
+BAD_INCR_REPLIES = {**_LINES, "negative": b"-5\r\n", "not an integer": b"1.5\r\n",
+                    "another verb": b"STORED\r\n"}  # fmt: skip
+
+#: method -> (call, its result when a failure is ignored, the bad replies).
+METHODS = {
+    "get": (lambda c: c.get(KEY, MISS), MISS, BAD_VALUE_REPLIES),
+    "get_many": (lambda c: c.get_many([KEY]), {}, BAD_VALUE_REPLIES),
+    "has_key": (lambda c: c.has_key(KEY), False, BAD_VALUE_REPLIES),
+    "get_or_set": (lambda c: c.get_or_set(KEY, lambda: "d"), "d", BAD_VALUE_REPLIES),
+    "gets": (lambda c: c.gets(KEY, MISS), (MISS, None), BAD_GETS_REPLIES),
+    "set": (lambda c: c.set(KEY, "v"), None, BAD_STORE_REPLIES),
+    "add": (lambda c: c.add(KEY, "v"), False, BAD_STORE_REPLIES),
+    "set_many": (lambda c: c.set_many({KEY: "v"}), [KEY], BAD_STORE_REPLIES),
+    "cas": (lambda c: c.cas(KEY, "v", 7), False, BAD_STORE_REPLIES),
+    "delete": (lambda c: c.delete(KEY), False, BAD_DELETE_REPLIES),
+    "delete_many": (lambda c: c.delete_many([KEY]), None, BAD_DELETE_REPLIES),
+    "touch": (lambda c: c.touch(KEY), False, BAD_DELETE_REPLIES),
+    "incr": (lambda c: c.incr(KEY), ValueError, BAD_INCR_REPLIES),
+    "decr": (lambda c: c.decr(KEY), ValueError, BAD_INCR_REPLIES),
+}
+CASES = [
+    pytest.param(method, reply, id=f"{method}-{name.replace(' ', '_')}")
+    for method, (_, _, replies) in METHODS.items()
+    for name, reply in replies.items()
+]
+
+
+def _fresh_cache(make_cache, server, **options):
+    cache = make_cache(server.location, OPTIONS={"DEADLINE": 1.0, **options})
+    # A new fake server may get the port of an earlier one, and with it that
+    # one's pool and server health (process-wide): start healthy.
+    cache._pool.health.down.clear()
+    return cache
+
+
+def _texts(exc: BaseException | None):
+    while exc is not None:
+        yield f"{exc!s} {exc!r}"
+        exc = exc.__cause__ or exc.__context__
+
+
+@pytest.mark.parametrize(("method", "reply"), CASES)
+def test_a_malformed_reply_is_a_bad_reply_without_key_text(
+    method, reply, scripted_server, make_cache
+):
+    from django_ocmemcache.exceptions import BadReply
+
+    server = scripted_server(lambda line, data: reply.replace(b"%s", WIRE))
+    cache = _fresh_cache(make_cache, server)
+    call = METHODS[method][0]
+    with pytest.raises(BadReply) as info:
+        call(cache)
+    for text in _texts(info.value):
+        assert KEY not in text and "other-k" not in text, text
+
+
+@pytest.mark.parametrize(("method", "reply"), CASES)
+def test_a_malformed_reply_is_a_miss_under_ignore_exceptions(
+    method, reply, scripted_server, make_cache
+):
+    server = scripted_server(lambda line, data: reply.replace(b"%s", WIRE))
+    cache = _fresh_cache(make_cache, server, IGNORE_EXCEPTIONS=True)
+    call, expected, _ = METHODS[method]
+    if expected is ValueError:  # incr/decr: Django's "key not found"
+        with pytest.raises(ValueError):
+            call(cache)
+    else:
+        assert call(cache) == expected
+    assert cache._errors.ignored >= 1  # get_or_set: its get, add and get
