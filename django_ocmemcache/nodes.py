@@ -30,13 +30,14 @@ Why not pymemcache's ``HashClient`` (what Django's ``PyMemcacheCache`` uses):
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from pymemcache.client.base import Client
+from pymemcache.client.base import Client, _readline
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
 
@@ -356,6 +357,46 @@ class GuardedClient(Client):
             return original_key, (value, parts[4]), buf
         return original_key, value, buf
 
+    def send_get(self, keys: list[Any], expect_cas: bool = False) -> dict[bytes, Any]:
+        """Send ``get`` (``gets`` with ``expect_cas``) for ``keys`` without
+        waiting for the reply; ``read_get`` reads it. Returns what ``read_get``
+        needs (wire key -> key). Lets a sharded ``get_many`` ask every server
+        before it waits for any."""
+        remapped = {self.check_key(k, self.key_prefix): k for k in keys}
+        command = b"gets " if expect_cas else b"get "
+        try:
+            if self.sock is None:
+                self._connect()
+            self.sock.sendall(command + b" ".join(remapped) + b"\r\n")  # type: ignore[union-attr]
+        except BaseException:
+            self.close()
+            raise
+        return remapped
+
+    def read_get(self, remapped: dict[bytes, Any], expect_cas: bool = False) -> dict:
+        """Read the reply to ``send_get``: ``{key: value}`` of the keys found."""
+        command = b"gets" if expect_cas else b"get"
+        result: dict[Any, Any] = {}
+        buf = b""
+        try:
+            while True:
+                buf, line = _readline(self.sock, buf)
+                if line == b"END":
+                    if buf:  # more than one reply: the stream is out of step
+                        raise self._bad_reply(command, "bytes after END")
+                    return result
+                if line[:6] == b"VALUE ":
+                    key, value, buf = self._extract_value(
+                        expect_cas, line, buf, remapped, []
+                    )
+                    result[key] = value
+                else:
+                    self._raise_errors(line, command)  # SERVER_ERROR ...
+                    raise self._bad_reply(command, "unexpected line")
+        except BaseException:
+            self.close()
+            raise
+
     def _store_cmd(
         self,
         name: bytes,
@@ -490,6 +531,36 @@ def hash_node(server: Any) -> str:
         host, port = server
         return f"{host}:{port}"
     return str(server)
+
+
+class _ReplyWaiter:
+    """Waits for replies on several sockets (``poll``; ``select`` without it)."""
+
+    def __init__(self, fds: Iterable[int]) -> None:
+        self.fds = set(fds)
+        self.poller = select.poll() if hasattr(select, "poll") else None
+        if self.poller is not None:
+            for fd in self.fds:
+                self.poller.register(fd, select.POLLIN)
+
+    def ready(self, seconds: float | None) -> list[int]:
+        """The fds with something to read (data, EOF or an error), waiting up
+        to ``seconds`` (None: without limit) for the first."""
+        if self.poller is None:
+            got = select.select(list(self.fds), [], [], seconds)[0]
+        else:
+            ms = None if seconds is None else int(seconds * 1000 + 0.999)
+            got = [fd for fd, _ in self.poller.poll(ms)]
+            for fd in got:
+                self.poller.unregister(fd)
+        self.fds.difference_update(got)
+        return got
+
+
+def _late(node: str) -> Exception:
+    if time_left() is not None:
+        return DeadlineExceeded("memcached operation exceeded its DEADLINE")
+    return TimeoutError(f"memcached {node} did not answer within its timeout")
 
 
 class ShardedClient:
@@ -628,6 +699,102 @@ class ShardedClient:
                 first = first or exc
         return results, first
 
+    def _checkout(self, node: str) -> GuardedClient:
+        """``node``'s client, as ``_call`` takes it (inlined there: hot path)."""
+        _check_deadline()
+        health = self.health
+        if node in health.down and not health.available(node):
+            name = self._names[node]
+            exc = ServerUnavailable(
+                f"memcached {name} is marked down after a failure; skipped until "
+                "its next probe"
+            )
+            exc.ocmemcache_server = name  # type: ignore[attr-defined]
+            raise exc
+        client = self.clients[node]
+        generation = health.generation.get(node, 0)
+        if client.generation != generation:
+            client.close()
+            client.generation = generation
+        return client
+
+    def _node_failed(self, node: str, exc: Exception) -> None:
+        try:
+            exc.ocmemcache_server = self._names[node]  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        if _marks_down(exc):
+            self.health.failed(node)
+
+    def _fetch_pipelined(
+        self, batches: dict[str, list[Any]], expect_cas: bool
+    ) -> tuple[dict[str, Any], Exception | None]:
+        """``get``/``gets`` on several servers: send every request, then read
+        the replies as they arrive, so a silent or slow server costs only its
+        own keys (read one server after another, it would use up the
+        ``DEADLINE`` before the others were even asked).
+
+        Returns ``({node: {key: value}}, first I/O failure or None)``. A server
+        whose reply has not arrived when the deadline (or, without one, the
+        socket ``timeout``) runs out gets ``DeadlineExceeded``/``TimeoutError``
+        and its connection is closed, as a late reply must never be read.
+        """
+        results: dict[str, Any] = {}
+        errors: list[Exception] = []
+        sent: dict[int, tuple[str, GuardedClient, dict[bytes, Any]]] = {}
+        try:
+            for node, batch in batches.items():
+                try:
+                    client = self._checkout(node)
+                except (ServerUnavailable, DeadlineExceeded) as exc:
+                    errors.append(exc)  # skipped, not a new failure of the server
+                    continue
+                try:
+                    remapped = client.send_get(batch, expect_cas)
+                except Exception as exc:
+                    if not is_io_error(exc):
+                        raise
+                    self._node_failed(node, exc)
+                    errors.append(exc)
+                    continue
+                sent[client.sock.fileno()] = (node, client, remapped)  # type: ignore[union-attr]
+            waiter = _ReplyWaiter(sent)
+            while sent:
+                ready = waiter.ready(self._wait_limit(sent))
+                if not ready:
+                    break
+                for fd in ready:
+                    node, client, remapped = sent.pop(fd)
+                    try:
+                        results[node] = client.read_get(remapped, expect_cas)
+                    except Exception as exc:
+                        if not is_io_error(exc):
+                            raise
+                        self._node_failed(node, exc)
+                        errors.append(exc)
+                        continue
+                    if node in self.health.down:
+                        self.health.ok(node)
+            for node, client, _ in sent.values():
+                client.close()  # the reply may still come: never read it
+                late = _late(node)
+                self._node_failed(node, late)
+                errors.append(late)
+            sent.clear()
+        finally:
+            for _, client, _ in sent.values():  # interrupted: requests in flight
+                client.close()
+        return results, (errors[0] if errors else None)
+
+    def _wait_limit(self, sent: dict[int, Any]) -> float | None:
+        """Seconds to wait for the next reply: the time left before the
+        deadline, else the clients' socket ``timeout`` (None: no limit)."""
+        left = time_left()
+        timeout = next(iter(sent.values()))[1].timeout
+        if left is None:
+            return timeout
+        return max(left, 0.0) if timeout is None else max(min(left, timeout), 0.0)
+
     def get_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
         """``{key: value}`` found; if a server failed, its error is raised with
         the other servers' hits as ``exc.partial_result``."""
@@ -637,7 +804,11 @@ class ShardedClient:
         return self._fetch_many("gets_many", keys, *args, **kwargs)
 
     def _fetch_many(self, method: str, keys: Iterable[Any], *a: Any, **kw: Any) -> dict:
-        results, error = self._per_node(method, self._by_node(keys), *a, **kw)
+        batches = self._by_node(keys)
+        if len(batches) > 1 and not a and not kw:
+            results, error = self._fetch_pipelined(batches, method == "gets_many")
+        else:
+            results, error = self._per_node(method, batches, *a, **kw)
         found: dict[Any, Any] = {}
         for part in results.values():
             found.update(part)

@@ -191,3 +191,43 @@ def test_a_malformed_reply_is_a_miss_under_ignore_exceptions(
     else:
         assert call(cache) == expected
     assert cache._errors.ignored >= 1  # get_or_set: its get, add and get
+
+
+# -- a silent server in a sharded get_many --------------------------------------
+
+DEADLINE = 0.3
+SLACK = 0.1
+
+
+@pytest.mark.parametrize("silent_index", [0, 1, 2])
+def test_a_silent_server_costs_only_its_own_keys_in_get_many(
+    silent_index, memcached_servers, fault_proxy, make_cache
+):
+    for server in memcached_servers:
+        server.flush()
+    proxy = fault_proxy(upstream=memcached_servers[silent_index])
+    locations = [s.location for s in memcached_servers]
+    locations[silent_index] = proxy.location
+    opts = {"IGNORE_EXCEPTIONS": True, "DEADLINE": DEADLINE, "timeout": 1.0,
+            "retry_timeout": 0.5}  # fmt: skip
+    cache = make_cache(";".join(locations), OPTIONS=opts)
+    cache._pool.health.down.clear()
+    keys = {f"k{i}": i for i in range(30)}
+    assert cache.set_many(keys) == []
+    silent_node = proxy.location
+    on_silent = {k for k in keys if cache._client().node_for(cache.make_key(k))
+                 == silent_node}  # fmt: skip
+    assert 0 < len(on_silent) < len(keys)
+
+    proxy.mode = "silent"
+    start = time.monotonic()
+    found = cache.get_many(list(keys))
+    elapsed = time.monotonic() - start
+    # Every healthy server was asked and answered; only the silent one's keys miss.
+    assert found == {k: v for k, v in keys.items() if k not in on_silent}
+    assert elapsed <= DEADLINE + SLACK, elapsed
+
+    # Once the server answers again, its late reply is never read as a new one.
+    proxy.mode = "pass"
+    time.sleep(0.6)  # past retry_timeout: the server is probed again
+    assert cache.get_many(list(keys)) == keys
