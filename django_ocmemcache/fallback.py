@@ -353,9 +353,11 @@ class FallbackPair:
         """Read ``keys`` from the old servers; copy the hits to the new ones."""
         pool = self._pool
         items: dict[bytes, meta.MetaItem] = {}
+        wire: dict[bytes, bytes] = {}
         for node, group in pool.old_nodes(keys).items():
+            wire.update((k, wire_key(node, k)) for k in group)
             try:
-                got = meta.get_many(node, [wire_key(node, k) for k in group])
+                got = meta.get_many(node, [wire[k] for k in group])
             except Exception as exc:
                 pool.old_failed(node, exc)
                 continue
@@ -369,8 +371,9 @@ class FallbackPair:
         if not items:
             return {}
         deserialize = pool.serde.deserialize
+        # The serde sees the wire key, as the clients give it (signatures cover it).
         values = {
-            k: deserialize(k, item.value, item.flags) for k, item in items.items()
+            k: deserialize(wire[k], item.value, item.flags) for k, item in items.items()
         }
         try:
             self._repair(items)

@@ -197,6 +197,38 @@ def add_many(
     return _pipeline(node, commands, _parse_set)
 
 
+def _parse_cas_set(reader: _Reader) -> bool | None:
+    line = reader.line()
+    head = line[:2]
+    if head == b"HD":
+        return True
+    if head == b"EX":
+        return False
+    if head == b"NF":
+        return None
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
+def set_if_unchanged(
+    node: Any, key: bytes, data: bytes, flags: int, exptime: int, cas: int
+) -> bool | None:
+    """Store raw ``data`` under ``key`` only if the item's CAS is still ``cas``
+    (``ms <key> <len> F<flags> T<exptime> C<cas>``). True if stored, False if
+    the item changed since (``EX``), None if it is gone (``NF``). ``exptime``
+    as memcached's (0 never expires, over 30 days a Unix time).
+    """
+    command = b"ms %b %d F%d T%d C%d\r\n%b\r\n" % (
+        key,
+        len(data),
+        flags,
+        exptime,
+        cas,
+        data,
+    )
+    return _pipeline(node, [command], _parse_cas_set)[0]
+
+
 def _parse_delete(reader: _Reader) -> bool:
     line = reader.line()
     if line[:2] == b"HD":

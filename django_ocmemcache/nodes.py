@@ -39,10 +39,17 @@ from typing import Any
 
 from pymemcache.client.base import Client, _readline
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
+)
 
+from . import meta
 from .errors import is_io_error, is_tls_config_error
 from .exceptions import BadReply, DeadlineExceeded, ServerUnavailable
+from .serializers import MISS
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
 #: of at most 250 bytes and a few numbers; ``stats`` and metadump lines are short).
@@ -217,24 +224,6 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-class _UnprefixedKeys:
-    """pymemcache hands ``serialize`` the key with its ``key_prefix`` option
-    applied but ``deserialize`` the key without it; give both the same key, so
-    a serde that binds values to keys (signed pickle) can verify them."""
-
-    def __init__(self, serde: Any, prefix: bytes) -> None:
-        self.serde = serde
-        self.prefix = prefix
-
-    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
-        if isinstance(key, bytes) and key.startswith(self.prefix):
-            key = key[len(self.prefix) :]
-        return self.serde.serialize(key, value)
-
-    def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
-        return self.serde.deserialize(key, data, flags)
-
-
 #: Replies ``_misc_cmd`` accepts per command (incr/decr: also a number);
 #: pymemcache reads anything else as "not found" (delete, touch) or fails in
 #: ``int()`` (incr, decr).
@@ -247,7 +236,22 @@ _MISC_REPLIES: dict[bytes, tuple[bytes, ...]] = {
 }
 _NUMERIC_REPLIES = (b"incr", b"decr")
 _NOT_ASKED = object()
+#: Read-verify-write rounds of a signed counter before giving up on a race.
+_CAS_ATTEMPTS = 32
+#: memcached reads an exptime over 30 days as a Unix time (protocol.txt).
+_MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 _RECV_SIZE = 4096  # pymemcache's RECV_SIZE
+
+
+def exptime_for_ttl(ttl: int, now: float) -> int:
+    """memcached ``exptime`` that keeps an item's remaining ``ttl`` (``mg``'s
+    ``t``: -1 never expires): 0, the seconds left (at least 1), or past 30 days
+    the absolute Unix time."""
+    if ttl < 0:
+        return 0
+    if ttl > _MAX_RELATIVE_EXPTIME:
+        return int(now) + ttl
+    return max(ttl, 1)
 
 
 def _read_value(sock: Any, buf: bytes, end: int) -> tuple[bytes, bytes, bytes]:
@@ -300,8 +304,10 @@ class GuardedClient(Client):
 
     def __init__(self, server: Any, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
-        if self.key_prefix:
-            self.serde = _UnprefixedKeys(self.serde, self.key_prefix)  # type: ignore[has-type]
+        if getattr(self.serde, "signed", False):  # type: ignore[has-type]
+            # Signed values are not digits memcached can add to.
+            self.incr = self._incr_verified  # type: ignore[method-assign]
+            self.decr = self._decr_verified  # type: ignore[method-assign]
 
     def _bad_reply(self, command: bytes, what: str) -> BadReply:
         self.close()
@@ -352,7 +358,9 @@ class GuardedClient(Client):
             crlf, data, buf = _read_value(self.sock, buf, end)
         if crlf != b"\r\n":
             raise self._bad_reply(command, "value not followed by CR LF")
-        value = self.serde.deserialize(original_key, data, int(parts[2]))
+        # The serde sees the wire key, as serialize() does (pymemcache would pass
+        # the caller's key here, without key_prefix): a signature covers it all.
+        value = self.serde.deserialize(parts[1], data, int(parts[2]))
         if expect_cas:
             return original_key, (value, parts[4]), buf
         return original_key, value, buf
@@ -396,6 +404,46 @@ class GuardedClient(Client):
         except BaseException:
             self.close()
             raise
+
+    def _incr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
+        return self._add_verified(key, value)
+
+    def _decr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
+        return self._add_verified(key, -value)
+
+    def _add_verified(self, key: Any, delta: int) -> int | None:
+        """``incr``/``decr`` of a value the serde signs: read it (``mg``),
+        verify and decode it, write the sum back only if nobody changed it
+        since (``ms ... C<cas>``, keeping its TTL), retrying on a race.
+
+        Returns the new value, or None when the key is absent or its value is
+        rejected (memcached's ``NOT_FOUND``). Follows memcached's arithmetic
+        (unsigned 64-bit: ``incr`` wraps, ``decr`` stops at 0); a value that is
+        not an int raises ``MemcacheClientError`` as memcached's own reply does.
+        """
+        wire = self.check_key(key, self.key_prefix)
+        for _ in range(_CAS_ATTEMPTS):
+            item = meta.get_many(self, [wire])[0]
+            if item is None:
+                return None
+            number = self.serde.deserialize(wire, item.value or b"", item.flags)
+            if number is MISS:
+                return None
+            if type(number) is not int or not 0 <= number < 2**64:
+                raise MemcacheClientError(
+                    b"cannot increment or decrement non-numeric value"
+                )
+            new = (number + delta) % 2**64 if delta >= 0 else max(number + delta, 0)
+            data, flags = self.serde.serialize(wire, new)
+            exptime = exptime_for_ttl(item.ttl, time.time())
+            stored = meta.set_if_unchanged(self, wire, data, flags, exptime, item.cas)
+            if stored:
+                return new
+            if stored is None:
+                return None
+        raise MemcacheServerError(
+            b"counter changed by others on every attempt; not updated"
+        )
 
     def _store_cmd(
         self,

@@ -139,3 +139,74 @@ def test_json_serializer(memcached, make_cache, tmp_path):
     marker = tmp_path / "pwned"
     _raw_set(memcached, ":1:p", pickle.dumps(_Plant(str(marker))), 1)
     assert cache.get("p", MISS) is MISS and not marker.exists()
+
+
+# -- signed values: whatever their flags, whatever the key prefix ---------------
+
+SIGNED = {"SERIALIZER": "signed-pickle"}
+
+
+@pytest.mark.parametrize("flags", [0, 2, 4, 16, 2 | 256])
+def test_signed_pickle_verifies_every_value_whatever_its_flags(
+    flags, memcached, make_cache
+):
+    cache = make_cache(memcached.location, OPTIONS=SIGNED)
+    cache.set("is_banned", False)
+    _raw_set(memcached, ":1:is_banned", b"1", flags)  # planted, unsigned
+    assert cache.get("is_banned", MISS) is MISS
+    assert cache.get_many(["is_banned"]) == {}
+
+
+def test_signed_pickle_counters_are_signed_and_keep_incr(memcached, make_cache):
+    from tests.wire import ttl
+
+    cache = make_cache(memcached.location, OPTIONS=SIGNED)
+    cache.set("n", 1, timeout=100)
+    data, flags = _raw_get(memcached, ":1:n")
+    assert data != b"1" and flags & 256  # a MAC in front: not plain digits
+    assert cache.incr("n", 5) == 6 and cache.get("n") == 6
+    assert cache.decr("n", 10) == 0  # memcached's rule: never below zero
+    assert 95 <= ttl(memcached, ":1:n") <= 100  # incr keeps the TTL
+    with pytest.raises(ValueError):
+        cache.incr("missing")
+    cache.set("s", "text")
+    with pytest.raises(ValueError):
+        cache.incr("s")
+    _raw_set(memcached, ":1:planted", b"41", 2)
+    with pytest.raises(ValueError):  # an unsigned counter is absent
+        cache.incr("planted")
+
+
+def test_signed_pickle_incr_counts_every_call_under_contention(memcached, make_cache):
+    import threading
+
+    cache = make_cache(memcached.location, OPTIONS=SIGNED)
+    cache.set("c", 0)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(50):
+                cache.incr("c")
+        except Exception as exc:  # recorded, then asserted
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and cache.get("c") == 200
+
+
+def test_signature_covers_pymemcache_key_prefix(memcached, make_cache):
+    site_a = make_cache(memcached.location,
+                        OPTIONS={**SIGNED, "key_prefix": b"a."})  # fmt: skip
+    site_b = make_cache(memcached.location,
+                        OPTIONS={**SIGNED, "key_prefix": b"b."})  # fmt: skip
+    site_a.set("role", "admin")
+    site_b.set("role", "guest")
+    data, flags = _raw_get(memcached, "a.:1:role")
+    _raw_set(memcached, "b.:1:role", data, flags)  # a's value replayed under b
+    assert site_b.get("role", MISS) is MISS
+    assert site_a.get("role") == "admin"
