@@ -405,6 +405,37 @@ class GuardedClient(Client):
             self.close()
             raise
 
+    def _drop_rejected(self, key: bytes) -> bool:
+        """Delete the item under wire ``key`` if the serde rejects its value
+        (guarded by the CAS it was read with); True if it was deleted."""
+        item = meta.get_many(self, [key])[0]
+        if item is None:
+            return False
+        if self.serde.deserialize(key, item.value or b"", item.flags) is not MISS:
+            return False
+        return meta.delete_many(self, [(key, item.cas)])[0]
+
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        expire: int = 0,
+        noreply: bool | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        """pymemcache's ``add``; a key whose value the serde rejects (a bad
+        signature, undecodable: it reads as a miss) counts as absent too: that
+        value is deleted, guarded by the CAS it was read with so a value
+        written meanwhile is kept, and the ``add`` retried once. Costs one
+        round trip more only when the ``add`` is refused."""
+        stored = Client.add(self, key, value, expire, noreply, flags)
+        if stored:
+            return True
+        wire = self.check_key(key, self.key_prefix)
+        if self._drop_rejected(wire):
+            return bool(Client.add(self, key, value, expire, noreply, flags))
+        return False
+
     def _incr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
         return self._add_verified(key, value)
 

@@ -234,7 +234,7 @@ class JSONSerde:
         if flags == FLAG_JSON:
             try:
                 return json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: deep nesting
                 rejected_value_warning("memcached JSON value is corrupt")
                 return MISS
         plain = _decode_plain(data, flags)

@@ -210,3 +210,103 @@ def test_signature_covers_pymemcache_key_prefix(memcached, make_cache):
     _raw_set(memcached, "b.:1:role", data, flags)  # a's value replayed under b
     assert site_b.get("role", MISS) is MISS
     assert site_a.get("role") == "admin"
+
+
+# -- undecodable JSON: a miss, the rest of the batch kept -----------------------
+
+UNDECODABLE_JSON = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "invalid JSON": b"{not json",
+    "bad UTF-8": b'"\xff\xfe"',
+}
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("planted", list(UNDECODABLE_JSON))
+def test_undecodable_json_is_a_counted_miss_and_the_batch_survives(
+    planted, ignore, memcached, make_cache, caplog
+):
+    opts = {"SERIALIZER": "json", "IGNORE_EXCEPTIONS": ignore}
+    cache = make_cache(memcached.location, OPTIONS=opts)
+    cache.set_many({"a": {"x": 1}, "b": [2]})
+    _raw_set(memcached, ":1:bad", UNDECODABLE_JSON[planted], 1 << 9)
+    rejected = rejected_value_warning.count
+    rejected_value_warning._last = float("-inf")
+    with caplog.at_level(logging.WARNING, logger="django_ocmemcache.security"):
+        assert cache.get("bad", MISS) is MISS
+        _raw_set(memcached, ":1:bad", UNDECODABLE_JSON[planted], 1 << 9)
+        assert cache.get_many(["a", "bad", "b"]) == {"a": {"x": 1}, "b": [2]}
+    assert rejected_value_warning.count - rejected == 2
+    assert any(r.name == "django_ocmemcache.security" for r in caplog.records)
+    assert cache._errors.ignored == 0  # a rejected value, not an I/O failure
+
+
+# -- a rejected value is an absent value, for every method ----------------------
+
+REJECTED = {
+    "signed-pickle, unsigned": ("signed-pickle", b"\x80\x04K\x01.", 1),
+    "signed-pickle, bad MAC": ("signed-pickle", b"\x00" * 32 + b"\x80\x04K\x01.",
+                               1 | 256),
+    "json, undecodable": ("json", b"{not json", 1 << 9),
+    "pickle, corrupt": (None, b"\x80\xff not a pickle", 1),
+}  # fmt: skip
+
+
+@pytest.fixture(params=list(REJECTED))
+def rejected_cache(request, memcached, make_cache):
+    serializer, data, flags = REJECTED[request.param]
+    cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": serializer})
+
+    def plant():
+        _raw_set(memcached, ":1:k", data, flags)
+
+    plant()
+    return cache, plant
+
+
+def test_rejected_value_add_succeeds(rejected_cache):
+    cache, _ = rejected_cache
+    assert cache.add("k", "fresh") is True
+    assert cache.get("k") == "fresh"
+
+
+def test_rejected_value_has_key_false_then_add_succeeds(rejected_cache):
+    cache, _ = rejected_cache
+    assert cache.has_key("k") is False
+    assert cache.add("k", "fresh") is True
+    assert cache.get("k") == "fresh"
+
+
+def test_rejected_value_get_or_set_runs_its_callable_once(rejected_cache):
+    cache, _ = rejected_cache
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return "computed"
+
+    assert cache.get_or_set("k", compute) == "computed"
+    assert cache.get_or_set("k", compute) == "computed"
+    assert len(calls) == 1
+
+
+def test_dropping_a_rejected_value_never_removes_a_newer_good_one(
+    memcached, make_cache, monkeypatch
+):
+    # add() deletes the rejected value with the CAS it was read with: a good
+    # value written in between by another process survives, and add() fails.
+    from django_ocmemcache import meta
+
+    cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
+    other = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
+    _raw_set(memcached, ":1:k", b"\x80\x04K\x01.", 1)
+    real = meta.delete_many
+
+    def racing_delete(node, items):
+        other.set("k", "good")  # lands between the read and the guarded delete
+        return real(node, items)
+
+    monkeypatch.setattr(meta, "delete_many", racing_delete)
+    assert cache.add("k", "mine") is False
+    monkeypatch.undo()
+    assert cache.get("k") == "good"
