@@ -47,6 +47,8 @@ class _Store:
     def __init__(self, **items: bytes) -> None:
         self.items = {b":1:" + k.encode(): v for k, v in items.items()}
         self.interrupt_next: _Interrupter | None = None
+        self.delay_next = 0.0  # hold the next reply not interrupted this long
+        self.lock = threading.Lock()
 
     def handler(self, line: bytes, data: bytes | None):
         words = line.split()
@@ -62,9 +64,13 @@ class _Store:
             ) + b"END\r\n"
         else:
             reply = b"ERROR\r\n"
-        interrupter, self.interrupt_next = self.interrupt_next, None
+        with self.lock:
+            interrupter, self.interrupt_next = self.interrupt_next, None
+            delay = 0.0
+            if interrupter is None:
+                delay, self.delay_next = self.delay_next, 0.0
         if interrupter is None:
-            return reply
+            return [lambda: time.sleep(delay), reply] if delay else reply
         # Half of the reply, the interrupt while the client waits for the rest,
         # then the rest (as a slow network would deliver it).
         half = reply.find(b"\r\n") + 2 if words[0] == b"get" else len(reply) // 2
@@ -94,6 +100,29 @@ def test_a_reply_interrupted_midway_is_never_read_by_the_next_call(
         time.sleep(0.3)
         store.items[b":1:a"], store.items[b":1:b"] = b"new-a", b"new-b"
         assert cache.get_many(["a", "b"]) == {"a": b"new-a", "b": b"new-b"}
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, GreenletStyleTimeout])
+def test_an_interrupted_sharded_get_many_leaves_no_reply_behind(
+    exc_type, scripted_server, make_cache
+):
+    # Two servers: both requests are in flight when one reply is interrupted;
+    # the other server's reply must not wait on its socket for the next call.
+    store = _Store(**{f"k{i}": b"old-%d" % i for i in range(20)})
+    servers = [scripted_server(store.handler) for _ in range(2)]
+    cache = make_cache(";".join(s.location for s in servers),
+                       OPTIONS={"DEADLINE": 2.0})  # fmt: skip
+    cache._pool.health.down.clear()
+    keys = [f"k{i}" for i in range(20)]
+    with _Interrupter(exc_type) as interrupter:
+        store.interrupt_next = interrupter
+        store.delay_next = 0.1  # the other reply is still unread at the interrupt
+        with pytest.raises(exc_type):
+            cache.get_many(keys)
+    time.sleep(0.3)
+    for i in range(20):
+        store.items[b":1:k%d" % i] = b"new-%d" % i
+    assert cache.get_many(keys) == {f"k{i}": b"new-%d" % i for i in range(20)}
 
 
 # -- malformed replies ---------------------------------------------------------
