@@ -13,12 +13,18 @@ parts sent in order, where a part is bytes or a callable run at that point
 
 ``seen`` lists every command line received. Each connection has its own
 thread; every thread stops within about 0.1 s of ``stop()``.
+
+Also here: ``ScriptedStore`` (get/incr answers for a handler), ``Interrupter``
+(a signal raised in the client mid-reply) and the tables of malformed replies
+(``BAD_*_REPLIES``; ``%s`` stands for the wire key asked for).
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +129,100 @@ class ScriptedServer:
                 except OSError:
                     return False
         return True
+
+
+class GreenletStyleTimeout(BaseException):
+    """Like ``gevent.Timeout``: a BaseException raised wherever the caller waits."""
+
+
+class Interrupter:
+    """Raise ``exc_type`` in the main thread (where tests run), from a SIGUSR1
+    handler, at the moment the fake server calls ``fire`` (a with-block installs
+    the handler)."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type = exc_type
+        self.main = threading.main_thread().ident
+
+    def __enter__(self) -> Interrupter:
+        def handler(signum, frame):
+            raise self.exc_type()
+
+        self.saved = signal.signal(signal.SIGUSR1, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGUSR1, self.saved)
+
+    def fire(self) -> None:
+        signal.pthread_kill(self.main, signal.SIGUSR1)
+
+
+class ScriptedStore:
+    """A tiny memcached for ``ScriptedServer``: ``get`` and ``incr``/``decr`` on
+    ``items`` (wire key -> bytes, flags 0: read back as bytes). ``interrupt_next``
+    splits the next reply around ``Interrupter.fire``; ``delay_next`` holds the
+    next other reply that many seconds."""
+
+    def __init__(self, **items: bytes) -> None:
+        self.items = {b":1:" + k.encode(): v for k, v in items.items()}
+        self.interrupt_next: Interrupter | None = None
+        self.delay_next = 0.0  # hold the next reply not interrupted this long
+        self.lock = threading.Lock()
+
+    def handler(self, line: bytes, data: bytes | None):
+        words = line.split()
+        if words[0] in (b"incr", b"decr"):
+            value = int(self.items[words[1]]) + int(words[2])
+            self.items[words[1]] = b"%d" % value
+            reply = b"%d\r\n" % value
+        elif words[0] == b"get":
+            reply = (
+                b"".join(
+                    b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(self.items[k]), self.items[k])
+                    for k in words[1:]
+                    if k in self.items
+                )
+                + b"END\r\n"
+            )
+        else:
+            reply = b"ERROR\r\n"
+        with self.lock:
+            interrupter, self.interrupt_next = self.interrupt_next, None
+            delay = 0.0
+            if interrupter is None:
+                delay, self.delay_next = self.delay_next, 0.0
+        if interrupter is None:
+            return [lambda: time.sleep(delay), reply] if delay else reply
+        # Half of the reply, the interrupt while the client waits for the rest,
+        # then the rest (as a slow network would deliver it).
+        half = reply.find(b"\r\n") + 2 if words[0] == b"get" else len(reply) // 2
+        return [reply[:half], interrupter.fire, lambda: time.sleep(0.2), reply[half:]]
+
+
+#: Replies to get / get_many (and the get inside has_key, get_or_set).
+BAD_VALUE_REPLIES = {
+    "value line too short": b"VALUE %s 0\r\nv\r\nEND\r\n",
+    "flags not a number": b"VALUE %s x 1\r\nv\r\nEND\r\n",
+    "size not a number": b"VALUE %s 0 x\r\nv\r\nEND\r\n",
+    "negative size": b"VALUE %s 0 -3\r\nv\r\nEND\r\n",
+    "too many fields": b"VALUE %s 0 1 2 3\r\nv\r\nEND\r\n",
+    "value longer than announced": b"VALUE %s 0 1\r\nvXXEND\r\n",
+    "key not asked for": b"VALUE :1:other-k 0 1\r\nv\r\nEND\r\n",
+    "unknown line": b"HELLO %s\r\n",
+}
+#: Replies to gets (a VALUE line carries a CAS unique).
+BAD_GETS_REPLIES = {
+    "no cas": b"VALUE %s 0 1\r\nv\r\nEND\r\n",
+    "cas not a number": b"VALUE %s 0 1 x\r\nv\r\nEND\r\n",
+    "key not asked for": b"VALUE :1:other-k 0 1 7\r\nv\r\nEND\r\n",
+    "unknown line": b"HELLO %s\r\n",
+}
+_LINES = {"unknown line": b"HELLO %s\r\n", "empty line": b"\r\n"}
+BAD_STORE_REPLIES = {**_LINES, "a number": b"12\r\n"}
+BAD_DELETE_REPLIES = {**_LINES, "a number": b"12\r\n", "another verb": b"STORED\r\n"}
+BAD_INCR_REPLIES = {**_LINES, "negative": b"-5\r\n", "not an integer": b"1.5\r\n",
+                    "another verb": b"STORED\r\n"}  # fmt: skip
 
 
 def _close(sock: socket.socket) -> None:

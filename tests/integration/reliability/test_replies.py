@@ -4,77 +4,24 @@ message holds no key, and a silent server costs only its own keys."""
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 
 import pytest
 
+from tests.fakeserver import (
+    BAD_DELETE_REPLIES,
+    BAD_GETS_REPLIES,
+    BAD_INCR_REPLIES,
+    BAD_STORE_REPLIES,
+    BAD_VALUE_REPLIES,
+    GreenletStyleTimeout,
+    Interrupter,
+    ScriptedStore,
+)
+
 pytestmark = pytest.mark.integration
 
 MISS = object()
-
-
-class GreenletStyleTimeout(BaseException):
-    """Like ``gevent.Timeout``: a BaseException raised wherever the caller waits."""
-
-
-class _Interrupter:
-    """Raise ``exc_type`` in the main thread (where the test runs), from a
-    signal handler, at the moment the fake server chooses."""
-
-    def __init__(self, exc_type: type[BaseException]) -> None:
-        self.exc_type = exc_type
-        self.main = threading.main_thread().ident
-
-    def __enter__(self) -> _Interrupter:
-        def handler(signum, frame):
-            raise self.exc_type()
-
-        self.saved = signal.signal(signal.SIGUSR1, handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGUSR1, self.saved)
-
-    def fire(self) -> None:
-        signal.pthread_kill(self.main, signal.SIGUSR1)
-
-
-class _Store:
-    """What the fake server holds: wire key -> bytes (flags 0, read back as bytes)."""
-
-    def __init__(self, **items: bytes) -> None:
-        self.items = {b":1:" + k.encode(): v for k, v in items.items()}
-        self.interrupt_next: _Interrupter | None = None
-        self.delay_next = 0.0  # hold the next reply not interrupted this long
-        self.lock = threading.Lock()
-
-    def handler(self, line: bytes, data: bytes | None):
-        words = line.split()
-        if words[0] in (b"incr", b"decr"):
-            value = int(self.items[words[1]]) + int(words[2])
-            self.items[words[1]] = b"%d" % value
-            reply = b"%d\r\n" % value
-        elif words[0] == b"get":
-            reply = b"".join(
-                b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(self.items[k]), self.items[k])
-                for k in words[1:]
-                if k in self.items
-            ) + b"END\r\n"
-        else:
-            reply = b"ERROR\r\n"
-        with self.lock:
-            interrupter, self.interrupt_next = self.interrupt_next, None
-            delay = 0.0
-            if interrupter is None:
-                delay, self.delay_next = self.delay_next, 0.0
-        if interrupter is None:
-            return [lambda: time.sleep(delay), reply] if delay else reply
-        # Half of the reply, the interrupt while the client waits for the rest,
-        # then the rest (as a slow network would deliver it).
-        half = reply.find(b"\r\n") + 2 if words[0] == b"get" else len(reply) // 2
-        return [reply[:half], interrupter.fire, lambda: time.sleep(0.2), reply[half:]]
 
 
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, GreenletStyleTimeout])
@@ -82,11 +29,11 @@ class _Store:
 def test_a_reply_interrupted_midway_is_never_read_by_the_next_call(
     exc_type, ignore, scripted_server, make_cache
 ):
-    store = _Store(A=b"100", B=b"200", a=b"old-a", b=b"old-b")
+    store = ScriptedStore(A=b"100", B=b"200", a=b"old-a", b=b"old-b")
     server = scripted_server(store.handler)
     opts = {"IGNORE_EXCEPTIONS": ignore, "DEADLINE": 2.0}
     cache = make_cache(server.location, OPTIONS=opts)
-    with _Interrupter(exc_type) as interrupter:
+    with Interrupter(exc_type) as interrupter:
         store.interrupt_next = interrupter
         with pytest.raises(exc_type):  # never swallowed, whatever the policy
             cache.incr("A")
@@ -108,13 +55,13 @@ def test_an_interrupted_sharded_get_many_leaves_no_reply_behind(
 ):
     # Two servers: both requests are in flight when one reply is interrupted;
     # the other server's reply must not wait on its socket for the next call.
-    store = _Store(**{f"k{i}": b"old-%d" % i for i in range(20)})
+    store = ScriptedStore(**{f"k{i}": b"old-%d" % i for i in range(20)})
     servers = [scripted_server(store.handler) for _ in range(2)]
     cache = make_cache(";".join(s.location for s in servers),
                        OPTIONS={"DEADLINE": 2.0})  # fmt: skip
     cache._pool.health.down.clear()
     keys = [f"k{i}" for i in range(20)]
-    with _Interrupter(exc_type) as interrupter:
+    with Interrupter(exc_type) as interrupter:
         store.interrupt_next = interrupter
         store.delay_next = 0.1  # the other reply is still unread at the interrupt
         with pytest.raises(exc_type):
@@ -129,30 +76,6 @@ def test_an_interrupted_sharded_get_many_leaves_no_reply_behind(
 
 KEY = "secret-k"  # its text must never show in an error message
 WIRE = b":1:" + KEY.encode()
-
-#: Replies to get / get_many (and the get inside has_key, get_or_set).
-BAD_VALUE_REPLIES = {
-    "value line too short": b"VALUE %s 0\r\nv\r\nEND\r\n",
-    "flags not a number": b"VALUE %s x 1\r\nv\r\nEND\r\n",
-    "size not a number": b"VALUE %s 0 x\r\nv\r\nEND\r\n",
-    "negative size": b"VALUE %s 0 -3\r\nv\r\nEND\r\n",
-    "too many fields": b"VALUE %s 0 1 2 3\r\nv\r\nEND\r\n",
-    "value longer than announced": b"VALUE %s 0 1\r\nvXXEND\r\n",
-    "key not asked for": b"VALUE :1:other-k 0 1\r\nv\r\nEND\r\n",
-    "unknown line": b"HELLO %s\r\n",
-}
-#: Replies to gets (a VALUE line carries a CAS unique).
-BAD_GETS_REPLIES = {
-    "no cas": b"VALUE %s 0 1\r\nv\r\nEND\r\n",
-    "cas not a number": b"VALUE %s 0 1 x\r\nv\r\nEND\r\n",
-    "key not asked for": b"VALUE :1:other-k 0 1 7\r\nv\r\nEND\r\n",
-    "unknown line": b"HELLO %s\r\n",
-}
-_LINES = {"unknown line": b"HELLO %s\r\n", "empty line": b"\r\n"}
-BAD_STORE_REPLIES = {**_LINES, "a number": b"12\r\n"}
-BAD_DELETE_REPLIES = {**_LINES, "a number": b"12\r\n", "another verb": b"STORED\r\n"}
-BAD_INCR_REPLIES = {**_LINES, "negative": b"-5\r\n", "not an integer": b"1.5\r\n",
-                    "another verb": b"STORED\r\n"}  # fmt: skip
 
 #: method -> (call, its result when a failure is ignored, the bad replies).
 METHODS = {
