@@ -12,17 +12,29 @@ Each contender is measured on the same servers, keys and values in the same run:
 
 The two telemetry contenders exist only when ``django_ocmemcache.telemetry``
 does; without it they are left out with a note (see ``telemetry_specs``).
+
+With ``--before REV`` the package as it was at git revision ``REV`` runs in the
+same process under another name (``django_ocmemcache_before``, see
+``before_package``), as ``before``, ``before+metrics`` and ``before+spans``:
+the same three configurations as ``ours*``, so a change is measured as a
+paired ratio in one run (``vs_before`` in the JSON, a table of its own).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-OUR_BACKEND = "django_ocmemcache.backend.OCMemcacheCache"
+PACKAGE = "django_ocmemcache"
+BEFORE_PACKAGE = "django_ocmemcache_before"
+OUR_BACKEND = f"{PACKAGE}.backend.OCMemcacheCache"
 DJANGO_BACKEND = "django.core.cache.backends.memcached.PyMemcacheCache"
 
 #: Server counts every contender gets a cache for.
@@ -49,6 +61,9 @@ class Contender:
     )
     #: Cache objects (or raw clients) by server count, filled by ``resolve``.
     caches: dict[int, Any] = field(default_factory=dict)
+    #: The package whose backend an "ours" contender runs (``BEFORE_PACKAGE``
+    #: for the ``--before`` contenders).
+    package: str = PACKAGE
 
     def alias(self, servers: int) -> str:
         return f"{self.name}-{servers}"
@@ -105,6 +120,57 @@ def all_specs(with_telemetry: bool = True) -> tuple[list[Contender], list[str]]:
     return specs, notes
 
 
+def before_package(rev: str, root: Path, into: Path) -> str:
+    """Put the package as it was at git revision ``rev`` on ``sys.path`` as
+    ``django_ocmemcache_before``; return the full commit id.
+
+    The files come from ``git archive`` (the working tree is not touched);
+    every ``django_ocmemcache`` in them (imports, logger names, dotted paths)
+    becomes ``django_ocmemcache_before``, so both packages run side by side.
+    """
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=root, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    base = into / f"before-{commit[:12]}"
+    target = base / BEFORE_PACKAGE
+    if not target.exists():
+        tmp = into / f"before-{commit[:12]}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", commit, PACKAGE], cwd=root, check=True,
+            capture_output=True,
+        ).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        for path in (tmp / PACKAGE).rglob("*.py"):
+            path.write_text(path.read_text().replace(PACKAGE, BEFORE_PACKAGE))
+        (tmp / PACKAGE).rename(tmp / BEFORE_PACKAGE)
+        shutil.rmtree(base, ignore_errors=True)
+        tmp.rename(base)
+    if str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    return commit
+
+
+def before_specs() -> list[Contender]:
+    """``before``, ``before+metrics``, ``before+spans``: ``ours*`` on the
+    package loaded by ``before_package``."""
+    from bench import telemetry_setup
+
+    specs = [
+        Contender(
+            "before",
+            "ours",
+            "before, telemetry off",
+            settings=dict(telemetry_setup.OFF),
+            package=BEFORE_PACKAGE,
+        )
+    ]
+    specs += telemetry_setup.contenders(BEFORE_PACKAGE)  # fmt: skip
+    return specs
+
+
 def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
     """``CACHES`` with one alias per (Django-backed contender, server count)."""
     caches: dict[str, Any] = {
@@ -113,7 +179,11 @@ def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
     for spec in specs:
         if spec.kind == "raw":
             continue
-        backend = DJANGO_BACKEND if spec.kind == "django" else OUR_BACKEND
+        backend = (
+            DJANGO_BACKEND
+            if spec.kind == "django"
+            else f"{spec.package}.backend.OCMemcacheCache"
+        )
         for n in SERVER_COUNTS:
             caches[spec.alias(n)] = {
                 "BACKEND": backend,

@@ -60,6 +60,12 @@ def paired_ratio(a: Result, b: Result) -> float:
     return statistics.median(x / y for x, y in zip(a.rates, b.rates, strict=True))
 
 
+def paired_cpu_ratio(a: Result, b: Result) -> float:
+    """Median over repeats of b's CPU time / a's in the same repeat (higher is
+    better for a; the batches hold the same calls, so this is a speed ratio)."""
+    return statistics.median(y / x for x, y in zip(a.cpu, b.cpu, strict=True))
+
+
 def _timed(fn: Callable[[int], None], calls: int) -> float:
     t0 = time.perf_counter()
     fn(calls)

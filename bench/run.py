@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-telemetry", action="store_true", help="skip telemetry contenders"
     )
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run the package as of git revision REV (before/after contenders "
+        "'before', 'before+metrics', 'before+spans'; paired ratios in one run)",
+    )
     p.add_argument("--json", type=Path, help="also write the JSON results here")
     p.add_argument(
         "--write-readme",
@@ -264,12 +270,60 @@ def _targets(report: dict[str, Any]) -> list[str]:
     return out
 
 
+#: The smallest after/before paired ratio a change may show on a per-op case.
+BEFORE_MINIMUM = 0.97
+
+
+def _before(report: dict[str, Any]) -> list[str]:
+    """After (``ours*``) vs before (``before*``, ``--before REV``), paired."""
+    commit = report.get("before")
+    pairs = [n for n in report["contenders"] if n.startswith("ours")
+             and n.replace("ours", "before", 1) in report["contenders"]]  # fmt: skip
+    if not commit or not pairs:
+        return []
+    labels = report["labels"]
+    out = [
+        "",
+        f"After vs before (`{commit[:12]}`, run as `django_ocmemcache_before` in "
+        "the same process): the median of the paired ratios after/before of "
+        "throughput, then of CPU speed (before's CPU time / after's for the same "
+        "batch); higher is better. In brackets: client CPU µs per unit after / "
+        "before.",
+        "",
+        "| case | " + " | ".join(labels[n] for n in pairs) + " |",
+        "| --- | " + " | ".join("---:" for _ in pairs) + " |",
+    ]
+    worst: tuple[float, str, str] | None = None
+    for case in report["cases"]:
+        cells = []
+        for n in pairs:
+            ratio = case.get("vs_before", {}).get(n)
+            if ratio is None:
+                cells.append("–")
+                continue
+            after = case["results"][n]["cpu_us_per_unit"]
+            b = case["results"][n.replace("ours", "before", 1)]["cpu_us_per_unit"]
+            cpu = case.get("cpu_vs_before", {}).get(n, float("nan"))
+            cells.append(f"{ratio:.3f}× / {cpu:.3f}× ({after:.1f} / {b:.1f})")
+            if case["unit"] != "req/s" and (worst is None or ratio < worst[0]):
+                worst = (ratio, case["name"], labels[n])
+        out.append(f"| {case['name']} | " + " | ".join(cells) + " |")
+    if worst is not None:
+        met = "met" if worst[0] >= BEFORE_MINIMUM else "NOT met"
+        out += [
+            "",
+            f"Worst per-op case: {worst[0]:.3f}× ({worst[1]}, {worst[2]}); "
+            f"minimum {BEFORE_MINIMUM}×: {met}.",
+        ]
+    return out
+
+
 def tables(report: dict[str, Any], short: bool = False) -> str:
     """The Markdown tables; ``short``: throughput, warm-cache and targets only."""
     parts = (
         [_throughput, _warm, _targets]
         if short
-        else [_throughput, _cpu, _warm, _memory, _targets]
+        else [_throughput, _cpu, _before, _warm, _memory, _targets]
     )
     out: list[str] = []
     for part in parts:
@@ -355,6 +409,11 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
 
     locations = {1: servers[0].location, 3: ";".join(s.location for s in servers)}
     specs, notes = contenders.all_specs(with_telemetry=not args.no_telemetry)
+    before = None
+    if args.before:
+        before = contenders.before_package(args.before, ROOT, RESULTS)
+        extra = contenders.before_specs()
+        specs += extra if not args.no_telemetry else extra[:1]
     if args.contenders:
         specs = [
             s
@@ -370,6 +429,7 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
         "machine": machine(),
         "settings": {"repeats": args.repeats, "batch_s": args.batch},
         "contenders": [s.name for s in specs],
+        "before": before,
         "labels": {s.name: s.label for s in specs},
         "notes": notes,
         "cases": [],
@@ -402,6 +462,18 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
                     for n, r in results.items()
                     if "raw" in results
                 },
+                "vs_before": {  # ours* over before* in the same repeat
+                    n: round(harness.paired_ratio(r, results[b]), 3)
+                    for n, r in results.items()
+                    if n.startswith("ours")
+                    and (b := n.replace("ours", "before", 1)) in results
+                },
+                "cpu_vs_before": {  # before*'s CPU over ours*, same repeat
+                    n: round(harness.paired_cpu_ratio(r, results[b]), 3)
+                    for n, r in results.items()
+                    if n.startswith("ours")
+                    and (b := n.replace("ours", "before", 1)) in results
+                },
             }
         )
         print(f"bench: {case.name}: {time.monotonic() - t0:.1f} s", file=sys.stderr)
@@ -431,10 +503,11 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
         print(f"bench: warm-cache: {time.monotonic() - t0:.1f} s", file=sys.stderr)
     if not args.no_memory:
         t0 = time.monotonic()
-        names = ["none"] + [s.name for s in specs]
+        # The --before package is not on the memory children's path.
+        names = ["none"] + [s.name for s in specs if s.package == contenders.PACKAGE]
         mem: dict[str, Any] = {"calls": args.memory_calls}
         mem["rss"] = memory.measure(names, locations, args.memory_calls, cwd=ROOT)
-        tel = [s.name for s in specs if s.name.startswith("ours")]
+        tel = [n for n in names if n.startswith("ours")]
         if contenders.telemetry_available() and not args.quick:
             mem["telemetry"] = memory.measure(
                 tel, locations, args.memory_calls, trace=True, cwd=ROOT

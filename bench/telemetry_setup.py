@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
-from bench.contenders import Contender
+from bench.contenders import PACKAGE, Contender
 
 MIDDLEWARE = "django_ocmemcache.middleware.RequestSpanMiddleware"
 SAMPLERS = "opencensus.trace.samplers"
@@ -47,6 +49,11 @@ class MemoryExporter:
 
 
 EXPORTER = MemoryExporter()
+BEFORE_EXPORTER = MemoryExporter()  # the --before package's own queue feeds this
+
+
+def _exporter(package: str) -> MemoryExporter:
+    return EXPORTER if package == PACKAGE else BEFORE_EXPORTER
 
 
 class _Discard(list):  # type: ignore[type-arg]
@@ -69,14 +76,15 @@ def unsampled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sampled() -> Iterator[None]:
+def sampled(package: str = PACKAGE) -> Iterator[None]:
     from opencensus.trace import execution_context
     from opencensus.trace.samplers import AlwaysOnSampler
     from opencensus.trace.tracer import Tracer
 
-    from django_ocmemcache import telemetry
+    telemetry = importlib.import_module(f"{package}.telemetry")
 
-    tracer = Tracer(sampler=AlwaysOnSampler(), exporter=telemetry.queued(EXPORTER))
+    exporter = telemetry.queued(_exporter(package))
+    tracer = Tracer(sampler=AlwaysOnSampler(), exporter=exporter)
     try:
         root = tracer.start_span("batch")
         root._child_spans = _Discard()
@@ -94,35 +102,41 @@ def dropped() -> int:
     return sum(q.dropped for q in telemetry.span_queues())
 
 
-def contenders() -> list[Contender]:
+def contenders(package: str = PACKAGE) -> list[Contender]:
+    """``ours+metrics`` and ``ours+spans`` (``before+...`` for the package
+    loaded by ``contenders.before_package``)."""
     # Samplers as strings (loaded by the middleware): importing OpenCensus here
     # would count against every contender's memory.
+    who = "ours" if package == PACKAGE else "before"
+    middleware = MIDDLEWARE.replace(PACKAGE, package)
     return [
         Contender(
-            "ours+metrics",
+            f"{who}+metrics",
             "ours",
-            "ours, metrics on, spans unsampled",
-            middleware=[MIDDLEWARE],
+            f"{who}, metrics on, spans unsampled",
+            middleware=[middleware],
             settings={
                 "OCMEMCACHE": {"METRICS": True, "TRACING": True},
                 "OPENCENSUS": {"TRACE": {"SAMPLER": f"{SAMPLERS}.AlwaysOffSampler()"}},
             },
             context=unsampled,
+            package=package,
         ),
         Contender(
-            "ours+spans",
+            f"{who}+spans",
             "ours",
-            "ours, every span sampled",
-            middleware=[MIDDLEWARE],
+            f"{who}, every span sampled",
+            middleware=[middleware],
             settings={
                 "OCMEMCACHE": {"METRICS": True, "TRACING": True},
                 "OPENCENSUS": {
                     "TRACE": {
                         "SAMPLER": f"{SAMPLERS}.AlwaysOnSampler()",
-                        "EXPORTER": EXPORTER,
+                        "EXPORTER": _exporter(package),
                     }
                 },
             },
-            context=sampled,
+            context=functools.partial(sampled, package),
+            package=package,
         ),
     ]

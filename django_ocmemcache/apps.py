@@ -11,6 +11,6 @@ class OCMemcacheConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the checks)
-        from .telemetry import install
+        from .telemetry.metrics import install
 
         install()

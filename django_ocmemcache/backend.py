@@ -17,30 +17,21 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
-from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys, nodes
-from .client import (
-    ClientPool,
-    default_deadline,
-    drop_closed_connections,
-    get_pool,
-    parse_location,
-)
-from .conf import BackendOptions
-from .errors import get_policy
+from . import keys
+from .client.deadline import deadline_scope, end_deadline_scope
+from .client.pool import ClientPool, drop_closed_connections, get_pool
+from .conf import BackendOptions, parse_location
 from .fallback import FallbackPool, get_fallback_pool
+from .policy import get_policy
+from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
 from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: memcached reads an ``exptime`` over 30 days as a Unix timestamp
-#: (protocol.txt, "Expiration times").
-MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
 #: What a lookup yields for an absent key; serializers return it for a value
 #: that cannot be trusted or decoded, so those read as misses too.
@@ -65,8 +56,10 @@ def operation(
     """Mark a public cache method: one telemetry span for the outermost call,
     and the ``IGNORE_EXCEPTIONS`` policy at every depth.
 
-    ``on_failure(self, *args, **kwargs)`` gives the method's result when an I/O
-    failure is ignored (``None`` when the method has nothing to return).
+    ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
+    the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
+    return). The ignored failure is kept in ``_state.error`` (this module's
+    own per-call state) and handed to the telemetry's ``finish``.
     """
 
     def decorate(fn: F) -> F:
@@ -78,24 +71,20 @@ def operation(
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
-                    )
+                    return _failed(self, name, exc, on_failure, args, kwargs)
                 finally:
                     st.depth -= 1
             st.depth = 1
-            nodes.deadline_scope(self._deadline)
+            deadline_scope(self._deadline)
             tel = self._telemetry
-            if tel is None:  # hits, misses, error and the hook only feed telemetry
+            if tel is None:  # hits, misses and the hook only feed telemetry
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
-                    )
+                    return _failed(self, name, exc, on_failure, args, kwargs)
                 finally:
                     st.depth = 0
-                    nodes.end_deadline_scope()
+                    end_deadline_scope()
             st.hits = st.misses = 0
             st.error = None
             call = tel.start(self, name, args, kwargs)
@@ -103,20 +92,18 @@ def operation(
                 try:
                     result = fn(self, *args, **kwargs)
                 except Exception as exc:
-                    result = self._errors.handle(
-                        name, exc, on_failure, self, args, kwargs
-                    )
+                    result = _failed(self, name, exc, on_failure, args, kwargs)
             except BaseException as exc:
                 if call is not None:
-                    call.finish(st, exc)
+                    call.finish(st.hits, st.misses, exc, st.error)
                 raise
             else:
                 if call is not None:
-                    call.finish(st, st.error)
+                    call.finish(st.hits, st.misses, None, st.error)
                 return result
             finally:
                 st.depth = 0
-                nodes.end_deadline_scope()
+                end_deadline_scope()
 
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -124,7 +111,25 @@ def operation(
     return decorate
 
 
-def _default_arg(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
+def _failed(
+    cache: OCMemcacheCache,
+    name: str,
+    exc: Exception,
+    on_failure: Callable[..., Any] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The result of a call that failed with ``exc``: ``exc`` re-raised unless
+    the error policy ignores it, else ``on_failure``'s (``None`` without one).
+    The ignored failure stays in ``_state.error`` for the call's span."""
+    cache._errors.absorb(name, exc)
+    _state.error = exc
+    return on_failure(cache, exc, *args, **kwargs) if on_failure else None
+
+
+def _default_arg(
+    self: Any, exc: Any, key: Any, default: Any = None, *a: Any, **kw: Any
+) -> Any:
     return kw.get("default", default)
 
 
@@ -136,34 +141,40 @@ def _wire_keys(self: Any, keys: Any, version: Any) -> dict[bytes, Any]:
     return {self._key(k, version): k for k in keys}
 
 
-def _get_many_partial(self: Any, keys: Any, version: Any = None) -> dict[Any, Any]:
+def _get_many_partial(
+    self: Any, exc: Exception, keys: Any, version: Any = None
+) -> dict[Any, Any]:
     """The hits of the servers that answered (``exc.partial_result``, wire keys,
-    see ``nodes.ShardedClient``), under the caller's keys."""
-    partial = getattr(_state.error, "partial_result", None) or {}
+    see ``client.sharded.ShardedClient``), under the caller's keys."""
+    partial = getattr(exc, "partial_result", None) or {}
     wire = _wire_keys(self, keys, version) if partial else {}
     return {wire[k]: v for k, v in partial.items() if k in wire and v is not MISS}
 
 
 def _set_many_partial(
-    self: Any, data: Any, timeout: Any = None, version: Any = None
+    self: Any, exc: Exception, data: Any, timeout: Any = None, version: Any = None
 ) -> list[Any]:
     """Every key not stored (``exc.partial_result``), or all of them."""
-    partial = getattr(_state.error, "partial_result", None)
+    partial = getattr(exc, "partial_result", None)
     if partial is None:
         return list(data)
     wire = _wire_keys(self, data, version)
     return [wire[k] for k in partial if k in wire]
 
 
-def _missing_key(self: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+def _missing_key(self: Any, exc: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
     raise ValueError(f"Key {key!r} not found (memcached unavailable)")
 
 
-def _gets_miss(self: Any, key: Any, default: Any = None, *a: Any, **kw: Any) -> Any:
+def _gets_miss(
+    self: Any, exc: Any, key: Any, default: Any = None, *a: Any, **kw: Any
+) -> Any:
     return (kw.get("default", default), None)
 
 
-def _get_or_set_miss(self: Any, key: Any, default: Any, *a: Any, **kw: Any) -> Any:
+def _get_or_set_miss(
+    self: Any, exc: Any, key: Any, default: Any, *a: Any, **kw: Any
+) -> Any:
     return default() if callable(default) else default
 
 
@@ -171,11 +182,6 @@ def _reason(exc: Exception) -> str:
     """The server's reply in a pymemcache error, as text (it holds bytes)."""
     arg = exc.args[0] if exc.args else exc
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
-
-
-def _is_too_large(exc: MemcacheServerError) -> bool:
-    # memcached: "SERVER_ERROR object too large for cache" (item size limit, -I)
-    return "too large" in str(exc)
 
 
 def _drop_closed_connections(**kwargs: Any) -> None:
@@ -234,23 +240,18 @@ class OCMemcacheCache(BaseCache):
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
-        self._options = BackendOptions.from_params(params)
+        self._options = options = BackendOptions.from_params(params)
         self._servers = parse_location(server)
-        kwargs = dict(self._options.client_kwargs)
-        if "serde" in kwargs and self._options.serializer is not None:
-            raise ImproperlyConfigured(
-                "OPTIONS sets both 'serde' (pymemcache) and 'SERIALIZER'; keep one"
-            )
-        kwargs.setdefault("serde", load_serde(self._options.serializer))
-        # pymemcache's ignore_exc would swallow programming errors too; it is
-        # read as IGNORE_EXCEPTIONS and never reaches pymemcache.
-        ignore = self._options.ignore_exceptions or bool(kwargs.pop("ignore_exc", 0))
+        kwargs = dict(options.client_kwargs)
+        kwargs.setdefault("serde", load_serde(options.serializer))
         self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
-        if self._options.fallback_location is not None:
-            fallback = self._options.fallback_location
+        if options.fallback_location is not None:
+            fallback = options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = get_policy(self._pool, ignore)
-        self._deadline = default_deadline(params.get("OPTIONS") or {}, kwargs)
+        self._errors = get_policy(self._pool, options.ignore_exceptions)
+        self._deadline = options.call_deadline
+        #: pymemcache's ``key_prefix`` option: on the wire before every key.
+        self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
 
     def _load_telemetry(self, server: Any, params: dict[str, Any]) -> Any:
@@ -277,12 +278,6 @@ class OCMemcacheCache(BaseCache):
         # HashClient hashes the key's repr, so bytes would put keys on other
         # servers than Django's backend and lose a warm cache on a switch.
         return full
-
-    @functools.cached_property
-    def _key_prefix(self) -> bytes:
-        """pymemcache's ``key_prefix`` option: on the wire before every key."""
-        prefix = self._options.client_kwargs.get("key_prefix") or b""
-        return prefix.encode() if isinstance(prefix, str) else prefix
 
     def _lookups(self, hits: int, misses: int) -> None:
         pool = self._pool
@@ -333,7 +328,7 @@ class OCMemcacheCache(BaseCache):
                 self._client().add(key, value, self.get_backend_timeout(timeout))
             )
         except MemcacheServerError as exc:
-            if _is_too_large(exc):
+            if is_too_large(str(exc)):
                 return False
             raise
 
@@ -398,7 +393,7 @@ class OCMemcacheCache(BaseCache):
         try:
             failed = self._client().set_many(values, exptime)
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
             failed = [k for k, v in values.items() if not self._set_one(k, v, exptime)]
         return [safe[k][0] for k in failed]
@@ -409,7 +404,7 @@ class OCMemcacheCache(BaseCache):
             if client.set(key, value, exptime):
                 return True
         except MemcacheServerError as exc:
-            if not _is_too_large(exc):
+            if not is_too_large(str(exc)):
                 raise
         # Make sure the key doesn't keep its old value when the server refuses
         # the new one (memcached's 1 MB item size limit).
@@ -481,7 +476,7 @@ class OCMemcacheCache(BaseCache):
             return fn()
         finally:
             st.depth, st.hits, st.misses, st.error = saved
-            nodes.deadline_scope(self._deadline)  # the rest of the call starts afresh
+            deadline_scope(self._deadline)  # the rest of the call starts afresh
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
@@ -564,19 +559,7 @@ class OCMemcacheCache(BaseCache):
         Per-server stats are memcached's ``stats`` (``get_hits``,
         ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
         """
-        servers: dict[str, dict[str, Any]] = {}
-        for name, client in self._pool.server_clients().items():
-            try:
-                raw = client.stats()
-            except Exception as exc:  # one dead server must not hide the others
-                servers[name] = {"error": type(exc).__name__}
-                continue
-            servers[name] = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode() if isinstance(v, bytes) else v
-                )
-                for k, v in raw.items()
-            }
+        servers = self._pool.server_stats()
         totals: dict[str, Any] = {}
         for field in ("get_hits", "get_misses", "curr_items", "bytes", "evictions",
                       "cmd_get", "cmd_set", "curr_connections"):  # fmt: skip

@@ -61,7 +61,7 @@ def _options(conf: dict[str, Any]) -> Any:
 
 
 def _servers(conf: dict[str, Any]) -> list[Any]:
-    from .client import parse_location
+    from .conf import parse_location
 
     try:
         return parse_location(conf.get("LOCATION", "127.0.0.1:11211"))

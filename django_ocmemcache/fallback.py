@@ -65,23 +65,21 @@ from __future__ import annotations
 
 import builtins
 import logging
-import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from pymemcache.client.hash import HashClient
 
-from . import meta
-from .client import ClientPool, ServerSpec, get_pool, parse_location, server_name
+from .client import meta
+from .client.pool import ClientPool, Registry, get_pool
+from .client.sharded import node_for, wire_key
+from .conf import parse_fallback_location, server_name
+from .protocol import exptime_for
+from .ratelimit import LogLimiter
 from .serializers import DEFAULT_SERDE
 
 logger = logging.getLogger("django_ocmemcache")
-
-#: memcached reads an exptime over 30 days as a Unix time (protocol.txt).
-MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 
 #: Seconds a failed old server is skipped before it is tried again.
 OLD_RETRY_AFTER = 5.0
@@ -92,52 +90,6 @@ _MISSING = object()
 _DELEGATED_METHODS = frozenset(
     {"node_for", "version", "check_key", "_get_client", "disconnect_all"}
 )
-
-
-def node_for(client: Any, key: str | bytes) -> Any:
-    """The per-server pymemcache ``Client`` that holds ``key`` (None: none alive).
-
-    ``client`` is what a ``ClientPool`` hands out: a plain ``Client``, a
-    pymemcache ``HashClient``, or a client with ``node_for(key)`` and a
-    ``clients`` dict by node. The key is routed exactly as that client routes
-    its own commands (without pymemcache's ``key_prefix``).
-    """
-    if isinstance(client, HashClient):
-        return client._get_client(key)
-    pick = getattr(client, "node_for", None)
-    if pick is not None:
-        return client.clients[pick(key)]
-    return client
-
-
-def node_clients(client: Any) -> list[Any]:
-    """Every per-server ``Client`` of a pool's client (see ``node_for``)."""
-    clients = getattr(client, "clients", None)
-    return list(clients.values()) if isinstance(clients, dict) else [client]
-
-
-def wire_key(node: Any, key: str | bytes) -> bytes:
-    """``key`` as the server sees it: UTF-8, pymemcache's ``key_prefix`` in front."""
-    raw = key.encode() if isinstance(key, str) else key
-    prefix = node.key_prefix
-    return prefix + raw if prefix else raw
-
-
-def exptime_for(ttl: int, now: float) -> int | None:
-    """memcached ``exptime`` that keeps an item's remaining ``ttl`` (seconds).
-
-    ``ttl`` is ``mg``'s ``t``: -1 never expires (exptime 0). An item with 1 s or
-    less left gives ``None`` (do not copy: exptime 0 would make it immortal).
-    Over 30 days the exptime is the absolute Unix time ``now + ttl``, since
-    memcached would read a large relative value as a date in 1970.
-    """
-    if ttl < 0:
-        return 0
-    if ttl <= 1:
-        return None
-    if ttl > MAX_RELATIVE_EXPTIME:
-        return int(now) + ttl
-    return ttl
 
 
 class FallbackPool:
@@ -196,13 +148,14 @@ class FallbackPool:
         self.old_errors += 1
         self._down_until[node.server] = time.monotonic() + OLD_RETRY_AFTER
         # At most one line per server per OLD_RETRY_AFTER; never the key.
-        logger.warning(
-            "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
-            "misses for %.0f s",
-            server_name(node.server),
-            type(exc).__name__,
-            OLD_RETRY_AFTER,
-        )
+        if _old_log.allow(server_name(node.server), OLD_RETRY_AFTER):
+            logger.warning(
+                "old memcached %s (FALLBACK_LOCATION) failed (%s); its keys are "
+                "misses for %.0f s",
+                server_name(node.server),
+                type(exc).__name__,
+                OLD_RETRY_AFTER,
+            )
 
     def _after_fork_in_child(self) -> None:
         self.hits = self.misses = 0
@@ -441,19 +394,8 @@ class FallbackPair:
             pool.undone += sum(meta.delete_many(node, pairs))
 
 
-_registry: dict[Any, FallbackPool] = {}
-_registry_lock = threading.Lock()
-
-
-def parse_fallback_location(value: Any) -> list[ServerSpec]:
-    """Parse ``OPTIONS["FALLBACK_LOCATION"]`` (the forms of ``LOCATION``).
-
-    Raises ``ImproperlyConfigured`` naming the option when it does not parse.
-    """
-    try:
-        return parse_location(value)
-    except ImproperlyConfigured as exc:
-        raise ImproperlyConfigured(f"OPTIONS['FALLBACK_LOCATION']: {exc}") from None
+_pairs: Registry[FallbackPool] = Registry(FallbackPool._after_fork_in_child)
+_old_log = LogLimiter()
 
 
 def get_fallback_pool(
@@ -476,23 +418,5 @@ def get_fallback_pool(
             "it must list the old servers only"
         )
     old = get_pool(old_servers, client_kwargs)
-    key = (id(new), id(old))
-    pool = _registry.get(key)
-    if pool is None:
-        with _registry_lock:
-            pool = _registry.get(key)
-            if pool is None:
-                serde = client_kwargs.get("serde") or DEFAULT_SERDE
-                pool = _registry[key] = FallbackPool(new, old, serde)
-    return pool
-
-
-def _reset_after_fork() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    for pool in list(_registry.values()):
-        pool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    serde = client_kwargs.get("serde") or DEFAULT_SERDE
+    return _pairs.get((id(new), id(old)), lambda: FallbackPool(new, old, serde))

@@ -84,3 +84,9 @@ def validate_key(key: object, prefix: bytes = b"") -> None:
     ):
         return
     encode_key(key, prefix)
+
+
+def is_wire_key(key: bytes) -> bool:
+    """True if the text protocol can carry ``key`` as it is on the wire
+    (1–250 bytes, no space or control byte)."""
+    return 0 < len(key) <= MEMCACHE_MAX_KEY_BYTES and not _BAD_BYTE.search(key)

@@ -25,39 +25,22 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .telemetry import (
-    RequestSummary,
-    clear_tracer_context,
-    current_summary,
-    project_settings,
-    queued,
-    quiet_opencensus_clock,
+from .conf import project_settings
+from .telemetry.hook import RequestSummary, current_summary
+from .telemetry.opencensus import TraceConfig, clear_tracer_context
+from .telemetry.semconv import (
+    ATTR_CACHE_CALLS,
+    ATTR_CACHE_ERRORS,
+    ATTR_CACHE_HITS,
+    ATTR_CACHE_MISSES,
+    ATTR_CACHE_TIME,
+    ATTR_ERROR_TYPE,
+    ATTR_HTTP_METHOD,
+    ATTR_HTTP_ROUTE,
+    ATTR_HTTP_STATUS,
 )
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
-
-ATTR_HTTP_METHOD = "http.method"
-ATTR_HTTP_ROUTE = "http.route"
-ATTR_HTTP_STATUS = "http.status_code"
-ATTR_ERROR_TYPE = "error.type"
-ATTR_CACHE_CALLS = "cache.calls"
-ATTR_CACHE_HITS = "cache.hits"
-ATTR_CACHE_MISSES = "cache.misses"
-ATTR_CACHE_ERRORS = "cache.errors"
-ATTR_CACHE_TIME = "cache.duration_ms"
-
-#: opencensus-ext-django keeps its request span under this execution-context key.
-EXT_DJANGO_SPAN_KEY = "django_span"
-
-
-class _NullExporter:
-    """Drops spans: the default when ``OPENCENSUS["TRACE"]`` names no exporter."""
-
-    def export(self, span_datas: Any) -> None:
-        pass
-
-    def emit(self, span_datas: Any) -> None:
-        pass
 
 
 class _AlwaysOn:
@@ -70,32 +53,8 @@ class _AlwaysOn:
 _ALWAYS_ON = _AlwaysOn()
 
 
-class TraceConfig:
-    """``settings.OPENCENSUS["TRACE"]``, loaded once per middleware instance."""
-
-    def __init__(self) -> None:
-        from django.conf import settings
-        from opencensus.common import configuration
-        from opencensus.trace import samplers
-        from opencensus.trace.propagation import trace_context_http_header_format
-
-        quiet_opencensus_clock()
-        trace = (getattr(settings, "OPENCENSUS", None) or {}).get("TRACE", {})
-
-        def load(name: str, default: Callable[[], Any]) -> Any:
-            value = trace.get(name) or default()
-            return configuration.load(value) if isinstance(value, str) else value
-
-        self.sampler = load("SAMPLER", samplers.ProbabilitySampler)
-        self.exporter = queued(load("EXPORTER", _NullExporter))
-        self.propagator = load(
-            "PROPAGATOR", trace_context_http_header_format.TraceContextPropagator
-        )
-        self.excluded = list(trace.get("EXCLUDELIST_PATHS") or [])
-
-    def is_excluded(self, path: str) -> bool:
-        path = path.lstrip("/")
-        return any(path.startswith(p.lstrip("/")) for p in self.excluded)
+#: opencensus-ext-django keeps its request span under this execution-context key.
+EXT_DJANGO_SPAN_KEY = "django_span"
 
 
 class _RequestTrace:

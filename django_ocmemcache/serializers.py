@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import pickle
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -46,6 +45,9 @@ from pymemcache.serde import (
     FLAG_TEXT,
     python_memcache_serializer,
 )
+
+from .conf import project_setting
+from .ratelimit import LogLimiter
 
 security_logger = logging.getLogger("django_ocmemcache.security")
 
@@ -79,13 +81,11 @@ class _RateLimitedWarning:
     def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
         self.count = 0
-        self._last = -interval
+        self.limiter = LogLimiter()
 
     def __call__(self, message: str, *args: Any) -> None:
         self.count += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
+        if self.limiter.allow("rejected value", self.interval):
             security_logger.warning(message, *args)
 
 
@@ -147,8 +147,7 @@ def signing_keys() -> list[bytes]:
     """
     from django.conf import settings
 
-    conf = getattr(settings, "OCMEMCACHE", None) or {}
-    secrets = conf.get("SIGNING_KEYS")
+    secrets = project_setting("SIGNING_KEYS")
     if secrets is None:
         secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
     if isinstance(secrets, (str, bytes)) or not all(secrets):

@@ -28,7 +28,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from .telemetry import prometheus_registry
+    from .telemetry.metrics import prometheus_registry
 
     return HttpResponse(
         generate_latest(prometheus_registry()), content_type=CONTENT_TYPE_LATEST

@@ -47,12 +47,19 @@ from urllib.parse import unquote_to_bytes
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from . import meta
-from .client import ClientPool, ServerSpec, parse_server, server_name
-from .conf import CLIENT_DEFAULTS
+from .client import meta
+from .client.pool import ClientPool
+from .client.sharded import node_clients, node_for
+from .conf import (
+    CLIENT_DEFAULTS,
+    ServerSpec,
+    key_prefix_bytes,
+    parse_server,
+    server_name,
+)
 from .exceptions import OCMemcacheError
-from .fallback import exptime_for, node_clients, node_for
-from .keys import MEMCACHE_MAX_KEY_BYTES
+from .keys import is_wire_key as is_valid_key
+from .protocol import exptime_for
 
 #: Keys per round trip when ``batch_size`` is not given.
 DEFAULT_BATCH_SIZE = 500
@@ -66,10 +73,6 @@ MAX_ERRORS = 20
 #: Client arguments that matter for the warm-up's own per-server connections.
 SOCKET_KWARGS = ("connect_timeout", "timeout", "no_delay", "socket_keepalive",
                  "tls_context", "socket_module")  # fmt: skip
-
-# Bytes the text protocol cannot carry in a key (protocol.txt: no control
-# characters or whitespace).
-_BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 
 #: How long to wait for another client's ``lru_crawler`` run to finish.
 CRAWLER_BUSY_WAIT = 5.0
@@ -127,11 +130,6 @@ class WarmupReport:
     def error(self, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(message)
-
-
-def is_valid_key(key: bytes) -> bool:
-    """True if the text protocol can carry ``key`` (1–250 bytes, no space/control)."""
-    return 0 < len(key) <= MEMCACHE_MAX_KEY_BYTES and not _BAD_KEY_BYTE.search(key)
 
 
 def namespace_pattern(cache: Any, key_prefix: bytes = b"") -> re.Pattern[bytes]:
@@ -254,21 +252,7 @@ def _metadump(server: ServerSpec, client_kwargs: dict[str, Any], mode: bytes) ->
         assert sock is not None
         # metadump must be the only command in flight on its connection.
         sock.sendall(b"lru_crawler metadump " + mode + b"\r\n")
-        chunks: list[bytes] = []
-        tail = b""
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                raise MemcacheUnexpectedCloseError()
-            chunks.append(chunk)
-            tail = (tail + chunk)[-5:]
-            if tail == b"END\r\n":
-                return b"".join(chunks)
-            if len(chunks) == 1 and not chunk.startswith((b"key=", b"END")):
-                # An error reply (ERROR, CLIENT_ERROR, BUSY): one line.
-                while not chunks[-1].endswith(b"\r\n"):
-                    chunks.append(sock.recv(4096) or b"\r\n")
-                return b"".join(chunks)
+        return meta.Reader(sock).listing((b"key=", b"END"))
     finally:
         node.close()
 
@@ -297,8 +281,7 @@ class _Copier:
         self.dest = dest_client
         self.offsets = clock_offsets
         self.namespace = namespace
-        prefix = client_kwargs.get("key_prefix") or b""
-        self.key_prefix = prefix.encode() if isinstance(prefix, str) else prefix
+        self.key_prefix = key_prefix_bytes(client_kwargs)
         self.report = report
         self.dry_run = dry_run
         self.source_offset = meta.server_time(self.source) - time.time()

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from django_ocmemcache.errors import is_io_error
+from django_ocmemcache.policy import is_io_error
 from tests.conftest import DJANGO_BACKEND
 from tests.wire import raw_get
 

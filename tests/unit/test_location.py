@@ -8,7 +8,8 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
 from django_ocmemcache.backend import OCMemcacheCache
-from django_ocmemcache.client import ClientPool, parse_location, server_name
+from django_ocmemcache.client.pool import ClientPool
+from django_ocmemcache.conf import parse_location, server_name
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from pymemcache.client.rendezvous import RendezvousHash
 
-from django_ocmemcache.client import MemoRendezvousHash
+from django_ocmemcache.client.sharded import MemoRendezvousHash
 
 NODES = ["10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"]
 KEYS = [f":1:key{i}" for i in range(300)] + ["é", b":1:bytes"]

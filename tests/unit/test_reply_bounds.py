@@ -1,4 +1,4 @@
-"""nodes._ReplyBounds: valid replies pass whatever the chunking; garbage is cut."""
+"""guarded._ReplyBounds: valid replies pass whatever the chunking; garbage is cut."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from django_ocmemcache import nodes
+from django_ocmemcache.client import guarded
 from django_ocmemcache.exceptions import BadReply
 
 
@@ -24,7 +24,7 @@ def _reply() -> bytes:
 @pytest.mark.parametrize("seed", range(20))
 def test_valid_reply_in_any_chunks(seed):
     data, rnd = _reply(), random.Random(seed)
-    bounds, i = nodes._ReplyBounds(), 0
+    bounds, i = guarded._ReplyBounds(), 0
     while i < len(data):
         n = rnd.randint(1, 5000)
         bounds.feed(data[i : i + n])
@@ -33,7 +33,7 @@ def test_valid_reply_in_any_chunks(seed):
 
 
 def test_endless_line_is_cut():
-    bounds = nodes._ReplyBounds()
+    bounds = guarded._ReplyBounds()
     with pytest.raises(BadReply):
         for _ in range(100):
             bounds.feed(b"x" * 1000 + b"\n")  # LF without CR continues the line
@@ -41,4 +41,4 @@ def test_endless_line_is_cut():
 
 def test_huge_value_is_refused():
     with pytest.raises(BadReply):
-        nodes._ReplyBounds().feed(b"VALUE k 0 %d\r\n" % (nodes.MAX_VALUE_BYTES + 1))
+        guarded._ReplyBounds().feed(b"VALUE k 0 %d\r\n" % (guarded.MAX_VALUE_BYTES + 1))

@@ -16,21 +16,22 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from django_ocmemcache import telemetry
+from django_ocmemcache import conf, telemetry
 from django_ocmemcache.exceptions import InvalidCacheKey
+from django_ocmemcache.telemetry import export, metrics, opencensus, semconv
 
 
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (TimeoutError(), telemetry.DEADLINE_EXCEEDED),
-        (ConnectionRefusedError(), telemetry.UNAVAILABLE),
-        (MemcacheUnexpectedCloseError(), telemetry.UNAVAILABLE),
-        (InvalidCacheKey("k"), telemetry.INVALID_ARGUMENT),
-        (MemcacheIllegalInputError("k"), telemetry.INVALID_ARGUMENT),
-        (ValueError(), telemetry.INVALID_ARGUMENT),
-        (MemcacheServerError("out of memory"), telemetry.INTERNAL),
-        (RuntimeError(), telemetry.UNKNOWN),
+        (TimeoutError(), semconv.DEADLINE_EXCEEDED),
+        (ConnectionRefusedError(), semconv.UNAVAILABLE),
+        (MemcacheUnexpectedCloseError(), semconv.UNAVAILABLE),
+        (InvalidCacheKey("k"), semconv.INVALID_ARGUMENT),
+        (MemcacheIllegalInputError("k"), semconv.INVALID_ARGUMENT),
+        (ValueError(), semconv.INVALID_ARGUMENT),
+        (MemcacheServerError("out of memory"), semconv.INTERNAL),
+        (RuntimeError(), semconv.UNKNOWN),
     ],
 )
 def test_status_code(exc, code):
@@ -43,12 +44,12 @@ def test_latency_buckets_are_upper_bounds_in_ms():
     for ms in (0.03, 0.1, 0.5, 1.0, 7.0):
         store.record(key, ms, 1, 0)
     entry = store.snapshot()[key]
-    assert entry[telemetry._BUCKETS :] == [2, 2, 1]  # le=0.1, le=1.0, +Inf
-    assert entry[telemetry._COUNT] == 5
-    assert entry[telemetry._HITS] == 5
-    assert entry[telemetry._SUM] == pytest.approx(8.63)
-    assert 0 not in telemetry.LATENCY_BOUNDS_MS
-    assert telemetry.LATENCY_BOUNDS_MS[0] < 0.1  # sub-millisecond resolution
+    assert entry[metrics._BUCKETS :] == [2, 2, 1]  # le=0.1, le=1.0, +Inf
+    assert entry[metrics._COUNT] == 5
+    assert entry[metrics._HITS] == 5
+    assert entry[metrics._SUM] == pytest.approx(8.63)
+    assert 0 not in semconv.LATENCY_BOUNDS_MS
+    assert semconv.LATENCY_BOUNDS_MS[0] < 0.1  # sub-millisecond resolution
 
 
 def test_threads_that_ended_still_count():
@@ -64,9 +65,9 @@ def test_threads_that_ended_still_count():
         t.start()
     for t in threads:
         t.join()
-    assert store.snapshot()[key][telemetry._MISSES] == 400
+    assert store.snapshot()[key][metrics._MISSES] == 400
     store.record(key, 0.2, 0, 1)
-    assert store.snapshot()[key][telemetry._COUNT] == 401  # folded, not lost
+    assert store.snapshot()[key][metrics._COUNT] == 401  # folded, not lost
     store.reset()
     assert store.snapshot() == {}
 
@@ -74,15 +75,15 @@ def test_threads_that_ended_still_count():
 def test_settings_are_checked(settings):
     settings.OCMEMCACHE = {"METRIC": True}
     with pytest.raises(ImproperlyConfigured, match="OCMEMCACHE\\['METRIC'\\]"):
-        telemetry.project_settings()
+        conf.project_settings()
     settings.OCMEMCACHE = {"SERVER_TIMING": "yes"}
     with pytest.raises(ImproperlyConfigured, match="SERVER_TIMING"):
-        telemetry.project_settings()
+        conf.project_settings()
     settings.OCMEMCACHE = {"SPAN_QUEUE_SIZE": 0}
     with pytest.raises(ImproperlyConfigured, match="SPAN_QUEUE_SIZE"):
-        telemetry.project_settings()
+        conf.project_settings()
     settings.OCMEMCACHE = {"SERVER_TIMING": True}
-    assert telemetry.project_settings() == {**telemetry.DEFAULTS, "SERVER_TIMING": True}
+    assert conf.project_settings() == {**conf.PROJECT_DEFAULTS, "SERVER_TIMING": True}
 
 
 def test_span_queue_drops_when_full_and_flushes():
@@ -142,7 +143,7 @@ def test_ended_threads_are_folded_without_a_scrape():
         t.start()
         t.join()
     assert len(store._tables) <= 2
-    assert store.snapshot()[key][telemetry._COUNT] == 20
+    assert store.snapshot()[key][metrics._COUNT] == 20
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -152,7 +153,7 @@ def test_forked_child_does_not_inherit_a_held_lock():
     telemetry.METRICS.record(("c", "get", ""), 0.2, 1, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        with telemetry.METRICS._lock, telemetry._queues_lock:
+        with telemetry.METRICS._lock, export._queues_lock:
             pid = os.fork()
             if pid == 0:  # the child: figures start from zero, locks are free
                 ok = telemetry.METRICS.snapshot() == {} and telemetry.flush(1.0)
@@ -183,8 +184,8 @@ def _old_path_span_data(tracer, name, attrs, error=None):
         span.add_attribute(key, value)
     if error is not None:
         span.set_status(Status(error[0], error[1]))
-        span.add_attribute(telemetry.ATTR_ERROR_TYPE, error[1])
-    span.add_attribute(telemetry.ATTR_HIT, False)
+        span.add_attribute(semconv.ATTR_ERROR_TYPE, error[1])
+    span.add_attribute(semconv.ATTR_HIT, False)
     tracer.end_span()
     return tracer.exporter.exported.pop()
 
@@ -208,7 +209,7 @@ def _comparable(sd):
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("error", [None, (telemetry.UNAVAILABLE, "ServerUnavailable")])
+@pytest.mark.parametrize("error", [None, (semconv.UNAVAILABLE, "ServerUnavailable")])
 def test_cache_span_record_exports_the_span_data_a_context_tracer_made(error):
     import re
     from datetime import datetime, timezone
@@ -226,10 +227,10 @@ def test_cache_span_record_exports_the_span_data_a_context_tracer_made(error):
             self.exported.extend(spans)
 
     attrs = {
-        telemetry.ATTR_DB_SYSTEM: "memcached",
-        telemetry.ATTR_OPERATION: "get",
-        telemetry.ATTR_ALIAS: "default",
-        telemetry.ATTR_SERVER_PORT: 11211,
+        semconv.ATTR_DB_SYSTEM: "memcached",
+        semconv.ATTR_OPERATION: "get",
+        semconv.ATTR_ALIAS: "default",
+        semconv.ATTR_SERVER_PORT: 11211,
     }
     telemetry.quiet_opencensus_clock()  # the reference path stamps with utcnow()
     reference = Sink()
@@ -245,7 +246,7 @@ def test_cache_span_record_exports_the_span_data_a_context_tracer_made(error):
         span = tracing.open_span(tracing.parent(), "cache.get", dict(attrs))
         if error is not None:
             tracing.mark_error(span, *error)
-        tracing.set_attributes(span, {telemetry.ATTR_HIT: False})
+        tracing.set_attributes(span, {semconv.ATTR_HIT: False})
         tracing.close_span(span)
         assert execution_context.get_current_span() is root  # never changed
         assert telemetry.flush(5)
@@ -272,7 +273,7 @@ def test_iso_timestamp_matches_opencensus_to_iso_str():
     moments = [0.0, 1.25, 1_700_000_000.999999, 1_700_000_000.1234567, 4_102_444_799.5]
     for seconds in moments + [now + i / 7_000_000 for i in range(200)]:
         naive = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
-        assert telemetry.iso_timestamp(seconds) == to_iso_str(naive), seconds
+        assert opencensus.iso_timestamp(seconds) == to_iso_str(naive), seconds
 
 
 def test_span_queue_takes_cache_span_records_and_counts_drops():
@@ -282,7 +283,9 @@ def test_span_queue_takes_cache_span_records_and_counts_drops():
         def export(self, spans):
             exported.extend(spans)
 
-    q = telemetry.SpanQueue(Sink(), maxsize=3, linger=0.05)
+    q = telemetry.SpanQueue(
+        Sink(), maxsize=3, linger=0.05, build=opencensus.cache_span_data
+    )
     record = ("cache.get", None, "a" * 16, {}, time.time(), time.time(), None, None)
     for _ in range(5):
         q.put(record)

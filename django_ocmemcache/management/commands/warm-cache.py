@@ -22,9 +22,13 @@ from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_ocmemcache.client import parse_location, parse_server, server_name
-from django_ocmemcache.conf import BackendOptions
-from django_ocmemcache.fallback import parse_fallback_location
+from django_ocmemcache.conf import (
+    BackendOptions,
+    parse_fallback_location,
+    parse_location,
+    parse_server,
+    server_name,
+)
 from django_ocmemcache.telemetry import root_span
 from django_ocmemcache.warmup import (
     DEFAULT_BATCH_SIZE,
@@ -164,10 +168,7 @@ class Command(BaseCommand):
             dest = options["dest"] or parse_location(params.get("LOCATION") or [])
             namespace = None
             if not options["all_keys"]:
-                prefix = opts.client_kwargs.get("key_prefix") or b""
-                if isinstance(prefix, str):
-                    prefix = prefix.encode()
-                namespace = namespace_pattern(caches[alias], prefix)
+                namespace = namespace_pattern(caches[alias], opts.key_prefix)
         except (ImproperlyConfigured, WarmupError) as exc:
             raise CommandError(
                 f"CACHES[{alias!r}]: {exc}", returncode=EXIT_REFUSED

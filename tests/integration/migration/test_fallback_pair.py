@@ -7,8 +7,9 @@ import time
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from django_ocmemcache import fallback, meta
-from django_ocmemcache.client import ClientPool
+from django_ocmemcache import fallback
+from django_ocmemcache.client import meta, sharded
+from django_ocmemcache.client.pool import ClientPool
 from django_ocmemcache.fallback import FallbackPool
 
 from .conftest import PREFIX, raw_item, stat
@@ -119,7 +120,7 @@ def test_repair_undone_when_source_vanished(old_new, old_cache, pair):
     old_cache.set("k", "v")
     pool = pair._pool
     key = wire("k").encode()
-    node = fallback.node_for(pool.old.client(), key)
+    node = sharded.node_for(pool.old.client(), key)
     item = meta.get_many(node, [key])[0]
     old_cache.delete("k")  # a delete lands between the old read and the copy
     pool.client()._repair({key: item})

@@ -13,8 +13,8 @@ import threading
 import pytest
 from pymemcache.exceptions import MemcacheClientError
 
-from django_ocmemcache import meta
-from django_ocmemcache.fallback import MAX_RELATIVE_EXPTIME, exptime_for
+from django_ocmemcache.client import meta
+from django_ocmemcache.protocol import MAX_RELATIVE_EXPTIME, exptime_for
 
 
 class FakeNode:

@@ -15,7 +15,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from django_ocmemcache import meta, warmup
+from django_ocmemcache import warmup
+from django_ocmemcache.client import meta
 from tests.memcached import free_port
 
 from .conftest import PREFIX, raw_item, stat

@@ -11,8 +11,8 @@ import pytest
 from pymemcache.client.base import Client
 
 from django_ocmemcache import backend
-from django_ocmemcache.errors import is_io_error
 from django_ocmemcache.exceptions import ServerUnavailable
+from django_ocmemcache.policy import is_io_error
 from tests.conftest import DJANGO_BACKEND
 
 pytestmark = pytest.mark.integration

@@ -91,7 +91,7 @@ def test_signed_pickle_never_unpickles_untrusted_values(
     signed.set("good", {"ok": True})
     mac_and_payload, flags = _raw_get(memcached, ":1:good")
     rejected = rejected_value_warning.count
-    rejected_value_warning._last = float("-inf")  # let the next one be logged
+    rejected_value_warning.limiter.last.clear()  # let the next one be logged
     with caplog.at_level(logging.WARNING, logger="django_ocmemcache.security"):
         _raw_set(memcached, ":1:unsigned", plant, 1)
         _raw_set(memcached, ":1:badmac", b"\x00" * 32 + plant, flags)
@@ -231,7 +231,7 @@ def test_undecodable_json_is_a_counted_miss_and_the_batch_survives(
     cache.set_many({"a": {"x": 1}, "b": [2]})
     _raw_set(memcached, ":1:bad", UNDECODABLE_JSON[planted], 1 << 9)
     rejected = rejected_value_warning.count
-    rejected_value_warning._last = float("-inf")
+    rejected_value_warning.limiter.last.clear()  # let the next one be logged
     with caplog.at_level(logging.WARNING, logger="django_ocmemcache.security"):
         assert cache.get("bad", MISS) is MISS
         _raw_set(memcached, ":1:bad", UNDECODABLE_JSON[planted], 1 << 9)
@@ -295,18 +295,18 @@ def test_dropping_a_rejected_value_never_removes_a_newer_good_one(
 ):
     # add() deletes the rejected value with the CAS it was read with: a good
     # value written in between by another process survives, and add() fails.
-    from django_ocmemcache import meta
+    from django_ocmemcache.client import guarded
 
     cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
     other = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
     _raw_set(memcached, ":1:k", b"\x80\x04K\x01.", 1)
-    real = meta.delete_many
+    real = guarded.meta_delete
 
     def racing_delete(node, items):
         other.set("k", "good")  # lands between the read and the guarded delete
         return real(node, items)
 
-    monkeypatch.setattr(meta, "delete_many", racing_delete)
+    monkeypatch.setattr(guarded, "meta_delete", racing_delete)
     assert cache.add("k", "mine") is False
     monkeypatch.undo()
     assert cache.get("k") == "good"

@@ -7,6 +7,7 @@ from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from django_ocmemcache import telemetry
+from django_ocmemcache.telemetry import metrics
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +115,7 @@ def test_prometheus_register_adds_the_collector_to_the_default_registry(
     from prometheus_client import REGISTRY, generate_latest
 
     site.OCMEMCACHE = {"PROMETHEUS_REGISTER": True}
-    monkeypatch.setattr(telemetry, "_default_registered", False)
+    monkeypatch.setattr(metrics, "_default_registered", False)
     before = set(REGISTRY._collector_to_names)
     telemetry.install()
     added = set(REGISTRY._collector_to_names) - before

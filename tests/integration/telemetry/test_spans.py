@@ -14,6 +14,7 @@ from opencensus.trace.span import SpanKind
 from opencensus.trace.tracer import Tracer
 
 from django_ocmemcache import telemetry
+from django_ocmemcache.telemetry import semconv
 from tests.integration.telemetry.conftest import OUR_BACKEND, attrs
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def test_request_span_tree(site, exporter, memcached):
         assert a["cache.alias"] == "default"
         assert a["server.address"] == "127.0.0.1"
         assert a["server.port"] == memcached.port
-        assert span.status.code == telemetry.OK
+        assert span.status.code == semconv.OK
     assert attrs(cache_spans[0])["cache.hit"] is False
     assert "cache.hit" not in attrs(cache_spans[1])
     assert attrs(cache_spans[2])["cache.hit"] is True
@@ -158,13 +159,13 @@ def test_error_statuses(make_cache, memcached_factory, silent_port, exporter):
         assert ignoring.get("a", "dflt") == "dflt"
     spans = exporter.collected()
     refused, timed_out, bad_key, ignored = spans[:4]
-    assert refused.status.code == telemetry.UNAVAILABLE
+    assert refused.status.code == semconv.UNAVAILABLE
     assert attrs(refused)["error.type"] == "ConnectionRefusedError"
-    assert timed_out.status.code == telemetry.DEADLINE_EXCEEDED
+    assert timed_out.status.code == semconv.DEADLINE_EXCEEDED
     assert attrs(timed_out)["error.type"] in ("TimeoutError", "timeout")
-    assert bad_key.status.code == telemetry.INVALID_ARGUMENT
+    assert bad_key.status.code == semconv.INVALID_ARGUMENT
     assert attrs(bad_key)["error.type"] == "InvalidCacheKey"
-    assert ignored.status.code == telemetry.UNAVAILABLE
+    assert ignored.status.code == semconv.UNAVAILABLE
     assert attrs(ignored)["cache.error.ignored"] is True
     for span in (refused, timed_out, bad_key, ignored):
         assert span.status.message == attrs(span)["error.type"]  # no message text

@@ -28,6 +28,8 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
+from ..protocol import is_too_large
+
 T = TypeVar("T")
 
 #: Send at most this many request bytes per round trip, so a pipeline of large
@@ -54,8 +56,12 @@ class MetaItem(NamedTuple):
     cas: int
 
 
-class _Reader:
-    """Read lines and exact-length values from a socket, keeping a buffer."""
+class Reader:
+    """Read lines, exact-length values or a whole listing from a socket.
+
+    The one place that reads raw replies outside pymemcache: an empty read
+    (the server closed the connection) raises ``MemcacheUnexpectedCloseError``.
+    """
 
     __slots__ = ("sock", "buf", "pos")
 
@@ -64,10 +70,14 @@ class _Reader:
         self.buf = b""
         self.pos = 0
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(262144)
+    def _recv(self, size: int) -> bytes:
+        chunk = self.sock.recv(size)
         if not chunk:
             raise MemcacheUnexpectedCloseError()
+        return chunk
+
+    def _fill(self) -> None:
+        chunk = self._recv(262144)
         self.buf = self.buf[self.pos :] + chunk
         self.pos = 0
 
@@ -89,6 +99,24 @@ class _Reader:
         self.pos += size + 2
         return data
 
+    def listing(self, starts: tuple[bytes, ...]) -> bytes:
+        """A reply that ends with ``END\\r\\n`` (``lru_crawler metadump``), read
+        whole in 1 MiB chunks; a reply that does not begin with one of
+        ``starts`` is one line (``ERROR``, ``CLIENT_ERROR``, ``BUSY``)."""
+        chunks: list[bytes] = []
+        tail = b""
+        while True:
+            chunk = self._recv(1 << 20)
+            chunks.append(chunk)
+            tail = (tail + chunk)[-5:]
+            if tail == b"END\r\n":
+                return b"".join(chunks)
+            if len(chunks) == 1 and not chunk.startswith(starts):
+                # An error reply: one line.
+                while not chunks[-1].endswith(b"\r\n"):
+                    chunks.append(self.sock.recv(4096) or b"\r\n")
+                return b"".join(chunks)
+
 
 def _raise_error(line: bytes) -> None:
     if line.startswith(b"SERVER_ERROR"):
@@ -101,7 +129,7 @@ def _raise_error(line: bytes) -> None:
 def _pipeline(
     node: Any,
     commands: Sequence[bytes],
-    parse: Callable[[_Reader], T],
+    parse: Callable[[Reader], T],
 ) -> list[T]:
     """Send ``commands`` (complete, ``\\r\\n``-terminated) and parse one reply each."""
     if node.sock is None:
@@ -116,7 +144,7 @@ def _pipeline(
                 size += len(commands[end])
                 end += 1
             sock.sendall(b"".join(commands[start:end]))
-            reader = _Reader(sock)
+            reader = Reader(sock)
             results.extend(parse(reader) for _ in range(end - start))
             if reader.pos != len(reader.buf):
                 raise MemcacheUnknownError("unexpected bytes after the replies")
@@ -127,7 +155,7 @@ def _pipeline(
     return results
 
 
-def _parse_get(reader: _Reader) -> MetaItem | None:
+def _parse_get(reader: Reader) -> MetaItem | None:
     line = reader.line()
     head = line[:2]
     if head == b"EN":
@@ -163,7 +191,7 @@ def get_many(
     return _pipeline(node, [b"mg " + k + suffix for k in keys], _parse_get)
 
 
-def _parse_set(reader: _Reader) -> int | str:
+def _parse_set(reader: Reader) -> int | str:
     line = reader.line()
     if line[:2] == b"HD":
         for token in line.split()[1:]:
@@ -174,7 +202,7 @@ def _parse_set(reader: _Reader) -> int | str:
         return NOT_STORED
     if line.startswith(b"SERVER_ERROR"):
         # memcached has read (and dropped) the value: the stream is in sync.
-        return TOO_LARGE if b"too large" in line else line.decode(errors="replace")
+        return TOO_LARGE if is_too_large(line) else line.decode(errors="replace")
     _raise_error(line)
     raise AssertionError  # pragma: no cover
 
@@ -197,7 +225,7 @@ def add_many(
     return _pipeline(node, commands, _parse_set)
 
 
-def _parse_cas_set(reader: _Reader) -> bool | None:
+def _parse_cas_set(reader: Reader) -> bool | None:
     line = reader.line()
     head = line[:2]
     if head == b"HD":
@@ -229,7 +257,7 @@ def set_if_unchanged(
     return _pipeline(node, [command], _parse_cas_set)[0]
 
 
-def _parse_delete(reader: _Reader) -> bool:
+def _parse_delete(reader: Reader) -> bool:
     line = reader.line()
     if line[:2] == b"HD":
         return True

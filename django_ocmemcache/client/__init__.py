@@ -1,0 +1,12 @@
+"""Talking to memcached: knows sockets and servers, not Django's cache rules.
+
+- ``deadline``: the calling thread's whole-call deadline.
+- ``guarded``: pymemcache ``Client`` whose socket is clamped to the deadline;
+  reply bounds.
+- ``health``: process-wide server health (skip, probe, recover).
+- ``sharded``: ``ShardedClient``, key -> server as pymemcache's ``HashClient``.
+- ``pool``: per-thread clients per (servers, options); fork reset; idle sweep.
+- ``meta``: pipelined meta commands (``mg``/``ms``/``md``) and raw replies.
+
+Nothing here imports ``telemetry`` (nor the other way round).
+"""

@@ -1,0 +1,41 @@
+"""The calling thread's whole-call deadline.
+
+The backend starts it around the outermost cache call (``deadline_scope``);
+``guarded`` clamps every connect, send and receive to what is left of it, and
+``sharded`` checks it before each server request. pymemcache's ``timeout``
+bounds each socket read, not the call: a server that trickles one byte every
+20 ms would otherwise hold a ``get`` for seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..exceptions import DeadlineExceeded
+
+#: This thread's deadline: ``local.at`` is a ``time.monotonic()`` instant or None.
+local = threading.local()
+
+
+def deadline_scope(seconds: float | None) -> None:
+    """Start this thread's operation deadline: ``seconds`` from now (None: off)."""
+    local.at = None if seconds is None else time.monotonic() + seconds
+
+
+def end_deadline_scope() -> None:
+    """End this thread's operation deadline."""
+    local.at = None
+
+
+def time_left() -> float | None:
+    """Seconds left before this thread's deadline, or None if there is none."""
+    at = getattr(local, "at", None)
+    return None if at is None else at - time.monotonic()
+
+
+def check_deadline() -> float | None:
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded("memcached operation exceeded its DEADLINE")
+    return left

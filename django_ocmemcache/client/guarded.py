@@ -1,0 +1,477 @@
+"""A pymemcache ``Client`` whose socket obeys the deadline and bounds replies,
+whose replies are checked against the protocol, and whose connection is closed
+whenever a request does not end normally (see ``GuardedClient``).
+
+- Every ``recv``/``send``/``connect`` is clamped to what is left of the
+  operation's deadline (``deadline.deadline_scope``), so the call ends on time
+  whatever the server does. pymemcache closes the socket on any exception
+  raised while it waits for a reply, so a late reply is never read as the
+  answer to the next command.
+- pymemcache's readers buffer a reply line until ``\\r\\n`` and a value of
+  whatever size the ``VALUE`` line claims; ``_ReplyBounds`` stops a garbage
+  server at ``MAX_LINE_BYTES`` per line and ``MAX_VALUE_BYTES`` per value, once
+  a reply passes ``LAZY_BOUNDS_BYTES`` (a shorter one cannot hold more memory,
+  and is then not parsed a second time on the hot path).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pymemcache.client.base import Client, _readline
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
+)
+
+from ..conf import hash_node
+from ..exceptions import BadReply, DeadlineExceeded
+from ..protocol import exptime_for
+from ..serializers import MISS
+from .deadline import check_deadline
+from .deadline import local as _local
+from .meta import delete_many as meta_delete
+from .meta import get_many as meta_get
+from .meta import set_if_unchanged
+
+#: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
+#: of at most 250 bytes and a few numbers; ``stats`` and metadump lines are short).
+MAX_LINE_BYTES = 8192
+#: Largest value accepted in a reply, in bytes. memcached's item size limit
+#: (``-I``) defaults to 1 MiB and can be raised to 1 GiB; beyond this the client
+#: refuses to buffer what the server claims.
+MAX_VALUE_BYTES = 128 * 1024 * 1024
+
+
+class _ReplyBounds:
+    """Follows the reply stream to refuse over-long lines and huge values.
+
+    ``line`` holds the unfinished line (at most ``MAX_LINE_BYTES``), ``skip``
+    the value bytes (and their CR LF) still to come. A whole reply in one chunk
+    (the common case) costs one ``find`` per line and one slice per value.
+    """
+
+    __slots__ = ("line", "skip")
+
+    def __init__(self) -> None:
+        self.line = b""
+        self.skip = 0
+
+    def reset(self) -> None:
+        self.line = b""
+        self.skip = 0
+
+    def feed(self, data: bytes) -> None:
+        n = len(data)
+        i = self.skip
+        if i >= n:
+            self.skip = i - n
+            return
+        self.skip = 0
+        if self.line:
+            # An unfinished line is short (bounded below): finish it in one piece.
+            data, n, i = self.line + data[i:], len(self.line) + n - i, 0
+            self.line = b""
+        while i < n:
+            j = data.find(b"\r\n", i)
+            if j == -1:
+                if n - i > MAX_LINE_BYTES:
+                    raise BadReply(
+                        f"memcached reply line longer than {MAX_LINE_BYTES} bytes"
+                    )
+                self.line = data[i:]
+                return
+            if j + 2 - i > MAX_LINE_BYTES:
+                raise BadReply(
+                    f"memcached reply line longer than {MAX_LINE_BYTES} bytes"
+                )
+            # Only VALUE / VA lines announce a value (0x56: "V").
+            i = j + 2 + (_announced(data, i, j) if data[i] == 0x56 else 0)
+            if i > n:
+                self.skip = i - n
+                return
+
+
+def _announced(data: bytes, start: int, end: int) -> int:
+    """Bytes of value (with its CR LF) that follow the line ``data[start:end]``."""
+    if data.startswith(b"VALUE ", start):
+        parts = data[start:end].split()
+        size = parts[3] if len(parts) >= 4 else b""
+    elif data.startswith(b"VA ", start):  # meta command value
+        parts = data[start:end].split()
+        size = parts[1] if len(parts) >= 2 else b""
+    else:
+        return 0
+    if not size.isdigit():
+        return 0  # pymemcache rejects the line itself
+    if int(size) > MAX_VALUE_BYTES:
+        raise BadReply(
+            f"memcached reply announces a {int(size)}-byte value "
+            f"(more than {MAX_VALUE_BYTES})"
+        )
+    return int(size) + 2
+
+
+#: Bytes of one reply held before ``_ReplyBounds`` parses it: a reply this short
+#: cannot hold memory past the bound, so the common small reply is not parsed.
+LAZY_BOUNDS_BYTES = 64 * 1024
+
+
+class _GuardedSocket:
+    """A connected socket whose waits never pass the operation deadline, and
+    whose replies are checked by ``_ReplyBounds`` once they pass
+    ``LAZY_BOUNDS_BYTES`` (the chunks received until then are replayed)."""
+
+    def __init__(self, sock: Any, timeout: float | None) -> None:
+        self._sock = sock
+        self._base = timeout
+        self._current = timeout
+        self._bounds = _ReplyBounds()
+        self._held: list[bytes] | None = []  # None: the bounds follow the reply
+        self._received = 0
+
+    def _clamp(self) -> None:
+        # Inlined time_left(): this runs before every send and receive.
+        at = getattr(_local, "at", None)
+        want = self._base
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("memcached operation exceeded its DEADLINE")
+            if want is None or left < want:
+                want = left
+        if want != self._current:
+            self._sock.settimeout(want)
+            self._current = want
+
+    def sendall(self, data: bytes) -> None:
+        self._clamp()
+        # A new command: a new reply follows.
+        if self._held is None:
+            self._bounds.reset()
+            self._held = []
+        else:
+            self._held.clear()
+        self._received = 0
+        self._sock.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        self._clamp()
+        data = self._sock.recv(size)
+        held = self._held
+        if held is None:
+            self._bounds.feed(data)
+            return data
+        self._received += len(data)
+        held.append(data)
+        if self._received > LAZY_BOUNDS_BYTES:
+            self._held = None
+            for chunk in held:
+                self._bounds.feed(chunk)
+        return data
+
+    def settimeout(self, value: float | None) -> None:
+        self._base = value
+        self._current = value
+        self._sock.settimeout(value)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+#: Replies ``_misc_cmd`` accepts per command (incr/decr: also a number);
+#: pymemcache reads anything else as "not found" (delete, touch) or fails in
+#: ``int()`` (incr, decr).
+_MISC_REPLIES: dict[bytes, tuple[bytes, ...]] = {
+    b"delete": (b"DELETED", b"NOT_FOUND"),
+    b"touch": (b"TOUCHED", b"NOT_FOUND"),
+    b"incr": (b"NOT_FOUND",),
+    b"decr": (b"NOT_FOUND",),
+    b"flush_all": (b"OK",),
+}
+_NUMERIC_REPLIES = (b"incr", b"decr")
+_NOT_ASKED = object()
+#: Read-verify-write rounds of a signed counter before giving up on a race.
+_CAS_ATTEMPTS = 32
+_RECV_SIZE = 4096  # pymemcache's RECV_SIZE
+
+
+def _read_value(sock: Any, buf: bytes, end: int) -> tuple[bytes, bytes, bytes]:
+    """Receive until ``end`` bytes (a value and its CR LF) are in; return
+    ``(the 2 bytes that should be CR LF, the value, the bytes after them)``,
+    copying the value once."""
+    chunks = [buf]
+    have = len(buf)
+    while have < end:
+        chunk = sock.recv(_RECV_SIZE)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        chunks.append(chunk)
+        have += len(chunk)
+    last = chunks[-1]
+    cut = len(last) - (have - end)  # last[:cut] ends the value and its CR LF
+    rest = last[cut:]
+    if cut >= 2:
+        crlf = last[cut - 2 : cut]
+        chunks[-1] = last[: cut - 2]
+    else:  # cut == 1: the CR ended the previous chunk
+        crlf = chunks[-2][-1:] + last[:1]
+        chunks[-2] = chunks[-2][:-1]
+        chunks[-1] = b""
+    return crlf, b"".join(chunks), rest
+
+
+class GuardedClient(Client):
+    """pymemcache ``Client`` whose connect, sends and reads obey the deadline,
+    whose replies are checked against the protocol, and whose connection is
+    closed whenever a request does not end normally.
+
+    pymemcache closes the socket on an ``Exception`` raised inside a request,
+    but not on a ``BaseException`` (``KeyboardInterrupt`` from a signal
+    handler, a gevent ``Timeout``): the rest of the interrupted reply would
+    then be read as the answer to the next command. Every request goes through
+    ``_fetch_cmd``, ``_store_cmd`` or ``_misc_cmd``; each closes the socket on
+    any exception before passing it on.
+
+    A reply outside the protocol (a ``VALUE`` line with missing or non-numeric
+    fields, a value for a key not asked for or not followed by CR LF, an
+    ``incr`` answered with letters, a ``delete`` answered with anything but
+    ``DELETED``/``NOT_FOUND``) raises ``BadReply`` naming the command and the
+    server, never the reply text (it may hold keys), and closes the connection.
+    pymemcache would raise ``ValueError``/``KeyError`` (programming errors to
+    the error policy), return ``False``, or return the wrong bytes.
+    """
+
+    generation = 0
+
+    def __init__(self, server: Any, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        if getattr(self.serde, "signed", False):  # type: ignore[has-type]
+            # Signed values are not digits memcached can add to.
+            self.incr = self._incr_verified  # type: ignore[method-assign]
+            self.decr = self._decr_verified  # type: ignore[method-assign]
+
+    def _bad_reply(self, command: bytes, what: str) -> BadReply:
+        self.close()
+        return BadReply(
+            f"memcached {hash_node(self.server)} sent a malformed reply to "
+            f"{command.decode(errors='replace')} ({what}); connection closed"
+        )
+
+    def _fetch_cmd(
+        self, name: bytes, keys: Any, expect_cas: bool, key_prefix: bytes = b""
+    ) -> Any:
+        try:
+            return Client._fetch_cmd(self, name, keys, expect_cas, key_prefix)
+        except MemcacheUnknownError:
+            pass  # an unexpected line; its text may hold a key
+        except BaseException:
+            self.close()  # interrupted mid-reply: never reuse the connection
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _extract_value(
+        self,
+        expect_cas: bool,
+        line: bytes,
+        buf: bytes,
+        remapped_keys: dict[bytes, Any],
+        prefixed_keys: list[bytes],
+    ) -> tuple[Any, Any, bytes]:
+        # pymemcache's extension point for one VALUE line and its data, strict:
+        # "VALUE <key> <flags> <bytes> [<cas unique>]" (protocol.txt).
+        command = b"gets" if expect_cas else b"get"
+        parts = line.split()
+        if (
+            len(parts) != (5 if expect_cas else 4)
+            or not parts[2].isdigit()
+            or not parts[3].isdigit()
+            or (expect_cas and not parts[4].isdigit())
+        ):
+            raise self._bad_reply(command, "bad VALUE line")
+        original_key = remapped_keys.get(parts[1], _NOT_ASKED)
+        if original_key is _NOT_ASKED:
+            raise self._bad_reply(command, "a value for a key not asked for")
+        size = int(parts[3])
+        end = size + 2  # the value and its CR LF
+        if len(buf) >= end:  # the common case: the whole value is buffered
+            crlf, data, buf = buf[size:end], buf[:size], buf[end:]
+        else:
+            crlf, data, buf = _read_value(self.sock, buf, end)
+        if crlf != b"\r\n":
+            raise self._bad_reply(command, "value not followed by CR LF")
+        # The serde sees the wire key, as serialize() does (pymemcache would pass
+        # the caller's key here, without key_prefix): a signature covers it all.
+        value = self.serde.deserialize(parts[1], data, int(parts[2]))
+        if expect_cas:
+            return original_key, (value, parts[4]), buf
+        return original_key, value, buf
+
+    def send_get(self, keys: list[Any], expect_cas: bool = False) -> dict[bytes, Any]:
+        """Send ``get`` (``gets`` with ``expect_cas``) for ``keys`` without
+        waiting for the reply; ``read_get`` reads it. Returns what ``read_get``
+        needs (wire key -> key). Lets a sharded ``get_many`` ask every server
+        before it waits for any."""
+        remapped = {self.check_key(k, self.key_prefix): k for k in keys}
+        command = b"gets " if expect_cas else b"get "
+        try:
+            if self.sock is None:
+                self._connect()
+            self.sock.sendall(command + b" ".join(remapped) + b"\r\n")  # type: ignore[union-attr]
+        except BaseException:
+            self.close()
+            raise
+        return remapped
+
+    def read_get(self, remapped: dict[bytes, Any], expect_cas: bool = False) -> dict:
+        """Read the reply to ``send_get``: ``{key: value}`` of the keys found."""
+        command = b"gets" if expect_cas else b"get"
+        result: dict[Any, Any] = {}
+        buf = b""
+        try:
+            while True:
+                buf, line = _readline(self.sock, buf)
+                if line == b"END":
+                    if buf:  # more than one reply: the stream is out of step
+                        raise self._bad_reply(command, "bytes after END")
+                    return result
+                if line[:6] == b"VALUE ":
+                    key, value, buf = self._extract_value(
+                        expect_cas, line, buf, remapped, []
+                    )
+                    result[key] = value
+                else:
+                    self._raise_errors(line, command)  # SERVER_ERROR ...
+                    raise self._bad_reply(command, "unexpected line")
+        except BaseException:
+            self.close()
+            raise
+
+    def _drop_rejected(self, key: bytes) -> bool:
+        """Delete the item under wire ``key`` if the serde rejects its value
+        (guarded by the CAS it was read with); True if it was deleted."""
+        item = meta_get(self, [key])[0]
+        if item is None:
+            return False
+        if self.serde.deserialize(key, item.value or b"", item.flags) is not MISS:
+            return False
+        return meta_delete(self, [(key, item.cas)])[0]
+
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        expire: int = 0,
+        noreply: bool | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        """pymemcache's ``add``; a key whose value the serde rejects (a bad
+        signature, undecodable: it reads as a miss) counts as absent too: that
+        value is deleted, guarded by the CAS it was read with so a value
+        written meanwhile is kept, and the ``add`` retried once. Costs one
+        round trip more only when the ``add`` is refused."""
+        stored = Client.add(self, key, value, expire, noreply, flags)
+        if stored:
+            return True
+        wire = self.check_key(key, self.key_prefix)
+        if self._drop_rejected(wire):
+            return bool(Client.add(self, key, value, expire, noreply, flags))
+        return False
+
+    def _incr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
+        return self._add_verified(key, value)
+
+    def _decr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
+        return self._add_verified(key, -value)
+
+    def _add_verified(self, key: Any, delta: int) -> int | None:
+        """``incr``/``decr`` of a value the serde signs: read it (``mg``),
+        verify and decode it, write the sum back only if nobody changed it
+        since (``ms ... C<cas>``, keeping its TTL), retrying on a race.
+
+        Returns the new value, or None when the key is absent or its value is
+        rejected (memcached's ``NOT_FOUND``). Follows memcached's arithmetic
+        (unsigned 64-bit: ``incr`` wraps, ``decr`` stops at 0); a value that is
+        not an int raises ``MemcacheClientError`` as memcached's own reply does.
+        """
+        wire = self.check_key(key, self.key_prefix)
+        for _ in range(_CAS_ATTEMPTS):
+            item = meta_get(self, [wire])[0]
+            if item is None:
+                return None
+            number = self.serde.deserialize(wire, item.value or b"", item.flags)
+            if number is MISS:
+                return None
+            if type(number) is not int or not 0 <= number < 2**64:
+                raise MemcacheClientError(
+                    b"cannot increment or decrement non-numeric value"
+                )
+            new = (number + delta) % 2**64 if delta >= 0 else max(number + delta, 0)
+            data, flags = self.serde.serialize(wire, new)
+            exptime = exptime_for(item.ttl, time.time())
+            if exptime is None:  # a second or less left: keep it that short
+                exptime = 1
+            stored = set_if_unchanged(self, wire, data, flags, exptime, item.cas)
+            if stored:
+                return new
+            if stored is None:
+                return None
+        raise MemcacheServerError(
+            b"counter changed by others on every attempt; not updated"
+        )
+
+    def _store_cmd(
+        self,
+        name: bytes,
+        values: Any,
+        expire: int,
+        noreply: bool,
+        flags: int | None = None,
+        cas: bytes | None = None,
+    ) -> Any:
+        try:
+            return Client._store_cmd(self, name, values, expire, noreply, flags, cas)
+        except MemcacheUnknownError:
+            pass
+        except BaseException:
+            self.close()
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _misc_cmd(
+        self, cmds: Any, cmd_name: bytes, noreply: bool | None, end_tokens: Any = None
+    ) -> Any:
+        try:
+            results = Client._misc_cmd(self, cmds, cmd_name, noreply, end_tokens)
+        except MemcacheUnknownError:
+            results = None
+        except BaseException:
+            self.close()
+            raise
+        if results is None:
+            raise self._bad_reply(cmd_name, "unexpected line")
+        expected = _MISC_REPLIES.get(cmd_name)
+        if expected is not None:
+            for line in results:
+                if line not in expected and not (
+                    cmd_name in _NUMERIC_REPLIES and line.isdigit()
+                ):
+                    raise self._bad_reply(cmd_name, "unexpected line")
+        return results
+
+    def _connect(self) -> None:
+        left = check_deadline()
+        configured: float | None = self.connect_timeout  # type: ignore[has-type]
+        if left is not None and (configured is None or left < configured):
+            self.connect_timeout = left
+        try:
+            super()._connect()
+        finally:
+            self.connect_timeout = configured  # type: ignore[assignment]
+        self.sock = _GuardedSocket(self.sock, self.timeout)  # type: ignore

@@ -1,0 +1,68 @@
+"""Every span, attribute, metric and tag name the package emits, in one place.
+
+Attribute names follow OpenTelemetry's semantic conventions where one exists
+(``db.system``, ``db.operation.name``, ``server.address``, ``error.type``);
+metric names are the original OpenCensus pymemcache integration's. Changing a
+value here changes what users' dashboards and alerts see.
+"""
+
+from __future__ import annotations
+
+# -- cache spans ------------------------------------------------------------------
+
+SPAN_PREFIX = "cache."
+ATTR_DB_SYSTEM = "db.system"
+ATTR_OPERATION = "db.operation.name"
+ATTR_BATCH_SIZE = "db.operation.batch.size"
+ATTR_HIT = "cache.hit"
+ATTR_HITS = "cache.hits"
+ATTR_ALIAS = "cache.alias"
+ATTR_KEY = "cache.key"
+ATTR_KEY_HASH = "cache.key.hash"
+ATTR_IGNORED = "cache.error.ignored"
+ATTR_SERVER_ADDRESS = "server.address"
+ATTR_SERVER_PORT = "server.port"
+ATTR_ERROR_TYPE = "error.type"
+
+# -- request spans (RequestSpanMiddleware) ------------------------------------------
+
+ATTR_HTTP_METHOD = "http.method"
+ATTR_HTTP_ROUTE = "http.route"
+ATTR_HTTP_STATUS = "http.status_code"
+ATTR_CACHE_CALLS = "cache.calls"
+ATTR_CACHE_HITS = "cache.hits"
+ATTR_CACHE_MISSES = "cache.misses"
+ATTR_CACHE_ERRORS = "cache.errors"
+ATTR_CACHE_TIME = "cache.duration_ms"
+
+# -- metrics ----------------------------------------------------------------------
+
+#: Measures kept from the original OpenCensus pymemcache integration.
+MEASURE_LATENCY = "pymemcache/latency"  # milliseconds
+MEASURE_CALLS = "pymemcache/calls"
+MEASURE_LOOKUPS = "pymemcache/lookups"
+TAG_METHOD = "method"
+TAG_STATUS = "status"  # "ok" | "error"
+TAG_ERROR = "error"  # exception class name, "" when ok
+TAG_CACHE = "cache"  # alias or LABEL
+TAG_RESULT = "result"  # "hit" | "miss"
+
+#: Latency bucket upper bounds in milliseconds: sub-millisecond steps for a
+#: loopback memcached (~0.03 ms), then up to the default 1 s socket timeout and
+#: beyond. No 0 bound (OpenCensus and Prometheus both reject or waste it).
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+)  # fmt: skip
+
+#: Prometheus families (``_total`` is added to counters by prometheus_client).
+PROM_LATENCY = "pymemcache_latency_ms"
+PROM_CALLS = "pymemcache_calls"
+PROM_LOOKUPS = "pymemcache_lookups"
+PROM_SPANS_DROPPED = "django_ocmemcache_spans_dropped"
+PROM_EXPORT_FAILURES = "django_ocmemcache_span_export_failures"
+
+#: Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
+OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE = (
+    0, 2, 3, 4, 13, 14,
+)  # fmt: skip
