@@ -33,7 +33,6 @@ from ..protocol import exptime_for
 from ..serializers import MISS
 from .deadline import check_deadline
 from .deadline import local as _local
-from .meta import delete_many as meta_delete
 from .meta import get_many as meta_get
 from .meta import set_if_unchanged
 
@@ -353,16 +352,6 @@ class GuardedClient(Client):
             self.close()
             raise
 
-    def _drop_rejected(self, key: bytes) -> bool:
-        """Delete the item under wire ``key`` if the serde rejects its value
-        (guarded by the CAS it was read with); True if it was deleted."""
-        item = meta_get(self, [key])[0]
-        if item is None:
-            return False
-        if self.serde.deserialize(key, item.value or b"", item.flags) is not MISS:
-            return False
-        return meta_delete(self, [(key, item.cas)])[0]
-
     def add(
         self,
         key: Any,
@@ -372,17 +361,23 @@ class GuardedClient(Client):
         flags: int | None = None,
     ) -> bool:
         """pymemcache's ``add``; a key whose value the serde rejects (a bad
-        signature, undecodable: it reads as a miss) counts as absent too: that
-        value is deleted, guarded by the CAS it was read with so a value
-        written meanwhile is kept, and the ``add`` retried once. Costs one
-        round trip more only when the ``add`` is refused."""
+        signature, undecodable: it reads as a miss) counts as absent too.
+
+        When memcached refuses the ``add``, the value in the way is read with
+        its CAS (``gets``); if the serde rejects it, ``value`` replaces it only
+        if nobody changed it since (``cas``), so a good value written meanwhile
+        by another process is kept. Costs one or two round trips more, only for
+        a refused ``add``; classic commands only, so it works through twemproxy.
+        """
         stored = Client.add(self, key, value, expire, noreply, flags)
         if stored:
             return True
-        wire = self.check_key(key, self.key_prefix)
-        if self._drop_rejected(wire):
+        found, token = Client.gets(self, key, None, None)
+        if token is None:  # gone meanwhile: absent now
             return bool(Client.add(self, key, value, expire, noreply, flags))
-        return False
+        if found is not MISS:
+            return False
+        return bool(Client.cas(self, key, value, token, expire, noreply, flags))
 
     def _incr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
         return self._add_verified(key, value)

@@ -290,23 +290,24 @@ def test_rejected_value_get_or_set_runs_its_callable_once(rejected_cache):
     assert len(calls) == 1
 
 
-def test_dropping_a_rejected_value_never_removes_a_newer_good_one(
+def test_replacing_a_rejected_value_never_removes_a_newer_good_one(
     memcached, make_cache, monkeypatch
 ):
-    # add() deletes the rejected value with the CAS it was read with: a good
-    # value written in between by another process survives, and add() fails.
-    from django_ocmemcache.client import guarded
+    # add() replaces the rejected value only if it is unchanged since it was read
+    # (cas): a good value written in between by another process survives, and
+    # add() fails as it should.
+    from pymemcache.client.base import Client
 
     cache = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
     other = make_cache(memcached.location, OPTIONS={"SERIALIZER": "signed-pickle"})
     _raw_set(memcached, ":1:k", b"\x80\x04K\x01.", 1)
-    real = guarded.meta_delete
+    real = Client.cas
 
-    def racing_delete(node, items):
-        other.set("k", "good")  # lands between the read and the guarded delete
-        return real(node, items)
+    def racing_cas(self, *args, **kwargs):
+        other.set("k", "good")  # lands between the read and the guarded write
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(guarded, "meta_delete", racing_delete)
+    monkeypatch.setattr(Client, "cas", racing_cas)
     assert cache.add("k", "mine") is False
     monkeypatch.undo()
     assert cache.get("k") == "good"
