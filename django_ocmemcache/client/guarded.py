@@ -184,18 +184,15 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-#: Replies ``_misc_cmd`` accepts per command (incr/decr: also a number);
-#: pymemcache reads anything else as "not found" (delete, touch) or fails in
-#: ``int()`` (incr, decr).
-_MISC_REPLIES: dict[bytes, tuple[bytes, ...]] = {
-    b"delete": (b"DELETED", b"NOT_FOUND"),
-    b"touch": (b"TOUCHED", b"NOT_FOUND"),
-    b"incr": (b"NOT_FOUND",),
-    b"decr": (b"NOT_FOUND",),
-    b"flush_all": (b"OK",),
+#: Replies ``_misc_cmd`` accepts per command; ``incr``/``decr`` answer digits or
+#: ``NOT_FOUND``. pymemcache reads anything else as "not found" (delete, touch)
+#: or fails in ``int()`` (incr, decr).
+_MISC_REPLIES: dict[bytes, frozenset[bytes]] = {
+    b"delete": frozenset((b"DELETED", b"NOT_FOUND")),
+    b"touch": frozenset((b"TOUCHED", b"NOT_FOUND")),
+    b"flush_all": frozenset((b"OK",)),
 }
-_NUMERIC_REPLIES = (b"incr", b"decr")
-_NOT_ASKED = object()
+_COUNTERS = frozenset((b"incr", b"decr"))
 #: Read-verify-write rounds of a signed counter before giving up on a race.
 _CAS_ATTEMPTS = 32
 _RECV_SIZE = 4096  # pymemcache's RECV_SIZE
@@ -284,32 +281,36 @@ class GuardedClient(Client):
         prefixed_keys: list[bytes],
     ) -> tuple[Any, Any, bytes]:
         # pymemcache's extension point for one VALUE line and its data, strict:
-        # "VALUE <key> <flags> <bytes> [<cas unique>]" (protocol.txt).
-        command = b"gets" if expect_cas else b"get"
-        parts = line.split()
-        if (
-            len(parts) != (5 if expect_cas else 4)
-            or not parts[2].isdigit()
-            or not parts[3].isdigit()
-            or (expect_cas and not parts[4].isdigit())
-        ):
-            raise self._bad_reply(command, "bad VALUE line")
-        original_key = remapped_keys.get(parts[1], _NOT_ASKED)
-        if original_key is _NOT_ASKED:
-            raise self._bad_reply(command, "a value for a key not asked for")
-        size = int(parts[3])
+        # "VALUE <key> <flags> <bytes> [<cas unique>]" (protocol.txt), the key one
+        # asked for, the value followed by CR LF.
+        cas = b"0"
+        try:
+            if expect_cas:
+                _, key, flags_text, size_text, cas = line.split()
+            else:
+                _, key, flags_text, size_text = line.split()
+            original_key = remapped_keys[key]
+            flags, size = int(flags_text), int(size_text)
+        except (ValueError, KeyError):  # raised below: their text holds the key
+            size = -1
+        if size < 0 or not cas.isdigit():
+            raise self._bad_reply(b"gets" if expect_cas else b"get", "bad VALUE line")
         end = size + 2  # the value and its CR LF
         if len(buf) >= end:  # the common case: the whole value is buffered
-            crlf, data, buf = buf[size:end], buf[:size], buf[end:]
+            crlf = buf[size:end]
+            data = buf[:size]
+            buf = buf[end:]
         else:
             crlf, data, buf = _read_value(self.sock, buf, end)
         if crlf != b"\r\n":
-            raise self._bad_reply(command, "value not followed by CR LF")
+            raise self._bad_reply(
+                b"gets" if expect_cas else b"get", "value not followed by CR LF"
+            )
         # The serde sees the wire key, as serialize() does (pymemcache would pass
         # the caller's key here, without key_prefix): a signature covers it all.
-        value = self.serde.deserialize(parts[1], data, int(parts[2]))
+        value = self.serde.deserialize(key, data, flags)
         if expect_cas:
-            return original_key, (value, parts[4]), buf
+            return original_key, (value, cas), buf
         return original_key, value, buf
 
     def send_get(self, keys: list[Any], expect_cas: bool = False) -> dict[bytes, Any]:
@@ -451,13 +452,16 @@ class GuardedClient(Client):
             raise
         if results is None:
             raise self._bad_reply(cmd_name, "unexpected line")
-        expected = _MISC_REPLIES.get(cmd_name)
-        if expected is not None:
+        if cmd_name in _COUNTERS:
             for line in results:
-                if line not in expected and not (
-                    cmd_name in _NUMERIC_REPLIES and line.isdigit()
-                ):
+                if not line.isdigit() and line != b"NOT_FOUND":
                     raise self._bad_reply(cmd_name, "unexpected line")
+        else:
+            expected = _MISC_REPLIES.get(cmd_name)
+            if expected is not None:
+                for line in results:
+                    if line not in expected:
+                        raise self._bad_reply(cmd_name, "unexpected line")
         return results
 
     def _connect(self) -> None:
