@@ -4,7 +4,7 @@ VENV ?= .venv
 DJANGO ?= Django>=5.2,<6.0
 export PYTHON VENV DJANGO
 
-.PHONY: test demo bench lint reliability
+.PHONY: test demo bench lint reliability docs package
 
 test:            ## install memcached + deps, then run the whole suite
 	bash scripts/test.sh $(PYTEST_ARGS)
@@ -23,3 +23,9 @@ lint:            ## ruff + mypy on the package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check django_ocmemcache
 	$(VENV)/bin/mypy django_ocmemcache
+
+docs:            ## the MkDocs site into site/ (warnings are errors) + README link check
+	bash scripts/docs.sh
+
+package:         ## sdist + wheel, twine check --strict, fresh install of the wheel
+	bash scripts/package.sh

@@ -200,9 +200,12 @@ def incr_case() -> Case:
     return Case("incr", "ops/s", 1, build, setup)
 
 
-def get_or_set_case() -> Case:
+def get_or_set_case(callable_default: bool = False) -> Case:
+    """``get_or_set`` on a key that is there; the default a constant, or a
+    callable (the stampede-protected path)."""
     prefix = "gos"
     value = b"v" * 100
+    default: Any = (lambda: b"miss") if callable_default else b"miss"
 
     def setup(env: Env) -> None:
         env.raw[1].set_many(
@@ -224,11 +227,12 @@ def get_or_set_case() -> Case:
 
         def fn2(n: int) -> None:
             for i in range(n):
-                get_or_set(keys2[i % NKEYS], b"miss", 300)
+                get_or_set(keys2[i % NKEYS], default, 300)
 
         return fn2
 
-    return Case("get_or_set hit", "ops/s", 1, build, setup)
+    name = "get_or_set hit, callable" if callable_default else "get_or_set hit"
+    return Case(name, "ops/s", 1, build, setup)
 
 
 # -- one request through Django's WSGI handler ---------------------------------
@@ -291,5 +295,6 @@ def all_cases() -> list[Case]:
         set_many_case(3),
         incr_case(),
         get_or_set_case(),
+        get_or_set_case(callable_default=True),
         request_case(),
     ]

@@ -10,7 +10,15 @@ class OCMemcacheConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
+        from django.core.exceptions import ImproperlyConfigured
+
         from . import checks  # noqa: F401  (registers the checks)
         from .telemetry.metrics import install
 
-        install()
+        try:
+            install()
+        except ImproperlyConfigured:
+            # Reported in one line by the django_ocmemcache.E005 check (a raise
+            # here would be a traceback before any check runs), and raised
+            # again where the setting is used.
+            pass

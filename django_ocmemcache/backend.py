@@ -15,15 +15,21 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import keys
+from . import herd, keys
+from .asyncapi import AsyncCacheMethods
 from .client.deadline import deadline_scope, end_deadline_scope
-from .client.pool import ClientPool, drop_closed_connections, get_pool
-from .conf import BackendOptions, parse_location
+from .client.pool import (
+    ClientPool,
+    UnconfiguredPool,
+    drop_closed_connections,
+    get_pool,
+)
+from .conf import BackendOptions, alias_message, parse_location
 from .fallback import FallbackPool, get_fallback_pool
 from .policy import get_policy
 from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
@@ -45,6 +51,7 @@ class _CallState(threading.local):
     hits = 0
     misses = 0
     error: BaseException | None = None
+    herd: tuple[str, float] | None = None
 
 
 _state = _CallState()
@@ -86,7 +93,7 @@ def operation(
                     st.depth = 0
                     end_deadline_scope()
             st.hits = st.misses = 0
-            st.error = None
+            st.error = st.herd = None
             call = tel.start(self, name, args, kwargs)
             try:
                 try:
@@ -95,11 +102,11 @@ def operation(
                     result = _failed(self, name, exc, on_failure, args, kwargs)
             except BaseException as exc:
                 if call is not None:
-                    call.finish(st.hits, st.misses, exc, st.error)
+                    call.finish(st.hits, st.misses, exc, st.error, st.herd)
                 raise
             else:
                 if call is not None:
-                    call.finish(st.hits, st.misses, None, st.error)
+                    call.finish(st.hits, st.misses, None, st.error, st.herd)
                 return result
             finally:
                 st.depth = 0
@@ -194,30 +201,15 @@ def _drop_closed_connections(**kwargs: Any) -> None:
 request_started.connect(_drop_closed_connections, dispatch_uid="django_ocmemcache")
 
 
-def _async(name: str) -> Callable[..., Any]:
-    """``a<name>``: run this backend's own ``<name>`` in Django's sync thread.
-
-    Django 5.2's ``BaseCache`` builds ``aincr``, ``aget_or_set``, ``aget_many``
-    … out of several ``aget``/``aset`` calls (``aincr`` is a get then a set,
-    not atomic); here every async variant is the one sync call, with its one span.
-    """
-
-    async def method(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
-        call = sync_to_async(getattr(self, name), thread_sensitive=True)
-        return await call(*args, **kwargs)
-
-    method.__name__ = method.__qualname__ = f"a{name}"
-    method.__doc__ = f"Async ``{name}()``: the same call and result."
-    return method
-
-
-class OCMemcacheCache(BaseCache):
+class OCMemcacheCache(AsyncCacheMethods, BaseCache):
     """A Django cache backend for memcached with tracing, metrics and failure policy.
 
     ``server`` is Django's ``LOCATION``: a string of servers joined by ``;`` or
     ``,`` (``"127.0.0.1:11211"``, ``"unix:/path"``, ``"[::1]:11211"``) or a list.
-    ``params`` is the rest of the ``CACHES`` entry. Raises
-    ``ImproperlyConfigured`` naming the setting at fault.
+    ``params`` is the rest of the ``CACHES`` entry. An invalid entry does not
+    raise here (Django's own cache checks build every cache before ours run):
+    ``config_error`` holds the one-line ``ImproperlyConfigured`` naming
+    ``CACHES['<alias>']`` and the setting, and every cache call raises it.
 
     Rules shared by every method (Django's cache contract, memcached's limits):
 
@@ -240,16 +232,40 @@ class OCMemcacheCache(BaseCache):
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
+        try:
+            self._configure(server, params)
+        except ImproperlyConfigured as exc:
+            # Django's own cache checks build every cache (caches[alias]) before
+            # ours can report a bad entry: keep the error for the first call, so
+            # `manage.py check` shows django_ocmemcache.E001, not a traceback.
+            self._unusable(alias_message(str(exc), server, params))
+
+    def _unusable(self, message: str) -> None:
+        error = ImproperlyConfigured(message)
+        self.config_error: ImproperlyConfigured | None = error
+        self._options = BackendOptions()
+        self._servers: list[Any] = []
+        self._pool: ClientPool | FallbackPool = UnconfiguredPool(error)  # type: ignore[assignment]
+        self._errors = get_policy(self._pool, False)
+        self._deadline: float | None = None
+        self._key_prefix = b""
+        self._herd = herd.Options.of(self._options)
+        self._telemetry = None
+
+    def _configure(self, server: Any, params: dict[str, Any]) -> None:
+        self.config_error = None
         self._options = options = BackendOptions.from_params(params)
         self._servers = parse_location(server)
         kwargs = dict(options.client_kwargs)
         kwargs.setdefault("serde", load_serde(options.serializer))
-        self._pool: ClientPool | FallbackPool = get_pool(self._servers, kwargs)
+        self._pool = get_pool(self._servers, kwargs)
         if options.fallback_location is not None:
             fallback = options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
         self._errors = get_policy(self._pool, options.ignore_exceptions)
         self._deadline = options.call_deadline
+        self._serde = kwargs["serde"]
+        self._herd = herd.Options.of(options)
         #: pymemcache's ``key_prefix`` option: on the wire before every key.
         self._key_prefix = options.key_prefix
         self._telemetry = self._load_telemetry(server, params)
@@ -457,26 +473,35 @@ class OCMemcacheCache(BaseCache):
 
         A callable ``default`` runs outside this call: cache calls it makes are
         calls of their own (spans, metrics), and its run time does not count
-        against ``DEADLINE``.
-        """
-        value = self.get(key, _MISSING, version=version)
-        if value is not _MISSING:
-            return value
-        if callable(default):
-            default = self._run_outside_call(default)
-        self.add(key, default, timeout=timeout, version=version)
-        # Read again: another caller may have added a value since the get().
-        return self.get(key, default, version=version)
+        against ``DEADLINE``. On a miss only one caller runs it (``herd.py``)."""
+        opts = self._herd
+        if opts.recache_within is None or not (opts.wait and callable(default)):
+            value = self.get(key, _MISSING, version=version)
+            if value is not _MISSING:
+                return value
+            if not (opts.wait and callable(default)):
+                if callable(default):
+                    default = self._run_outside_call(default)
+                self.add(key, default, timeout=timeout, version=version)
+                # Read again: another caller may have added a value since the get().
+                return self.get(key, default, version=version)
+        request = herd.Request(self, key, default, timeout, version)
+        value, outcome, waited = herd.get_or_set(request, opts)
+        if outcome is not None and self._telemetry is not None:
+            _state.herd = (outcome, waited)  # the call state only feeds telemetry
+        return value
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
         st = _state
-        saved = st.depth, st.hits, st.misses, st.error
+        saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:
             return fn()
         finally:
-            st.depth, st.hits, st.misses, st.error = saved
+            st.depth, st.hits, st.misses, st.error, st.herd = saved
             deadline_scope(self._deadline)  # the rest of the call starts afresh
+
+    invalidate = operation("invalidate", _false)(herd.invalidate)
 
     @operation("has_key", _false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
@@ -573,25 +598,3 @@ class OCMemcacheCache(BaseCache):
             "totals": totals,
             "process": {"hits": pool.hits, "misses": pool.misses},
         }
-
-    # -- async variants: each is the sync call above, run by sync_to_async ----
-
-    aadd = _async("add")
-    aget = _async("get")
-    aset = _async("set")
-    atouch = _async("touch")
-    adelete = _async("delete")
-    aget_many = _async("get_many")
-    aset_many = _async("set_many")
-    adelete_many = _async("delete_many")
-    aincr = _async("incr")
-    adecr = _async("decr")
-    aget_or_set = _async("get_or_set")
-    ahas_key = _async("has_key")
-    aincr_version = _async("incr_version")
-    adecr_version = _async("decr_version")
-    aclear = _async("clear")
-    aclose = _async("close")
-    agets = _async("gets")
-    acas = _async("cas")
-    aget_stats = _async("get_stats")

@@ -1,13 +1,21 @@
-"""Django system checks for caches using ``OCMemcacheCache``.
+"""Django system checks for caches using ``OCMemcacheCache`` and its settings.
 
-Ids: ``E001`` invalid configuration; ``W001`` no timeouts; ``W002`` pymemcache's
-``ignore_exc`` set; ``W003`` unsigned pickle to a server that is neither loopback
-nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``. Each has a hint.
+Errors: ``E001`` a ``CACHES`` entry that cannot be used (``LOCATION``,
+``OPTIONS``); ``E002`` a top-level key of the entry Django does not read;
+``E003`` an ``OPENCENSUS["TRACE"]`` component that cannot be imported;
+``E004`` the middleware order; ``E005`` an invalid ``settings.OCMEMCACHE``.
+Warnings: ``W001`` no timeouts; ``W002`` pymemcache's ``ignore_exc`` set;
+``W003`` (``check --deploy`` only) unsigned pickle to a server that is neither
+loopback nor TLS; ``W004`` two aliases share a server and a ``KEY_PREFIX``;
+``W005`` ``RECACHE_WITHIN`` not below ``TIMEOUT``. Each message is one line
+naming the setting; each has a hint.
 """
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
+import re
 from typing import Any
 
 from django.conf import settings
@@ -15,6 +23,14 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
 BACKEND_PATH = "django_ocmemcache.backend.OCMemcacheCache"
+DOCS_SETTINGS = "docs/settings.md"
+
+#: Modules an extra of this package installs, and the extra's name.
+EXTRAS = {
+    "opencensus.ext.zipkin": "zipkin",
+    "prometheus_client": "prometheus",
+    "tqdm": "progress",
+}
 
 
 def our_caches() -> dict[str, dict[str, Any]]:
@@ -31,24 +47,136 @@ def our_caches() -> dict[str, dict[str, Any]]:
 def check_configuration(
     app_configs: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E001: the alias' ``LOCATION``/``OPTIONS`` cannot be parsed."""
+    """E001: the alias' ``LOCATION``/``OPTIONS`` cannot be used; E002: a
+    top-level key Django does not read (or a ``TIMEOUT`` it would replace)."""
     from .backend import OCMemcacheCache
+    from .conf import check_entry_keys
 
     errors: list[checks.CheckMessage] = []
     for alias, conf in our_caches().items():
         params = {k: v for k, v in conf.items() if k not in ("BACKEND", "LOCATION")}
-        try:
-            OCMemcacheCache(conf.get("LOCATION", "127.0.0.1:11211"), params)
-        except ImproperlyConfigured as exc:
+        # Built as Django builds it; a bad entry keeps its error for the first
+        # call instead of raising (see OCMemcacheCache.__init__).
+        cache = OCMemcacheCache(conf.get("LOCATION", ""), params)
+        message = str(cache.config_error or "")
+        if message and "OCMEMCACHE[" not in message:  # that one is E005
+            # The backend guessed its alias by matching entries; here it is known.
+            message = re.sub(r"^CACHES\[[^\]]*\]: ", "", message)
             errors.append(
                 checks.Error(
-                    f"CACHES[{alias!r}] is not a valid django-ocmemcache cache: {exc}",
-                    hint="Fix LOCATION or OPTIONS as the message says; see README "
-                    "'Settings'.",
+                    f"CACHES[{alias!r}]: {message}",
+                    hint=f"Fix the setting as the message says; {DOCS_SETTINGS} "
+                    "lists every LOCATION form and OPTIONS key.",
                     id="django_ocmemcache.E001",
                 )
             )
+        for problem in check_entry_keys(conf):
+            errors.append(
+                checks.Error(
+                    f"CACHES[{alias!r}]: {problem}",
+                    hint="Django ignores keys it does not read; ours go in OPTIONS "
+                    f"(UPPERCASE), pymemcache's too (lowercase); see {DOCS_SETTINGS}.",
+                    id="django_ocmemcache.E002",
+                )
+            )
     return errors
+
+
+def extra_hint(module: str) -> str:
+    """``pip install "django-ocmemcache[<extra>]"`` when an extra provides
+    ``module``, else a generic hint."""
+    for prefix, extra in EXTRAS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return f'pip install "django-ocmemcache[{extra}]"'
+    return "Install the package that provides it, or fix the dotted path."
+
+
+@checks.register(checks.Tags.compatibility)
+def check_opencensus(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E003: ``OPENCENSUS["TRACE"]`` names a sampler, exporter or propagator
+    that cannot be imported (the site would fail at its first request)."""
+    from .conf import opencensus_trace
+
+    trace = opencensus_trace()
+    errors: list[checks.CheckMessage] = []
+    for name in ("SAMPLER", "EXPORTER", "PROPAGATOR"):
+        expr = trace.get(name)
+        if not isinstance(expr, str):
+            continue
+        m = re.match(r"\s*([\w.]+)\s*(\(|$)", expr)
+        if not m or "." not in m[1]:
+            continue
+        module, _, attr = m[1].rpartition(".")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            errors.append(
+                checks.Error(
+                    f"OPENCENSUS['TRACE'][{name!r}] names {m[1]!r}, which cannot "
+                    f"be imported ({exc})",
+                    hint=extra_hint(module),
+                    id="django_ocmemcache.E003",
+                )
+            )
+    return errors
+
+
+@checks.register(checks.Tags.compatibility)
+def check_middleware(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E004: ``RequestSpanMiddleware`` listed before opencensus-ext-django's."""
+    from .middleware import _check_order
+
+    try:
+        _check_order()
+    except ImproperlyConfigured as exc:
+        return [
+            checks.Error(
+                str(exc).split(";")[0],
+                hint="Move 'django_ocmemcache.middleware.RequestSpanMiddleware' "
+                "below 'opencensus.ext.django.middleware.OpencensusMiddleware' "
+                "in MIDDLEWARE, so that it annotates that middleware's request "
+                "span instead of opening a second one.",
+                id="django_ocmemcache.E004",
+            )
+        ]
+    return []
+
+
+@checks.register(checks.Tags.compatibility)
+def check_project_settings(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
+    (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
+    from .conf import project_settings
+
+    try:
+        conf = project_settings()
+    except ImproperlyConfigured as exc:
+        return [
+            checks.Error(
+                str(exc),
+                hint=f"{DOCS_SETTINGS} lists every OCMEMCACHE key with its default.",
+                id="django_ocmemcache.E005",
+            )
+        ]
+    if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
+        try:
+            importlib.import_module("prometheus_client")
+        except ImportError:
+            return [
+                checks.Error(
+                    "OCMEMCACHE['PROMETHEUS_REGISTER'] needs prometheus_client, "
+                    "which is not installed",
+                    hint=extra_hint("prometheus_client"),
+                    id="django_ocmemcache.E005",
+                )
+            ]
+    return []
 
 
 def _options(conf: dict[str, Any]) -> Any:
@@ -64,7 +192,7 @@ def _servers(conf: dict[str, Any]) -> list[Any]:
     from .conf import parse_location
 
     try:
-        return parse_location(conf.get("LOCATION", "127.0.0.1:11211"))
+        return parse_location(conf.get("LOCATION", ""))
     except ImproperlyConfigured:
         return []
 
@@ -82,12 +210,12 @@ def _is_private_link(server: Any) -> bool:
         return False
 
 
-@checks.register(checks.Tags.caches, checks.Tags.security)
+@checks.register(checks.Tags.caches)
 def check_reliability(
     app_configs: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """W001 no timeouts, W002 ``ignore_exc``, W003 unsigned pickle over a network,
-    W004 aliases sharing servers and ``KEY_PREFIX``."""
+    """W001 no timeouts, W002 ``ignore_exc``, W004 aliases sharing servers and
+    ``KEY_PREFIX``, W005 ``RECACHE_WITHIN`` not below ``TIMEOUT``."""
     messages: list[checks.CheckMessage] = []
     for alias, conf in our_caches().items():
         opts = _options(conf)
@@ -107,8 +235,41 @@ def check_reliability(
                     id="django_ocmemcache.W002",
                 )
             )
-        messages += _check_unsigned_pickle(alias, conf, opts)
+        messages += _check_recache_within(alias, conf, opts)
     return messages + _check_shared_prefixes()
+
+
+@checks.register(checks.Tags.caches, checks.Tags.security, deploy=True)
+def check_deployment(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W003 (``check --deploy``): unsigned pickles to a server off this host
+    without TLS. Deployment advice, as Django's ``security.W0xx`` checks are."""
+    messages: list[checks.CheckMessage] = []
+    for alias, conf in our_caches().items():
+        opts = _options(conf)
+        if opts is not None:
+            messages += _check_unsigned_pickle(alias, conf, opts)
+    return messages
+
+
+def _check_recache_within(
+    alias: str, conf: dict[str, Any], opts: Any
+) -> list[checks.CheckMessage]:
+    within, timeout = opts.recache_within, conf.get("TIMEOUT", 300)
+    if within is None or not isinstance(timeout, (int, float)) or within < timeout:
+        return []
+    return [
+        checks.Warning(
+            f"CACHES[{alias!r}] has OPTIONS['RECACHE_WITHIN'] = {within} s, not "
+            f"below its TIMEOUT ({timeout} s): every value get_or_set stores with "
+            "the default timeout is due for an early recompute at once, so the key "
+            "is recomputed back to back.",
+            hint="Set RECACHE_WITHIN to a small part of the timeouts (a few seconds "
+            "for a 300 s TIMEOUT): the time one recompute takes, with a margin.",
+            id="django_ocmemcache.W005",
+        )
+    ]
 
 
 def _check_timeouts(alias: str, opts: Any) -> list[checks.CheckMessage]:
@@ -144,8 +305,12 @@ def _check_unsigned_pickle(
             f"CACHES[{alias!r}] stores unsigned pickles on {remote[0][0]}, which is "
             "neither loopback nor reached over TLS: anyone who can write to that "
             "memcached can run code in this site through cache.get().",
-            hint="Set OPTIONS['SERIALIZER'] = 'signed-pickle' (or 'json'), and/or "
-            "pass a tls_context; see README 'Security'.",
+            hint="If the network to it is not trusted, pass a tls_context, or set "
+            "OPTIONS['SERIALIZER'] = 'signed-pickle'. Trade-off: signed values "
+            "are not readable by Django's PyMemcacheCache and existing unsigned "
+            "values read as misses, so switching empties the cache; switch during "
+            "a server migration (FALLBACK_LOCATION + warm-cache). See "
+            "docs/failures.md, 'Security advice'.",
             id="django_ocmemcache.W003",
         )
     ]

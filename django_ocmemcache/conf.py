@@ -4,20 +4,26 @@
   ``PyMemcacheCache`` hands every ``OPTIONS`` key to pymemcache's
   ``HashClient``. This backend does the same for lowercase keys, so a project
   can switch ``BACKEND`` without touching anything else, and reads UPPERCASE
-  keys itself. An unknown key of either kind raises ``ImproperlyConfigured``
-  naming it.
+  keys itself.
 - ``CACHES[alias]["LOCATION"]`` and ``OPTIONS["FALLBACK_LOCATION"]``
   (``parse_location``).
 - ``settings.OCMEMCACHE`` (``project_settings``): project-wide knobs.
 - ``settings.OPENCENSUS["TRACE"]`` (``opencensus_trace``): the tracer
   configuration opencensus-ext-django reads too.
 
+A mistake raises ``ImproperlyConfigured`` with a one-line message naming the
+setting and the fix ("did you mean ..."); ``alias_message`` adds the
+``CACHES['<alias>']`` it came from, ``check_entry_keys`` reports the top-level
+keys of a ``CACHES`` entry Django ignores.
+
 This module imports nothing from the package.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +44,13 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "timeout": 1.0,  # seconds, per socket operation
     "no_delay": True,
 }
+
+#: The keys of a ``CACHES`` entry Django reads (``BaseCache.__init__`` and
+#: ``CacheHandler``): the UPPERCASE ones, and three lowercase legacy spellings.
+ENTRY_KEYS = frozenset(
+    {"BACKEND", "LOCATION", "TIMEOUT", "OPTIONS", "KEY_PREFIX", "VERSION"}
+    | {"KEY_FUNCTION", "timeout", "max_entries", "cull_frequency"}
+)
 
 #: UPPERCASE keys that Django's ``BaseCache`` itself reads from ``OPTIONS`` and
 #: that mean nothing to memcached; accepted and ignored.
@@ -81,6 +94,13 @@ class BackendOptions:
     #: ``call_deadline`` is ``connect_timeout + timeout``, and an explicit
     #: ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
+    #: Seconds a ``get_or_set`` caller waits for another caller's recompute of
+    #: a missing key before it runs the callable itself; 0 turns stampede
+    #: protection off (see ``herd.py``).
+    herd_wait: float = 5.0
+    #: Seconds: a ``get_or_set`` hit whose remaining TTL is below this makes
+    #: one caller recompute the value early; ``None`` (default) is off.
+    recache_within: int | None = None
     #: pymemcache keyword arguments, defaults applied; ``ignore_exc`` is folded
     #: into ``ignore_exceptions`` and never passed on.
     client_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_NOT_OURS)
@@ -100,7 +120,7 @@ class BackendOptions:
         options = params.get("OPTIONS") or {}
         if not isinstance(options, Mapping):
             raise ImproperlyConfigured(
-                f"CACHES OPTIONS must be a dict, not {type(options).__name__}"
+                f"OPTIONS must be a dict, not {type(options).__name__}"
             )
         ours = {
             f.name.upper(): f for f in fields(cls) if f.metadata.get("option", True)
@@ -115,16 +135,8 @@ class BackendOptions:
                 continue
             elif key in client_names:
                 client_kwargs[key] = value
-            elif key.isupper():
-                known = ", ".join(sorted(ours))
-                raise ImproperlyConfigured(
-                    f"Unknown django-ocmemcache option OPTIONS[{key!r}]; "
-                    f"known options are {known}"
-                )
             else:
-                raise ImproperlyConfigured(
-                    f"OPTIONS[{key!r}] is not a pymemcache client argument"
-                )
+                raise ImproperlyConfigured(_unknown_option(key, ours, client_names))
         opts = cls(client_kwargs=client_kwargs, **values)
         opts._validate()
         # pymemcache's ignore_exc would swallow programming errors too; it is
@@ -154,6 +166,24 @@ class BackendOptions:
             raise ImproperlyConfigured(
                 f"OPTIONS['DEADLINE'] must be a positive number of seconds or None, "
                 f"not {self.deadline!r}"
+            )
+        if (
+            isinstance(self.herd_wait, bool)
+            or not isinstance(self.herd_wait, (int, float))
+            or not 0 <= self.herd_wait <= 3600
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['HERD_WAIT'] must be a number of seconds from 0 (off) "
+                f"to 3600, not {self.herd_wait!r}"
+            )
+        if self.recache_within is not None and (
+            isinstance(self.recache_within, bool)
+            or not isinstance(self.recache_within, int)
+            or not 0 < self.recache_within <= 30 * 24 * 3600  # relative exptime
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS['RECACHE_WITHIN'] must be a whole number of seconds "
+                f"(1 to 30 days) or None, not {self.recache_within!r}"
             )
         if "serde" in self.client_kwargs and self.serializer is not None:
             raise ImproperlyConfigured(
@@ -192,9 +222,122 @@ def key_prefix_bytes(client_kwargs: Mapping[str, Any]) -> bytes:
     return prefix.encode() if isinstance(prefix, str) else prefix
 
 
+def _unknown_option(key: Any, ours: Iterable[str], client_names: Iterable[str]) -> str:
+    """The message for an ``OPTIONS`` key nobody reads: which kind it is not,
+    and the nearest known key of either kind."""
+    ours = set(ours) | DJANGO_BASECACHE_KEYS
+    if not isinstance(key, str):
+        return f"OPTIONS key {key!r} is not a string"
+    if key.upper() in ours and not key.isupper():
+        return (
+            f"OPTIONS[{key!r}] is not a pymemcache client argument; "
+            f"django-ocmemcache's own options are UPPERCASE: did you mean "
+            f"{key.upper()!r}?"
+        )
+    if key.lower() in client_names and key.isupper():
+        return (
+            f"OPTIONS[{key!r}] is not a django-ocmemcache option; pymemcache's "
+            f"options are lowercase: did you mean {key.lower()!r}?"
+        )
+    kind = "django-ocmemcache option" if key.isupper() else "pymemcache client argument"
+    near = did_you_mean(key, [*ours, *client_names])
+    if near:
+        return f"OPTIONS[{key!r}] is not a {kind}; {near}"
+    return (
+        f"OPTIONS[{key!r}] is not a {kind}; UPPERCASE options are "
+        f"{', '.join(sorted(ours))}; lowercase ones go to pymemcache's Client"
+    )
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"did you mean 'X'?"`` for the known name closest to ``name`` (case
+    ignored), or ``""`` when none is close."""
+    by_lower = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f"did you mean {by_lower[match[0]]!r}?" if match else ""
+
+
+def check_entry_keys(entry: Mapping[str, Any]) -> list[str]:
+    """One message per top-level key of a ``CACHES`` entry that Django does not
+    read (Django ignores them silently: a ``FALLBACK_LOCATION`` there would leave
+    a migration cold), and for a ``TIMEOUT`` Django would silently replace."""
+    ours = {
+        f.name.upper() for f in fields(BackendOptions) if f.metadata.get("option", True)
+    }
+    client_names = _client_kwarg_names()
+    out = []
+    for key in entry:
+        if key in ENTRY_KEYS:
+            continue
+        if isinstance(key, str) and (key.upper() in ours or key in client_names):
+            name = key.upper() if key.upper() in ours else key
+            out.append(
+                f"{key!r} is not read at the top level of a CACHES entry; "
+                f"move it into OPTIONS: 'OPTIONS': {{{name!r}: ...}}"
+            )
+            continue
+        near = did_you_mean(key, ENTRY_KEYS) if isinstance(key, str) else ""
+        out.append(
+            f"{key!r} is not a CACHES setting Django reads; "
+            + (near or f"known keys are {', '.join(sorted(ENTRY_KEYS))}")
+        )
+    timeout = entry.get("TIMEOUT", 300)
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+    ):
+        out.append(
+            f"TIMEOUT must be a number of seconds or None, not {timeout!r} "
+            "(Django would silently use 300)"
+        )
+    return out
+
+
+def alias_message(message: str, location: Any, params: Mapping[str, Any]) -> str:
+    """``message`` prefixed with ``CACHES['<alias>']: `` for the ``CACHES``
+    entry that has this ``LOCATION`` and ``params`` (Django does not tell a
+    backend its alias), or with ``CACHES[...]`` when none matches."""
+    if "OCMEMCACHE[" in message:  # a project-wide setting, not this entry's
+        return message
+    return f"{_alias_name(location, params)}: {message}"
+
+
+def _alias_name(location: Any, params: Mapping[str, Any]) -> str:
+    try:
+        from django.conf import settings
+
+        for alias, entry in (getattr(settings, "CACHES", None) or {}).items():
+            rest = {k: v for k, v in entry.items() if k not in ("BACKEND", "LOCATION")}
+            if entry.get("LOCATION", "") == location and rest == dict(params):
+                return f"CACHES[{alias!r}]"
+    except Exception:  # settings not configured, an entry that is not a dict
+        pass
+    return "CACHES[...]"
+
+
+def check_signing_keys(value: Any) -> None:
+    """Raise ``ImproperlyConfigured`` unless ``OCMEMCACHE["SIGNING_KEYS"]`` is
+    ``None`` (use ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS``) or a non-empty
+    list of non-empty str/bytes keys, newest first."""
+    if value is None:
+        return
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(k, (str, bytes)) and k for k in value)
+    ):
+        raise ImproperlyConfigured(
+            f"OCMEMCACHE['SIGNING_KEYS'] must be a non-empty list of non-empty "
+            f"str/bytes keys, newest first, not {value!r}; leave it out to sign "
+            "with SECRET_KEY and SECRET_KEY_FALLBACKS"
+        )
+
+
 # -- LOCATION -------------------------------------------------------------------
 
 _IPV6 = re.compile(r"^\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?$")
+_HOST_PORT_WITH_SPACE = re.compile(r"^(?P<host>[^\s:]+)\s+(?P<port>\d+)$")
+_FORMS = "LOCATION takes host:port ('127.0.0.1:11211', '[::1]:11211', 'unix:/path')"
 
 
 def parse_server(spec: Any) -> ServerSpec:
@@ -202,15 +345,28 @@ def parse_server(spec: Any) -> ServerSpec:
 
     Accepts ``"host:port"``, ``"host"`` (port 11211), ``"[::1]:11211"``,
     ``"unix:/path"``, ``"/path"`` or a ``(host, port)`` tuple. Raises
-    ``ImproperlyConfigured`` naming the entry when it cannot be parsed.
+    ``ImproperlyConfigured`` naming the entry and the form to use when it
+    cannot be parsed: URLs (``memcached://...``), whitespace in a host name,
+    an empty unix socket path, IPv6 without brackets.
     """
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         host, port = spec
+        _check_host(str(host), spec)
         return (str(host), _port(port, spec))
     if not isinstance(spec, str) or not spec.strip():
-        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
+        raise ImproperlyConfigured(f"invalid server {spec!r} in LOCATION; {_FORMS}")
     text = spec.strip()
+    if "://" in text:
+        netloc = text.split("://", 1)[1].split("/", 1)[0] or "127.0.0.1:11211"
+        raise ImproperlyConfigured(
+            f"LOCATION takes host:port, not a URL: write {netloc!r} instead of {spec!r}"
+        )
     if text.startswith("unix:"):
+        if not text[5:].strip():
+            raise ImproperlyConfigured(
+                f"LOCATION entry {spec!r} has no socket path; write "
+                "'unix:/path/to/memcached.sock'"
+            )
         return text[5:]
     if text.startswith("/"):
         return text
@@ -218,15 +374,38 @@ def parse_server(spec: Any) -> ServerSpec:
     if m:
         port = m["port"]
         return (m["host"], _port(11211 if port is None else port, spec))
+    _check_host(text, spec)
     if text.count(":") > 1:
-        raise ImproperlyConfigured(
-            f"Invalid memcached server in LOCATION: {spec!r} "
-            "(write IPv6 addresses as [::1]:11211)"
-        )
+        raise ImproperlyConfigured(_colons_message(text, spec))
     host, colon, port = text.partition(":")
     if not host:
-        raise ImproperlyConfigured(f"Invalid memcached server in LOCATION: {spec!r}")
+        raise ImproperlyConfigured(f"LOCATION entry {spec!r} has no host; {_FORMS}")
     return (host, _port(port if colon else 11211, spec))  # "host:" is no port
+
+
+def _check_host(text: str, spec: Any) -> None:
+    if not re.search(r"\s", text):
+        return
+    m = _HOST_PORT_WITH_SPACE.match(text)
+    fix = f"write {m['host'] + ':' + m['port']!r}" if m else _FORMS
+    raise ImproperlyConfigured(
+        f"LOCATION entry {spec!r} contains whitespace, which no host name has; "
+        f"{fix}, and separate servers with ';'"
+    )
+
+
+def _colons_message(text: str, spec: Any) -> str:
+    """Several colons: an IPv6 address without brackets, or not a server."""
+    for address, port in ((text, "11211"), tuple(text.rsplit(":", 1))):
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            continue
+        return (
+            f"invalid server {spec!r} in LOCATION: write IPv6 addresses in "
+            f"brackets, e.g. '[{address}]:{port}'"
+        )
+    return f"invalid server {spec!r} in LOCATION; {_FORMS}"
 
 
 def _port(value: Any, spec: Any) -> int:
@@ -236,7 +415,7 @@ def _port(value: Any, spec: Any) -> int:
         port = -1
     if not 0 < port < 65536:
         raise ImproperlyConfigured(
-            f"Invalid port in memcached LOCATION entry {spec!r}: {value!r}"
+            f"invalid port {value!r} in LOCATION entry {spec!r} (1 to 65535)"
         )
     return port
 
@@ -252,11 +431,11 @@ def parse_location(location: Any) -> list[ServerSpec]:
         entries = location
     else:
         raise ImproperlyConfigured(
-            f"memcached LOCATION must be a string or a list, not {location!r}"
+            f"LOCATION must be a string or a list, not {location!r}; {_FORMS}"
         )
     servers = [parse_server(entry) for entry in entries]
     if not servers:
-        raise ImproperlyConfigured("memcached LOCATION names no server")
+        raise ImproperlyConfigured(f"LOCATION names no server; {_FORMS}")
     return servers
 
 
@@ -332,6 +511,7 @@ def project_settings() -> dict[str, Any]:
         raise ImproperlyConfigured(
             f"OCMEMCACHE['SPAN_QUEUE_SIZE'] must be a positive int, not {size!r}"
         )
+    check_signing_keys(conf["SIGNING_KEYS"])
     wait = conf["EXIT_FLUSH_TIMEOUT"]
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
         raise ImproperlyConfigured(

@@ -46,7 +46,7 @@ from pymemcache.serde import (
     python_memcache_serializer,
 )
 
-from .conf import project_setting
+from .conf import check_signing_keys, project_setting
 from .ratelimit import LogLimiter
 
 security_logger = logging.getLogger("django_ocmemcache.security")
@@ -150,11 +150,12 @@ def signing_keys() -> list[bytes]:
     secrets = project_setting("SIGNING_KEYS")
     if secrets is None:
         secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
-    if isinstance(secrets, (str, bytes)) or not all(secrets):
-        raise ImproperlyConfigured(
-            "OCMEMCACHE['SIGNING_KEYS'] must be a list of non-empty keys "
-            "(newest first); SERIALIZER 'signed-pickle' needs at least one"
-        )
+        if not all(secrets):
+            raise ImproperlyConfigured(
+                "SERIALIZER 'signed-pickle' needs a key: set SECRET_KEY or "
+                "OCMEMCACHE['SIGNING_KEYS']"
+            )
+    check_signing_keys(secrets)
     return _derive_cached(tuple(secrets))
 
 

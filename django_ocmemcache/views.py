@@ -8,6 +8,7 @@ Add it to a URLconf::
 
 from __future__ import annotations
 
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -25,8 +26,16 @@ def metrics(request: HttpRequest) -> HttpResponse:
     ``django_ocmemcache_span_export_failures_total``; figures are cumulative since
     the process started (or forked). Only GET is allowed (``require_GET``: 405
     otherwise, HEAD included); the response is never cached (``never_cache``).
+    Raises ``ImproperlyConfigured`` naming the ``[prometheus]`` extra when
+    prometheus_client is not installed.
     """
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            "django_ocmemcache.views.metrics needs prometheus_client: "
+            'pip install "django-ocmemcache[prometheus]"'
+        ) from exc
 
     from .telemetry.metrics import prometheus_registry
 

@@ -318,13 +318,15 @@ def run_guestbook(url: str) -> dict[str, int]:
     print(f'   signed twice as Ada; the page says: "{welcome}"')
     print(f"   entries on the page: {entries}")
     print(
-        f"   memcached get_hits / get_misses: {figures['get-hits']} / "
-        f"{figures['get-misses']}\n     (all servers, cache.get_stats()['totals'])"
+        f"   server: {figures['get-hits']} hits / {figures['get-misses']} misses"
+        "  <- memcached's own get_hits/get_misses: every process, every key since "
+        "it started (cache.get_stats()['totals'])"
     )
     print(
-        f"   gunicorn worker pid {element(html, 'pid')}: "
-        f"{figures['process-hits']} hits / {figures['process-misses']} misses\n"
-        "     through the backend in this process (cache.get_stats()['process'])"
+        f"   worker: {figures['process-hits']} hits / "
+        f"{figures['process-misses']} misses  <- lookups by the one gunicorn "
+        f"worker (pid {element(html, 'pid')}) that served this page "
+        "(cache.get_stats()['process'])"
     )
     return figures
 
@@ -423,7 +425,7 @@ def demo(args: argparse.Namespace) -> int:
         if len(timings) > 1 and timings[-1] >= timings[0]:
             print("UNEXPECTED: the last run was not faster than the first")
             ok = False
-        print(f"\nDone in {time.monotonic() - started:.1f}s.")
+        print(f"\nThe site's part took {time.monotonic() - started:.1f}s.")
         if args.serve:
             try:  # Ctrl-C from here on is the normal way out
                 print(f"The site stays up at {url}/ until Ctrl-C.")

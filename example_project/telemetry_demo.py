@@ -276,8 +276,7 @@ def show_metrics(stack: Any, site: str) -> bool:
     print(f"   p95 latency of get: {p95:.3f} ms <- {P95_GET_MS}")
     print(f"   get calls counted:  {gets:.0f}      <- {GETS}")
     print(
-        "   (each gunicorn worker serves its own figures and a scrape is answered by\n"
-        "   one of them, so these are one worker's; over a few calls the p95 is\n"
-        "   about the slowest, interpolated within its histogram bucket)"
+        "   (one worker's figures: each gunicorn worker serves its own /metrics "
+        "and a scrape reaches one of them)"
     )
     return True

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The example site on a fresh machine: installs memcached (apt, when root) and the
-# Python deps into $VENV, then runs example_project/demo.py, which starts its own
+# site's Python deps into .venv-demo, then runs example_project/demo.py, which starts its own
 # memcached (unless OCMEMCACHE_LOCATION=host:port is set) and gunicorn on free
 # loopback ports, drives real HTTP requests, prints the results and stops both.
 # Then example_project/migration_demo.py runs the README's migration runbook
@@ -8,8 +8,12 @@
 # Extra arguments go to demo.py (--help lists them). Exit code: the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=$(bash scripts/setup-env.sh)
+# Its own virtualenv with only what the site needs (the "example" extra:
+# gunicorn, prometheus-client, tqdm, the Zipkin exporter): no pytest, ruff, mypy.
+py=$(VENV="${DEMO_VENV:-.venv-demo}" EXTRAS=example bash scripts/setup-env.sh)
 "$py" example_project/demo.py "$@"
 echo
-echo "== Moving to new memcached servers (example_project/migration_demo.py)"
-"$py" example_project/migration_demo.py
+echo "7. Moving to new memcached servers (example_project/migration_demo.py: the README's runbook)"
+"$py" example_project/migration_demo.py | sed -u "s/^/   /"
+echo
+echo "Done."

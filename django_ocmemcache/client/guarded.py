@@ -528,3 +528,7 @@ class GuardedClient(Client):
         finally:
             self.connect_timeout = configured  # type: ignore[assignment]
         self.sock = _GuardedSocket(self.sock, self.timeout)  # type: ignore
+
+    def run_meta(self, fn: Any, *args: Any) -> Any:
+        """``fn(self, *args)``: a ``meta`` function on this server's socket."""
+        return fn(self, *args)

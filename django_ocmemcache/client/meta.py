@@ -47,13 +47,17 @@ class MetaItem(NamedTuple):
 
     ``value``: the raw bytes (``None`` when not asked for); ``flags``: the
     client flags (int); ``ttl``: remaining seconds, ``-1`` for never-expiring;
-    ``cas``: the item's CAS unique (int, 0 when not asked for).
+    ``cas``: the item's CAS unique (int, 0 when not asked for); ``win``: the
+    ``W`` flag (this caller won the right to recache, ``N``/``R`` flags);
+    ``stale``: the ``X`` flag (marked stale by ``md <key> I``).
     """
 
     value: bytes | None
     flags: int
     ttl: int
     cas: int
+    win: bool = False
+    stale: bool = False
 
 
 class Reader:
@@ -168,6 +172,7 @@ def _parse_get(reader: Reader) -> MetaItem | None:
         value = reader.value(int(tokens[1]))
         tokens = tokens[2:]
     flags = ttl = cas = 0
+    win = stale = False
     for token in tokens:
         kind = token[:1]
         if kind == b"f":
@@ -176,7 +181,11 @@ def _parse_get(reader: Reader) -> MetaItem | None:
             ttl = int(token[1:])
         elif kind == b"c":
             cas = int(token[1:])
-    return MetaItem(value, flags, ttl, cas)
+        elif token == b"W":
+            win = True
+        elif token == b"X":
+            stale = True
+    return MetaItem(value, flags, ttl, cas, win, stale)
 
 
 def get_many(
@@ -218,8 +227,22 @@ def add_many(
     ``exptime`` is memcached's: 0 never expires, up to 30 days relative, beyond
     that a Unix time.
     """
+    return _store_many(node, b"E", items)
+
+
+def set_many(
+    node: Any, items: Sequence[tuple[bytes, bytes, int, int]]
+) -> list[int | str]:
+    """``set`` raw items ``(key, data, flags, exptime)``; results as ``add_many``."""
+    return _store_many(node, b"S", items)
+
+
+def _store_many(
+    node: Any, mode: bytes, items: Sequence[tuple[bytes, bytes, int, int]]
+) -> list[int | str]:
     commands = [
-        b"ms %b %d F%d T%d ME c\r\n%b\r\n" % (key, len(data), flags, exptime, data)
+        b"ms %b %d F%d T%d M%b c\r\n%b\r\n"
+        % (key, len(data), flags, exptime, mode, data)
         for key, data, flags, exptime in items
     ]
     return _pipeline(node, commands, _parse_set)
@@ -279,6 +302,47 @@ def delete_many(node: Any, items: Sequence[tuple[bytes, int | None]]) -> list[bo
         for key, cas in items
     ]
     return _pipeline(node, commands, _parse_delete)
+
+
+def get_recache(node: Any, key: bytes, within: int) -> MetaItem | None:
+    """``mg <key> v f R<within>``: the item (``None`` on a miss), its ``win``
+    set for the one caller that gets to recompute it early (remaining TTL below
+    ``within`` seconds; later callers see ``Z`` until the item is rewritten).
+    """
+    return _pipeline(node, [b"mg %b v f R%d\r\n" % (key, within)], _parse_get)[0]
+
+
+def claim_or_get(
+    node: Any, lock: bytes, lock_ttl: int, key: bytes, stale: bytes | None
+) -> tuple[bool, MetaItem | None, MetaItem | None]:
+    """One round trip of a waiting ``get_or_set``: ``(won, item, stale_item)``.
+
+    ``mg <lock> N<lock_ttl>`` creates the lock item if it is absent and gives
+    this caller the ``W`` flag (``won``; everybody else sees ``Z`` until the
+    item is deleted or expires); ``mg <key> v f`` then reads the value and
+    ``mg <stale> v f`` the stale copy (when ``stale`` is given). memcached
+    runs pipelined commands in order, so a value written before the lock was
+    released is always seen by the caller that wins the next lock.
+    """
+    commands = [b"mg %b N%d\r\n" % (lock, lock_ttl), b"mg %b v f\r\n" % key]
+    if stale is not None:
+        commands.append(b"mg %b v f\r\n" % stale)
+    replies = _pipeline(node, commands, _parse_get)
+    claim = replies[0]
+    return (
+        claim is not None and claim.win,
+        replies[1],
+        replies[2] if stale is not None else None,
+    )
+
+
+def noop(node: Any) -> bytes:
+    """Send ``mn`` and return the reply line (``b"MN"`` where meta commands work).
+
+    memcached before 1.6 answers ``ERROR``; twemproxy closes the connection
+    (``MemcacheUnexpectedCloseError``).
+    """
+    return _pipeline(node, [b"mn\r\n"], lambda reader: reader.line())[0]
 
 
 def exists_many(node: Any, keys: Sequence[bytes]) -> list[bool]:

@@ -142,6 +142,27 @@ class ClientPool:
         self.health.reset_after_fork()
 
 
+class UnconfiguredPool:
+    """The pool of a cache whose settings are invalid (``ImproperlyConfigured``
+    naming the setting): every call that would talk to memcached raises that
+    error; closing has nothing to close."""
+
+    servers: list[Any] = []
+    client_kwargs: dict[str, Any] = {}
+    hits = misses = 0
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def client(self) -> Any:
+        raise self.error
+
+    server_clients = server_stats = client
+
+    def disconnect(self) -> None:
+        pass
+
+
 def _readable(sock: Any) -> bool:
     try:
         if hasattr(select, "poll"):

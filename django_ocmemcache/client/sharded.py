@@ -173,6 +173,12 @@ class ShardedClient:
     def get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
         return self._key_call("get", key, *args, **kwargs)
 
+    def run_meta(self, key: Any, fn: Any, *args: Any) -> Any:
+        """``fn(client, *args)`` on the per-server client of ``key``'s server
+        (a ``meta`` function), with this client's server health and deadline."""
+        node = self._single if self._single is not None else self.node_for(key)
+        return self._call(node, "run_meta", fn, *args)
+
     def gets(self, key: Any, *args: Any, **kwargs: Any) -> Any:
         return self._key_call("gets", key, *args, **kwargs)
 

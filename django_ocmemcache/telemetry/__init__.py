@@ -11,8 +11,9 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
 - ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
 
-The names documented in README.md are importable from here:
-``django_ocmemcache.telemetry.flush``, ``metric_producer``, ``root_span``.
+The names documented in docs/telemetry.md and docs/migration.md are importable
+from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
+``root_span``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from .export import SpanQueue, flush, span_queues
 from .hook import CacheTelemetry, RequestSummary, current_summary, for_cache
 from .metrics import (
+    HERD,
     METRICS,
     MetricsStore,
     PrometheusCollector,
@@ -39,6 +41,7 @@ from .opencensus import (
 from .tracing import Tracing, status_code
 
 __all__ = [
+    "HERD",
     "METRICS",
     "CacheTelemetry",
     "MetricProducer",

@@ -28,12 +28,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..conf import hash_node, project_settings
-from .metrics import METRICS
+from .metrics import HERD, HERD_OUTCOMES, METRICS
 from .opencensus import tracing as opencensus_tracing
 from .semconv import (
     ATTR_ALIAS,
     ATTR_BATCH_SIZE,
     ATTR_DB_SYSTEM,
+    ATTR_HERD_OUTCOME,
+    ATTR_HERD_WAIT_MS,
     ATTR_HIT,
     ATTR_HITS,
     ATTR_IGNORED,
@@ -92,7 +94,7 @@ def tracing() -> Tracing:
 _VERSION_ARG = {
     "get": 2, "gets": 2, "add": 3, "set": 3, "touch": 2, "delete": 1, "incr": 2,
     "decr": 2, "get_or_set": 3, "has_key": 1, "cas": 4, "incr_version": 2,
-    "decr_version": 2,
+    "decr_version": 2, "invalidate": 2,
 }  # fmt: skip
 _SINGLE_READS = frozenset({"get", "gets", "has_key", "get_or_set"})
 _BATCH = frozenset({"get_many", "set_many", "delete_many"})
@@ -205,7 +207,8 @@ class CacheTelemetry:
 
     def finish_call(self, call: _Call, hits: int, misses: int,
                     raised: BaseException | None,
-                    ignored: BaseException | None) -> None:  # fmt: skip
+                    ignored: BaseException | None,
+                    herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         elapsed = time.perf_counter() - call.t0
         err = raised if raised is not None else ignored
         if self.metrics:
@@ -214,14 +217,17 @@ class CacheTelemetry:
                  "" if err is None else type(err).__name__),
                 elapsed * 1000.0, hits, misses,
             )  # fmt: skip
+            if herd is not None:
+                HERD.record(self.alias or "unknown", herd[0])
         summary = current_summary.get()
         if summary is not None:
             summary.add(elapsed, hits, misses, err is not None)
         if call.span is not None:
-            self._close(call, hits, misses, err, err is ignored)
+            self._close(call, hits, misses, err, err is ignored, herd)
 
     def _close(self, call: _Call, hits: int, misses: int,
-               err: BaseException | None, ignored: bool) -> None:  # fmt: skip
+               err: BaseException | None, ignored: bool,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         tracing = self.tracing
         assert tracing is not None
         span, name = call.span, call.name
@@ -231,6 +237,11 @@ class CacheTelemetry:
         elif name == "get_many":
             attrs[ATTR_HITS] = hits
             attrs.setdefault(ATTR_BATCH_SIZE, hits + misses)
+        if herd is not None:
+            outcome, waited = herd
+            attrs[ATTR_HERD_OUTCOME] = outcome
+            if HERD_OUTCOMES.get(outcome, (None, None))[1] is not None:
+                attrs[ATTR_HERD_WAIT_MS] = round(waited * 1000.0, 3)
         if err is not None:
             tracing.mark_error(span, status_code(err), type(err).__name__)
             if ignored:
@@ -250,12 +261,15 @@ class _Call:
         self.t0 = time.perf_counter()
 
     def finish(self, hits: int, misses: int, raised: BaseException | None,
-               ignored: BaseException | None) -> None:  # fmt: skip
+               ignored: BaseException | None,
+               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
         """End the call: keys found and not found, the exception that leaves
         the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
-        miss (``ignored``), if any. Never raises."""
+        miss (``ignored``), if any, and what stampede protection made of a
+        ``get_or_set`` (``(outcome, seconds waited)``, see ``herd``). Never
+        raises."""
         try:
-            self.tel.finish_call(self, hits, misses, raised, ignored)
+            self.tel.finish_call(self, hits, misses, raised, ignored, herd)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 

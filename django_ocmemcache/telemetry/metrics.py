@@ -10,10 +10,13 @@ stats exporters). Metric and label names are in ``semconv``.
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 import threading
 import time
 from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import project_settings
 from .export import span_queues
@@ -21,12 +24,16 @@ from .semconv import (
     LATENCY_BOUNDS_MS,
     PROM_CALLS,
     PROM_EXPORT_FAILURES,
+    PROM_HERD_RECOMPUTES,
+    PROM_HERD_WAIT_TIMEOUTS,
+    PROM_HERD_WAITS,
     PROM_LATENCY,
     PROM_LOOKUPS,
     PROM_SPANS_DROPPED,
     TAG_CACHE,
     TAG_ERROR,
     TAG_METHOD,
+    TAG_REASON,
     TAG_RESULT,
     TAG_STATUS,
 )
@@ -125,6 +132,84 @@ def _merge(into: dict[MetricKey, list[Any]], table: dict[MetricKey, list[Any]]):
 METRICS = MetricsStore()
 
 
+#: ``herd`` outcomes, and what each one counts as: (recompute reason or None,
+#: wait result or None). Outcomes are the strings of ``herd.py``.
+HERD_OUTCOMES: dict[str, tuple[str | None, str | None]] = {
+    "won": ("miss", None),
+    "recomputed_early": ("early", None),
+    "unprotected": ("unprotected", None),
+    "timed_out": ("wait_timeout", "timeout"),
+    "waited": (None, "value"),
+    "stale": (None, "stale"),
+}
+
+
+class HerdCounters:
+    """Outcomes of stampede-protected ``get_or_set`` calls, per cache.
+
+    Rare (misses and early recomputes only), so one lock is cheap enough.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(self, cache: str, outcome: str) -> None:
+        with self._lock:
+            self._counts[(cache, outcome)] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """``{(cache, outcome): count}``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = collections.Counter()
+
+
+HERD = HerdCounters()
+
+
+def herd_series() -> list[tuple[str, str, list[str], list[tuple[list[str], int]]]]:
+    """The stampede counters as ``(name, description, label names, [(label
+    values, count)])``, one entry per family (Prometheus adds ``_total``):
+    recomputes by ``reason`` (miss, early, wait_timeout, unprotected), waits by
+    ``result`` (value, stale, timeout), wait timeouts; per cache.
+    """
+    recomputes: list[tuple[list[str], int]] = []
+    waits: list[tuple[list[str], int]] = []
+    timeouts: collections.Counter[str] = collections.Counter()
+    for (cache, outcome), n in sorted(HERD.snapshot().items()):
+        reason, result = HERD_OUTCOMES.get(outcome, (None, None))
+        if reason is not None:
+            recomputes.append(([cache, reason], n))
+        if result is not None:
+            waits.append(([cache, result], n))
+        if result == "timeout":
+            timeouts[cache] += n
+    return [
+        (
+            PROM_HERD_RECOMPUTES,
+            "get_or_set callables run on a miss or an early recompute, by reason",
+            [TAG_CACHE, TAG_REASON],
+            recomputes,
+        ),
+        (
+            PROM_HERD_WAITS,
+            "get_or_set callers that waited for another caller's recompute, by result",
+            [TAG_CACHE, TAG_RESULT],
+            waits,
+        ),
+        (
+            PROM_HERD_WAIT_TIMEOUTS,
+            "get_or_set callers that waited HERD_WAIT seconds, then recomputed",
+            [TAG_CACHE],
+            [([c], n) for c, n in sorted(timeouts.items())],
+        ),
+    ]
+
+
 def lookup_totals(snap: dict[MetricKey, list[Any]]) -> dict[tuple[str, str], list[int]]:
     """Hits and misses per (cache, method) of a ``MetricsStore.snapshot()``."""
     out: dict[tuple[str, str], list[int]] = {}
@@ -187,6 +272,11 @@ class PrometheusCollector:
             lookups.add_metric([cache, method, "hit"], hits)
             lookups.add_metric([cache, method, "miss"], misses)
         yield lookups
+        for name, description, label_names, rows in herd_series():
+            family = CounterMetricFamily(name, description, labels=label_names)
+            for values, n in rows:
+                family.add_metric(values, n)
+            yield family
         queues = span_queues()
         yield CounterMetricFamily(
             PROM_SPANS_DROPPED,
@@ -226,7 +316,13 @@ def install() -> None:
     if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
         global _default_registered
         if not _default_registered:
-            from prometheus_client import REGISTRY
+            try:
+                from prometheus_client import REGISTRY
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    "OCMEMCACHE['PROMETHEUS_REGISTER'] needs prometheus_client: "
+                    'pip install "django-ocmemcache[prometheus]"'
+                ) from exc
 
             REGISTRY.register(PrometheusCollector())
             _default_registered = True
@@ -236,6 +332,7 @@ def _after_fork_in_child() -> None:
     # A lock another thread held at fork() stays held forever in the child.
     METRICS._lock = threading.Lock()
     METRICS.reset()
+    HERD.reset()
 
 
 if hasattr(os, "register_at_fork"):

@@ -35,6 +35,7 @@ from .metrics import (
     _SUMSQ,
     METRICS,
     MetricsStore,
+    herd_series,
     lookup_totals,
 )
 from .semconv import (
@@ -385,6 +386,27 @@ class MetricProducer:
             out.append(m.Metric(md.MetricDescriptor(
                 MEASURE_CALLS, "Cache calls", "1",
                 kind.CUMULATIVE_INT64, keys), counts))  # fmt: skip
+        for name, description, label_names, rows in herd_series():
+            if rows:
+                out.append(
+                    m.Metric(
+                        md.MetricDescriptor(
+                            name,
+                            description,
+                            "1",
+                            kind.CUMULATIVE_INT64,
+                            [LabelKey(k, "") for k in label_names],
+                        ),
+                        [
+                            time_series.TimeSeries(
+                                [LabelValue(v) for v in values],
+                                [point.Point(value.ValueLong(n), now)],
+                                start,
+                            )
+                            for values, n in rows
+                        ],
+                    )
+                )
         if lookups:
             lkeys = [LabelKey(k, "") for k in (TAG_CACHE, TAG_METHOD, TAG_RESULT)]
             out.append(m.Metric(md.MetricDescriptor(

@@ -23,6 +23,10 @@ ATTR_IGNORED = "cache.error.ignored"
 ATTR_SERVER_ADDRESS = "server.address"
 ATTR_SERVER_PORT = "server.port"
 ATTR_ERROR_TYPE = "error.type"
+#: What a stampede-protected ``get_or_set`` became (``herd.WON`` …) and how
+#: long it waited for another caller's recompute, in milliseconds.
+ATTR_HERD_OUTCOME = "cache.herd.outcome"
+ATTR_HERD_WAIT_MS = "cache.herd.wait_ms"
 
 # -- request spans (RequestSpanMiddleware) ------------------------------------------
 
@@ -61,6 +65,12 @@ PROM_CALLS = "pymemcache_calls"
 PROM_LOOKUPS = "pymemcache_lookups"
 PROM_SPANS_DROPPED = "django_ocmemcache_spans_dropped"
 PROM_EXPORT_FAILURES = "django_ocmemcache_span_export_failures"
+#: Stampede protection (``herd``): callables run, callers that waited, waits
+#: that ended in a recompute of their own. The same names for OpenCensus.
+PROM_HERD_RECOMPUTES = "django_ocmemcache_herd_recomputes"
+PROM_HERD_WAITS = "django_ocmemcache_herd_waits"
+PROM_HERD_WAIT_TIMEOUTS = "django_ocmemcache_herd_wait_timeouts"
+TAG_REASON = "reason"  # why a callable ran: miss, early, wait_timeout, unprotected
 
 #: Canonical status codes (google.rpc.Code), as OpenCensus spans carry them.
 OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE = (

@@ -85,11 +85,13 @@ def test_demo_quick_run_prints_warm_up_and_hit_figures(demo_env):
     assert "the second response came from memcached" in out
     assert 'the page says: "Welcome back, Ada! You signed 2 times."' in out
     hits, misses = map(
-        int, re.search(r"get_hits / get_misses: (\d+) / (\d+)", out).groups()
+        int, re.search(r"server: (\d+) hits / (\d+) misses  <- ", out).groups()
     )
     assert hits > 0 and misses > 0
-    process_hits = int(re.search(r"pid \d+: (\d+) hits", out).group(1))
+    process_hits = int(re.search(r"worker: (\d+) hits / \d+ misses  <- ", out)[1])
     assert process_hits > 0
+    # each figure says in one line whose it is
+    assert "every process, every key" in out and "the one gunicorn worker" in out
 
     stopped = _stopped_pids(out)
     assert set(stopped) == {"gunicorn", "memcached"}

@@ -128,11 +128,12 @@ def test_options_must_be_a_dict(options):
 
 
 def test_backend_rejects_serde_and_serializer_together():
+    cache = OCMemcacheCache(
+        "127.0.0.1:11211",
+        {"OPTIONS": {"serde": pickle_serde, "SERIALIZER": "raw"}},
+    )
     with pytest.raises(ImproperlyConfigured, match="'serde'.*'SERIALIZER'"):
-        OCMemcacheCache(
-            "127.0.0.1:11211",
-            {"OPTIONS": {"serde": pickle_serde, "SERIALIZER": "raw"}},
-        )
+        cache.get("k")  # an invalid entry raises at its first call
 
 
 def test_backend_serde_choice():
@@ -142,8 +143,9 @@ def test_backend_serde_choice():
     assert default._pool.client_kwargs["serde"] is DEFAULT_SERDE
     raw = OCMemcacheCache("127.0.0.1:11211", {"OPTIONS": {"SERIALIZER": "raw"}})
     assert raw._pool.client_kwargs["serde"] is raw_serde
-    with pytest.raises(ImproperlyConfigured, match="'no.such.serde'"):
-        OCMemcacheCache("127.0.0.1:11211", {"OPTIONS": {"SERIALIZER": "no.such.serde"}})
+    bad = OCMemcacheCache("127.0.0.1:11211", {"OPTIONS": {"SERIALIZER": "no.such"}})
+    with pytest.raises(ImproperlyConfigured, match="'no.such'"):
+        bad.set("k", 1)
 
 
 def test_backend_takes_djangos_settings():

@@ -64,8 +64,10 @@ def test_bad_location_is_named(location, fragment):
 
 
 def test_backend_reports_bad_location():
+    cache = OCMemcacheCache("nohost:port", {})
+    assert "'nohost:port'" in str(cache.config_error)
     with pytest.raises(ImproperlyConfigured, match="'nohost:port'"):
-        OCMemcacheCache("nohost:port", {})
+        cache.get("k")
 
 
 @pytest.mark.parametrize(

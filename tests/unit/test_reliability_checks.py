@@ -1,4 +1,5 @@
-"""System checks W001-W004 (no sockets: checks only parse settings)."""
+"""System checks W001-W005 (no sockets: checks only parse settings); W003 is
+deployment advice (``check --deploy``)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import ssl
 import pytest
 from django.test import override_settings
 
-from django_ocmemcache.checks import check_reliability
+from django_ocmemcache.checks import check_deployment, check_reliability
 
 OURS = "django_ocmemcache.backend.OCMemcacheCache"
 
 
 def _ids(caches: dict) -> list[str]:
     with override_settings(CACHES=caches):
-        return sorted(m.id for m in check_reliability())
+        return sorted(m.id for m in check_reliability() + check_deployment())
 
 
 def _one(**conf) -> dict:
@@ -63,11 +64,20 @@ def test_w004_aliases_share_servers_and_prefix():
     assert _ids(caches) == []
 
 
+def test_w005_recache_within_not_below_timeout():
+    assert _ids(_one(OPTIONS={"RECACHE_WITHIN": 10})) == []  # TIMEOUT 300
+    assert _ids(_one(OPTIONS={"RECACHE_WITHIN": 300})) == ["django_ocmemcache.W005"]
+    assert _ids(_one(TIMEOUT=5, OPTIONS={"RECACHE_WITHIN": 10})) == [
+        "django_ocmemcache.W005"
+    ]
+    assert _ids(_one(TIMEOUT=None, OPTIONS={"RECACHE_WITHIN": 10})) == []
+
+
 def test_every_warning_has_a_hint():
     caches = _one(LOCATION="10.0.0.5:11211", OPTIONS={"timeout": None,
                                                       "ignore_exc": True})  # fmt: skip
     with override_settings(CACHES=caches):
-        messages = check_reliability()
+        messages = check_reliability() + check_deployment()
     assert len(messages) == 3 and all(m.hint for m in messages)
 
 
@@ -75,5 +85,11 @@ def test_registered_with_djangos_check_framework():
     from django.core import checks
 
     with override_settings(CACHES=_one(LOCATION="10.0.0.5:11211")):
-        ids = [m.id for m in checks.run_checks(tags=[checks.Tags.caches])]
-    assert "django_ocmemcache.W003" in ids
+        plain = [m.id for m in checks.run_checks(tags=[checks.Tags.caches])]
+        deploy = checks.run_checks(
+            tags=[checks.Tags.caches], include_deployment_checks=True
+        )
+    assert "django_ocmemcache.W003" not in plain  # not on every manage.py command
+    (w003,) = [m for m in deploy if m.id == "django_ocmemcache.W003"]
+    assert "not readable by Django's PyMemcacheCache" in w003.hint  # the trade-off
+    assert "migration" in w003.hint  # and when to switch

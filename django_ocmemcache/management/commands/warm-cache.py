@@ -182,9 +182,12 @@ class Command(BaseCommand):
         if verbosity < 1:
             yield None
             return
-        if self.stderr.isatty():
-            from tqdm import tqdm
-
+        tqdm = _tqdm() if self.stderr.isatty() else None
+        if self.stderr.isatty() and tqdm is None:
+            self.stderr.write(
+                'For a progress bar: pip install "django-ocmemcache[progress]"'
+            )
+        if tqdm is not None:
             bar = tqdm(unit="key", file=self.stderr._out, dynamic_ncols=True)
             try:
 
@@ -254,3 +257,12 @@ def _signals_stop(stop: threading.Event) -> Iterator[list[str]]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _tqdm() -> Any:
+    """tqdm's progress bar class, or None without the ``[progress]`` extra."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm

@@ -49,6 +49,7 @@ def tracer_is_clear() -> bool:
 def _clean_telemetry() -> Iterator[None]:
     execution_context.clean()
     telemetry.METRICS.reset()
+    telemetry.HERD.reset()
     yield
     execution_context.clean()
 
