@@ -8,19 +8,21 @@ pymemcache) and storing values byte for byte the same way, so a site can switch
 
 from __future__ import annotations
 
-import functools
+import inspect
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import pymemcache
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from . import herd, keys
+from . import answers, herd, keys
 from .asyncapi import AsyncCacheMethods
 from .client.deadline import deadline_scope, end_deadline_scope
 from .client.pool import (
@@ -29,7 +31,10 @@ from .client.pool import (
     drop_closed_connections,
     get_pool,
 )
+from .client.proxy import ProxiedServers
+from .client.sharded import ShardedClient
 from .conf import BackendOptions, alias_message, parse_location
+from .exceptions import NonNumericValue
 from .fallback import FallbackPool, get_fallback_pool
 from .policy import get_policy
 from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
@@ -58,7 +63,9 @@ _state = _CallState()
 
 
 def operation(
-    name: str, on_failure: Callable[..., Any] | None = None
+    name: str,
+    on_failure: Callable[..., Any] | None = None,
+    on_skip: Callable[..., Any] | None = None,
 ) -> Callable[[F], F]:
     """Mark a public cache method: one telemetry span for the outermost call,
     and the ``IGNORE_EXCEPTIONS`` policy at every depth.
@@ -66,11 +73,13 @@ def operation(
     ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
     the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
     return). The ignored failure is kept in ``_state.error`` (this module's
-    own per-call state) and handed to the telemetry's ``finish``.
+    own per-call state) and handed to the telemetry's ``finish``. ``on_skip``
+    (default ``on_failure``) gives the result of a call skipped because its
+    server is marked down (``policy.ErrorPolicy.absorb``).
     """
+    handlers = (on_failure, on_skip or on_failure)
 
     def decorate(fn: F) -> F:
-        @functools.wraps(fn)
         def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
             st = _state
             if st.depth:
@@ -78,7 +87,7 @@ def operation(
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return _failed(self, name, exc, on_failure, args, kwargs)
+                    return _failed(self, name, exc, handlers, args, kwargs)
                 finally:
                     st.depth -= 1
             st.depth = 1
@@ -88,7 +97,7 @@ def operation(
                 try:
                     return fn(self, *args, **kwargs)
                 except Exception as exc:
-                    return _failed(self, name, exc, on_failure, args, kwargs)
+                    return _failed(self, name, exc, handlers, args, kwargs)
                 finally:
                     st.depth = 0
                     end_deadline_scope()
@@ -99,7 +108,7 @@ def operation(
                 try:
                     result = fn(self, *args, **kwargs)
                 except Exception as exc:
-                    result = _failed(self, name, exc, on_failure, args, kwargs)
+                    result = _failed(self, name, exc, handlers, args, kwargs)
             except BaseException as exc:
                 if call is not None:
                     call.finish(st.hits, st.misses, exc, st.error, st.herd)
@@ -112,77 +121,35 @@ def operation(
                 st.depth = 0
                 end_deadline_scope()
 
+        _present_as(wrapper, fn)
         wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate
 
 
+def _present_as(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> None:
+    """``fn``'s name, doc and signature; no ``__wrapped__`` to skip the policy."""
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(wrapper, attr, getattr(fn, attr))
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+
+
 def _failed(
     cache: OCMemcacheCache,
     name: str,
     exc: Exception,
-    on_failure: Callable[..., Any] | None,
+    handlers: tuple[Callable[..., Any] | None, Callable[..., Any] | None],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """The result of a call that failed with ``exc``: ``exc`` re-raised unless
-    the error policy ignores it, else ``on_failure``'s (``None`` without one).
-    The ignored failure stays in ``_state.error`` for the call's span."""
-    cache._errors.absorb(name, exc)
+    the error policy ignores it, else ``handlers`` ``(on_failure, on_skip)``'s
+    (``None`` without one). It stays in ``_state.error`` for the span."""
+    skipped = cache._errors.absorb(name, exc)
     _state.error = exc
-    return on_failure(cache, exc, *args, **kwargs) if on_failure else None
-
-
-def _default_arg(
-    self: Any, exc: Any, key: Any, default: Any = None, *a: Any, **kw: Any
-) -> Any:
-    return kw.get("default", default)
-
-
-def _false(*args: Any, **kwargs: Any) -> bool:
-    return False
-
-
-def _wire_keys(self: Any, keys: Any, version: Any) -> dict[bytes, Any]:
-    return {self._key(k, version): k for k in keys}
-
-
-def _get_many_partial(
-    self: Any, exc: Exception, keys: Any, version: Any = None
-) -> dict[Any, Any]:
-    """The hits of the servers that answered (``exc.partial_result``, wire keys,
-    see ``client.sharded.ShardedClient``), under the caller's keys."""
-    partial = getattr(exc, "partial_result", None) or {}
-    wire = _wire_keys(self, keys, version) if partial else {}
-    return {wire[k]: v for k, v in partial.items() if k in wire and v is not MISS}
-
-
-def _set_many_partial(
-    self: Any, exc: Exception, data: Any, timeout: Any = None, version: Any = None
-) -> list[Any]:
-    """Every key not stored (``exc.partial_result``), or all of them."""
-    partial = getattr(exc, "partial_result", None)
-    if partial is None:
-        return list(data)
-    wire = _wire_keys(self, data, version)
-    return [wire[k] for k in partial if k in wire]
-
-
-def _missing_key(self: Any, exc: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
-    raise ValueError(f"Key {key!r} not found (memcached unavailable)")
-
-
-def _gets_miss(
-    self: Any, exc: Any, key: Any, default: Any = None, *a: Any, **kw: Any
-) -> Any:
-    return (kw.get("default", default), None)
-
-
-def _get_or_set_miss(
-    self: Any, exc: Any, key: Any, default: Any, *a: Any, **kw: Any
-) -> Any:
-    return default() if callable(default) else default
+    handler = handlers[skipped]
+    return handler(cache, exc, *args, **kwargs) if handler else None
 
 
 def _reason(exc: Exception) -> str:
@@ -221,14 +188,19 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
     - ``timeout``: seconds (int or float); ``DEFAULT_TIMEOUT`` means ``TIMEOUT``,
       ``None`` never expires, ``0`` or less expires at once, over 30 days is
       sent as an absolute Unix time (``get_backend_timeout``).
-    - Failures to reach memcached raise ``ServerUnavailable`` /
-      ``ConnectionError`` (refused, reset, a server marked down),
-      ``DeadlineExceeded`` / ``TimeoutError`` (``timeout``, ``DEADLINE``) or
-      ``BadReply``; with ``OPTIONS["IGNORE_EXCEPTIONS"]`` they become misses
-      (``get``: ``default``; ``get_many``: the servers that answered;
-      ``add``/``delete``/``touch``/``cas``: ``False``; ``incr``/``decr``:
-      ``ValueError``). Values that cannot be pickled always raise.
+    - Failures to reach memcached raise the socket error (``ConnectionError``,
+      ``socket.gaierror``, …), ``DeadlineExceeded`` / ``TimeoutError``
+      (``timeout``, ``DEADLINE``) or ``BadReply``. While a server is marked
+      down, calls to it are not sent and answer as under Django's backend
+      (``get``: ``default``; ``add``/``delete``/``touch``/``cas``/``incr``/
+      ``decr``: ``False``), or raise ``ServerSkipped`` with
+      ``OPTIONS["RAISE_WHILE_DOWN"]``. With ``OPTIONS["IGNORE_EXCEPTIONS"]``
+      every I/O failure becomes a miss (``get_many``: the servers that
+      answered; ``incr``/``decr``: ``ValueError``). Values that cannot be
+      pickled always raise.
     """
+
+    _lib, _class = pymemcache, ShardedClient  # as on Django's PyMemcacheCache
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
@@ -245,6 +217,8 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self.config_error: ImproperlyConfigured | None = error
         self._options = BackendOptions()
         self._servers: list[Any] = []
+        self._server_specs: list[Any] = []
+        self._proxied: ProxiedServers | None = None
         self._pool: ClientPool | FallbackPool = UnconfiguredPool(error)  # type: ignore[assignment]
         self._errors = get_policy(self._pool, False)
         self._deadline: float | None = None
@@ -255,14 +229,19 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
     def _configure(self, server: Any, params: dict[str, Any]) -> None:
         self.config_error = None
         self._options = options = BackendOptions.from_params(params)
-        self._servers = parse_location(server)
+        # LOCATION split as Django's backend splits it (Django's suite reads it).
+        self._servers = re.split("[;,]", server) if isinstance(server, str) else server
+        self._server_specs = parse_location(server)
         kwargs = dict(options.client_kwargs)
         kwargs.setdefault("serde", load_serde(options.serializer))
-        self._pool = get_pool(self._servers, kwargs)
+        self._pool = get_pool(self._server_specs, kwargs)
+        self._proxied = ProxiedServers.for_options(options, kwargs)
         if options.fallback_location is not None:
             fallback = options.fallback_location
             self._pool = get_fallback_pool(self._pool, fallback, kwargs)
-        self._errors = get_policy(self._pool, options.ignore_exceptions)
+        self._errors = get_policy(
+            self._pool, options.ignore_exceptions, options.raise_while_down
+        )
         self._deadline = options.call_deadline
         self._serde = kwargs["serde"]
         self._herd = herd.Options.of(options)
@@ -282,10 +261,20 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
     @property
     def client_servers(self) -> list[Any]:
         """The parsed servers of ``LOCATION`` (tuples, or unix socket paths)."""
-        return list(self._servers)
+        return list(self._server_specs)
 
     def _client(self) -> Any:
         return self._pool.client()
+
+    @property
+    def _cache(self) -> Any:
+        """This thread's client (Django's: ``HashClient``); bypasses the policy."""
+        return self._pool.client()
+
+    @property
+    def proxy(self) -> str | None:
+        """``OPTIONS["PROXY"]``: never send it what it does not forward (meta)."""
+        return self._options.proxy
 
     def _key(self, key: Any, version: int | None) -> str | bytes:
         full = self.make_key(key, version=version)
@@ -329,7 +318,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
 
     # -- Django's BaseCache API --------------------------------------------
 
-    @operation("add", _false)
+    @operation("add", answers.false)
     def add(
         self,
         key: Any,
@@ -348,7 +337,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
                 return False
             raise
 
-    @operation("get", _default_arg)
+    @operation("get", answers.default_arg)
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         """Return the value for ``key``, or ``default`` on a miss (None is a value)."""
         value = self._client().get(self._key(key, version), _MISSING)
@@ -369,7 +358,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         """Store ``value``; if the server refuses it, the old value is deleted."""
         self._set_one(self._key(key, version), value, self.get_backend_timeout(timeout))
 
-    @operation("touch", _false)
+    @operation("touch", answers.false)
     def touch(
         self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
@@ -377,12 +366,12 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         key = self._key(key, version)
         return bool(self._client().touch(key, self.get_backend_timeout(timeout)))
 
-    @operation("delete", _false)
+    @operation("delete", answers.false)
     def delete(self, key: Any, version: int | None = None) -> bool:
         """Delete ``key``; return True if it existed."""
         return bool(self._client().delete(self._key(key, version)))
 
-    @operation("get_many", _get_many_partial)
+    @operation("get_many", answers.get_many_partial)
     def get_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
@@ -393,7 +382,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self._lookups(len(hits), len(key_map) - len(hits))
         return hits
 
-    @operation("set_many", _set_many_partial)
+    @operation("set_many", answers.set_many_partial)
     def set_many(
         self,
         data: dict[Any, Any],
@@ -407,7 +396,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         exptime = self.get_backend_timeout(timeout)
         values = {k: v for k, (_, v) in safe.items()}
         try:
-            failed = self._client().set_many(values, exptime)
+            failed = self._client().set_multi(values, exptime)
         except MemcacheServerError as exc:
             if not is_too_large(str(exc)):
                 raise
@@ -434,7 +423,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         if wire_keys:
             self._client().delete_many(wire_keys)
 
-    @operation("incr", _missing_key)
+    @operation("incr", answers.missing_key, answers.false)
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Add ``delta`` atomically on the server; return the new value.
 
@@ -449,19 +438,21 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
             else:
                 value = client.incr(wire_key, delta)
         except MemcacheClientError as exc:
-            raise ValueError(f"Cannot increment key {key!r}: {_reason(exc)}") from None
+            raise NonNumericValue(
+                f"Cannot increment key {key!r}: {_reason(exc)}"
+            ) from None
         # None: memcached NOT_FOUND. False: HashClient skipped a failing server
         # (within pymemcache's retry_timeout); never report that as the value 0.
         if value is None or value is False:
             raise ValueError(f"Key {key!r} not found")
         return int(value)
 
-    @operation("decr", _missing_key)
+    @operation("decr", answers.missing_key, answers.false)
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         """Subtract ``delta`` atomically on the server; see ``incr``."""
         return self.incr(key, -delta, version=version)
 
-    @operation("get_or_set", _get_or_set_miss)
+    @operation("get_or_set", answers.get_or_set_miss)
     def get_or_set(
         self,
         key: Any,
@@ -501,9 +492,9 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
             st.depth, st.hits, st.misses, st.error, st.herd = saved
             deadline_scope(self._deadline)  # the rest of the call starts afresh
 
-    invalidate = operation("invalidate", _false)(herd.invalidate)
+    invalidate = operation("invalidate", answers.false)(herd.invalidate)
 
-    @operation("has_key", _false)
+    @operation("has_key", answers.false)
     def has_key(self, key: Any, version: int | None = None) -> bool:
         """Return True if ``key`` is in the cache (a cached None counts)."""
         return self.get(key, _MISSING, version=version) is not _MISSING
@@ -520,8 +511,14 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
 
     @operation("clear")
     def clear(self) -> None:
-        """Flush every item on every server (memcached ``flush_all``), all prefixes."""
-        self._client().flush_all()
+        """Flush every item on every server (memcached ``flush_all``), all prefixes.
+
+        Behind ``OPTIONS["PROXY"]``: the ``PROXY_SERVERS``, else ``NotProxied``.
+        """
+        if self._proxied is None:
+            self._client().flush_all()
+        else:
+            self._proxied.flush_all()
 
     def close(self, **kwargs: Any) -> None:
         """Django calls this on ``request_finished``.
@@ -531,15 +528,17 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         are closed, as Django's ``PyMemcacheCache`` does.
         """
         if not self._options.persistent_connections:
-            self._pool.disconnect()
+            self.disconnect_all()
 
     def disconnect_all(self) -> None:
         """Close this thread's connections now (they reopen on next use)."""
         self._pool.disconnect()
+        if self._proxied is not None:
+            self._proxied.disconnect()
 
     # -- beyond Django's API ------------------------------------------------
 
-    @operation("gets", _gets_miss)
+    @operation("gets", answers.gets_miss)
     def gets(
         self, key: Any, default: Any = None, version: int | None = None
     ) -> tuple[Any, Any]:
@@ -556,7 +555,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         self._lookups(1, 0)
         return value, token
 
-    @operation("cas", _false)
+    @operation("cas", answers.false)
     def cas(
         self,
         key: Any,
@@ -583,8 +582,9 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         "totals": {stat: sum}, "process": {"hits": int, "misses": int}}``.
         Per-server stats are memcached's ``stats`` (``get_hits``,
         ``get_misses``, ``curr_items``, ``bytes``, ``evictions``, ``uptime`` …).
+        Behind ``OPTIONS["PROXY"]``: the ``PROXY_SERVERS``, else ``NotProxied``.
         """
-        servers = self._pool.server_stats()
+        servers = (self._proxied or self._pool).server_stats()
         totals: dict[str, Any] = {}
         for field in ("get_hits", "get_misses", "curr_items", "bytes", "evictions",
                       "cmd_get", "cmd_set", "curr_connections"):  # fmt: skip

@@ -56,6 +56,9 @@ ENTRY_KEYS = frozenset(
 #: that mean nothing to memcached; accepted and ignored.
 DJANGO_BASECACHE_KEYS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
 
+#: Values of ``OPTIONS["PROXY"]`` (``None``: LOCATION lists memcached servers).
+PROXIES = (None, "twemproxy", "mcrouter")
+
 
 def _client_kwarg_names() -> frozenset[str]:
     from pymemcache.client.base import Client
@@ -94,6 +97,20 @@ class BackendOptions:
     #: ``call_deadline`` is ``connect_timeout + timeout``, and an explicit
     #: ``None`` leaves only the per-socket timeouts.
     deadline: float | None = None
+    #: Raise ``ServerSkipped`` for a call to a server marked down, instead of
+    #: answering it as Django's backend does (a miss, ``False``).
+    raise_while_down: bool = False
+    #: The proxy ``LOCATION`` points at (``"twemproxy"`` or ``"mcrouter"``), or
+    #: ``None`` for memcached servers. Commands a proxy does not forward
+    #: (``flush_all``, ``stats``, meta commands) are then never sent to it.
+    proxy: str | None = None
+    #: The memcached servers behind the proxy (``LOCATION`` syntax), for
+    #: ``clear()`` and ``get_stats()``; only with ``PROXY``.
+    proxy_servers: Any = None
+    #: ``proxy_servers`` parsed (``parse_location``), or None.
+    proxy_server_specs: list[ServerSpec] | None = field(
+        default=None, metadata=_NOT_OURS
+    )
     #: Seconds a ``get_or_set`` caller waits for another caller's recompute of
     #: a missing key before it runs the callable itself; 0 turns stampede
     #: protection off (see ``herd.py``).
@@ -145,15 +162,41 @@ class BackendOptions:
             opts.ignore_exceptions = True
         opts.call_deadline = default_deadline(options, client_kwargs)
         opts.key_prefix = key_prefix_bytes(client_kwargs)
+        if opts.proxy_servers is not None:
+            try:
+                opts.proxy_server_specs = parse_location(opts.proxy_servers)
+            except ImproperlyConfigured as exc:
+                raise ImproperlyConfigured(f"OPTIONS['PROXY_SERVERS']: {exc}") from None
         return opts
 
     def _validate(self) -> None:
-        for name in ("persistent_connections", "ignore_exceptions", "trace_keys"):
+        for name in (
+            "persistent_connections",
+            "ignore_exceptions",
+            "trace_keys",
+            "raise_while_down",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ImproperlyConfigured(
                     f"OPTIONS[{name.upper()!r}] must be True or False, "
                     f"not {getattr(self, name)!r}"
                 )
+        if self.proxy not in PROXIES:
+            raise ImproperlyConfigured(
+                f"OPTIONS['PROXY'] must be one of {', '.join(map(repr, PROXIES))}, "
+                f"not {self.proxy!r}"
+            )
+        if self.proxy_servers is not None and self.proxy is None:
+            raise ImproperlyConfigured(
+                "OPTIONS['PROXY_SERVERS'] lists the servers behind a proxy; set "
+                "OPTIONS['PROXY'] too (e.g. 'twemproxy')"
+            )
+        if self.proxy is not None and self.fallback_location is not None:
+            raise ImproperlyConfigured(
+                "OPTIONS sets both 'PROXY' and 'FALLBACK_LOCATION': the migration "
+                f"pair needs meta commands, which {self.proxy} does not forward; "
+                "migrate the servers behind the proxy instead"
+            )
         if self.label is not None and not isinstance(self.label, str):
             raise ImproperlyConfigured(
                 f"OPTIONS['LABEL'] must be a string, not {self.label!r}"

@@ -231,6 +231,8 @@ class FallbackPair:
         self._forget(values)
         return self._new().set_many(values, *args, **kwargs)
 
+    set_multi = set_many
+
     def add(self, key: bytes, value: Any, *args: Any, **kwargs: Any) -> Any:
         # A key the old servers hold is present (a read would return it): bring
         # it over first, so add() fails as it would have (locks keep working).

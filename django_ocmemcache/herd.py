@@ -209,8 +209,10 @@ def invalidate(
     """
     check_stale_for(stale_for)
     full = cache._key(key, version)
-    client = getattr(cache._pool, "new", cache._pool).client()
-    kept = client.run_meta(full, keep_stale, full, stale_for) is True
+    kept = False
+    if cache.proxy is None:  # a proxy does not forward meta commands
+        client = getattr(cache._pool, "new", cache._pool).client()
+        kept = client.run_meta(full, keep_stale, full, stale_for) is True
     return bool(cache.delete(key, version=version)) or kept
 
 
@@ -250,10 +252,12 @@ class Options:
 
     @classmethod
     def of(cls, options: Any) -> Options:
-        """The settings of a ``conf.BackendOptions``."""
+        """The settings of a ``conf.BackendOptions``; off behind ``PROXY``
+        (twemproxy does not forward meta commands: nothing to probe)."""
+        proxied = options.proxy is not None
         return cls(
-            wait=options.herd_wait,
-            recache_within=options.recache_within,
+            wait=0.0 if proxied else options.herd_wait,
+            recache_within=None if proxied else options.recache_within,
             deadline=options.call_deadline,
             read_through=options.fallback_location is not None,
         )

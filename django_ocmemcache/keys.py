@@ -23,6 +23,17 @@ MEMCACHE_MAX_KEY_BYTES = 250
 _BAD_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 
 
+def _invalid(message: str, detail: str) -> InvalidCacheKey:
+    """``InvalidCacheKey(message)`` carrying ``detail`` as ``exc.detail`` and, on
+    Python 3.11+, as a note shown under the traceback (``str(exc)`` stays
+    ``message``, which is Django's own text where Django has one)."""
+    exc = InvalidCacheKey(message)
+    exc.detail = detail  # type: ignore[attr-defined]
+    if hasattr(exc, "add_note"):
+        exc.add_note(detail)
+    return exc
+
+
 def encode_key(key: object, prefix: bytes = b"") -> bytes:
     """Return ``key`` as UTF-8 bytes, or raise ``InvalidCacheKey``.
 
@@ -30,39 +41,49 @@ def encode_key(key: object, prefix: bytes = b"") -> bytes:
     ``bytes``. ``prefix`` is pymemcache's own ``key_prefix`` option, which the
     client puts in front on the wire, so it counts toward the limits too.
 
-    Raises ``InvalidCacheKey`` (a ``ValueError``) naming the problem for a key
-    of another type, one that cannot be encoded (lone surrogates), one longer
-    than 250 bytes, or one containing a control character or space.
+    Raises ``InvalidCacheKey`` (a ``ValueError``) for a key of another type, one
+    that cannot be encoded (lone surrogates), one longer than 250 bytes, or one
+    containing a control character or space. For the last two the message is
+    Django's own (``django.core.cache.backends.base.memcache_key_warnings``:
+    "... %r (longer than 250)", "Cache key contains characters ...: %r"), so
+    code and tests comparing it keep working; what exactly is wrong (the byte
+    count, the byte and its offset) is in ``exc.detail`` (and a traceback note).
     """
     if isinstance(key, str):
         try:
             # str.encode, not key.encode: subclasses (SafeString) are plain text.
             raw = str.encode(key)
-        except UnicodeEncodeError:
-            raise InvalidCacheKey(
-                f"Cache key {key!r} cannot be encoded as UTF-8 for memcached"
+        except UnicodeEncodeError as err:
+            raise _invalid(
+                f"Cache key {key!r} cannot be encoded as UTF-8 for memcached",
+                f"{err.reason} at offset {err.start}",
             ) from None
     elif isinstance(key, bytes):
         raw = key
     else:
-        raise InvalidCacheKey(
-            f"Cache key must be str or bytes, not {type(key).__name__}: {key!r}"
+        raise _invalid(
+            f"Cache key must be str or bytes, not {type(key).__name__}: {key!r}",
+            f"key of type {type(key).__name__}",
         )
     if not raw:
-        raise InvalidCacheKey("Cache key is empty; memcached needs at least one byte")
+        raise _invalid(
+            "Cache key is empty; memcached needs at least one byte", "empty key"
+        )
     wire = prefix + raw
     if len(wire) > MEMCACHE_MAX_KEY_BYTES:
-        raise InvalidCacheKey(
-            f"Cache key will cause errors if used with memcached: {key!r} is "
-            f"{len(wire)} bytes in UTF-8 (max {MEMCACHE_MAX_KEY_BYTES})"
-            + (f", with key_prefix {prefix!r}" if prefix else "")
+        raise _invalid(
+            "Cache key will cause errors if used with memcached: "
+            f"{key!r} (longer than {MEMCACHE_MAX_KEY_BYTES})",
+            f"the key is {len(wire)} bytes in UTF-8 (max {MEMCACHE_MAX_KEY_BYTES})"
+            + (f", with key_prefix {prefix!r}" if prefix else ""),
         )
     bad = _BAD_BYTE.search(wire)
     if bad is not None:
-        raise InvalidCacheKey(
+        raise _invalid(
             "Cache key contains characters that will cause errors if used with "
-            f"memcached: {(prefix + raw if prefix else key)!r} "
-            f"(byte {bad.group()!r} at offset {bad.start()})"
+            f"memcached: {key!r}",
+            f"byte {bad.group()!r} at offset {bad.start()}"
+            + (f" of key_prefix {prefix!r} + key" if prefix else ""),
         )
     return raw
 

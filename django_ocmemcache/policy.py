@@ -35,6 +35,7 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
+from .exceptions import ServerSkipped
 from .ratelimit import LogLimiter
 
 logger = logging.getLogger("django_ocmemcache")
@@ -128,17 +129,36 @@ class ErrorPolicy:
     configuration, see ``get_policy``.
     """
 
-    def __init__(self, ignore: bool, log_interval: float = LOG_INTERVAL) -> None:
+    def __init__(
+        self,
+        ignore: bool,
+        log_interval: float = LOG_INTERVAL,
+        raise_while_down: bool = False,
+    ) -> None:
         self.ignore = ignore
+        self.raise_while_down = raise_while_down
         self.log_interval = log_interval
         self.ignored = 0
         self.ignored_by_server: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def absorb(self, method: str, exc: Exception) -> None:
+    def absorb(self, method: str, exc: Exception) -> bool:
         """Re-raise ``exc`` unless the policy turns it into a miss; then count
-        it and log it (at most once per server per ``log_interval``)."""
-        if not (self.ignore and classify(exc) in IO_KINDS):
+        it and log it (at most once per server per ``log_interval``).
+
+        Return True when ``exc`` is a call skipped because its server is marked
+        down (``ServerSkipped``), answered as pymemcache's ``HashClient``
+        answers it under Django's backend (the method's ``on_skip``), which is
+        the default unless ``raise_while_down``; False when
+        ``IGNORE_EXCEPTIONS`` ignores it (checked first).
+        """
+        if self.ignore and classify(exc) in IO_KINDS:
+            skipped = False
+            why = "treated as a miss (IGNORE_EXCEPTIONS)"
+        elif isinstance(exc, ServerSkipped) and not self.raise_while_down:
+            skipped = True
+            why = "answered as a miss while the server is marked down"
+        else:
             raise exc
         server = server_of(exc)
         with self._lock:
@@ -146,13 +166,14 @@ class ErrorPolicy:
             self.ignored_by_server[server] += 1
         if _limiter.allow(server, self.log_interval):
             logger.warning(
-                "memcached %s on %s failed (%s: %s); treated as a miss "
-                "(IGNORE_EXCEPTIONS)",
+                "memcached %s on %s failed (%s: %s); %s",
                 method,
                 server,
                 type(exc).__name__,
                 _describe(exc),
+                why,
             )
+        return skipped
 
 
 def _describe(exc: BaseException) -> str:
@@ -161,21 +182,24 @@ def _describe(exc: BaseException) -> str:
     return str(exc)[:120]  # socket, server-error and our own texts hold no key
 
 
-_policies: dict[tuple[int, bool], ErrorPolicy] = {}
+_policies: dict[tuple[int, bool, bool], ErrorPolicy] = {}
 _policies_lock = threading.Lock()
 
 
-def get_policy(owner: Any, ignore: bool) -> ErrorPolicy:
-    """The process-wide policy for ``owner`` (a ``ClientPool``) and ``ignore``.
+def get_policy(owner: Any, ignore: bool, raise_while_down: bool = False) -> ErrorPolicy:
+    """The process-wide policy for ``owner`` (a ``ClientPool``), ``ignore`` and
+    ``raise_while_down``.
 
     Django builds one backend instance per thread; sharing the policy makes
     the counters and the log rate per cache configuration, not per thread.
     """
-    key = (id(owner), ignore)
+    key = (id(owner), ignore, raise_while_down)
     policy = _policies.get(key)
     if policy is None:
         with _policies_lock:
-            policy = _policies.setdefault(key, ErrorPolicy(ignore))
+            policy = _policies.setdefault(
+                key, ErrorPolicy(ignore, raise_while_down=raise_while_down)
+            )
     return policy
 
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.module_loading import import_string
+from pymemcache import serde as pymemcache_serde
 from pymemcache.serde import (
     FLAG_BYTES,
     FLAG_INTEGER,
@@ -108,12 +109,16 @@ def _decode_plain(data: bytes, flags: int) -> Any:
     return None  # not a plain value
 
 
-class PickleSerde:
-    """Django-compatible pickle; a corrupt value is ``MISS``, never ``None``."""
+class PickleSerde(pymemcache_serde.PickleSerde):
+    """Django-compatible pickle; a corrupt value is ``MISS``, never ``None``.
+
+    pymemcache's ``PickleSerde`` (``pickle_version``, default the highest
+    protocol, as Django's ``PyMemcacheCache`` uses it) with a safer reader.
+    """
 
     def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
         """Return ``(bytes, flags)``; raise if ``value`` cannot be pickled."""
-        data, flags = python_memcache_serializer(key, value)
+        data, flags = self._serialize_func(key, value)
         return data, flags
 
     def deserialize(self, key: Any, data: bytes, flags: int) -> Any:

@@ -12,9 +12,11 @@ DJANGO=${DJANGO:-Django>=5.2,<6.0}
 EXTRAS=${EXTRAS:-test,dev,docs,example}
 
 # memcached for the test servers; prometheus (/usr/bin/prometheus) for the telemetry
-# integration test and the demo, which scrape the site's /metrics.
+# integration test and the demo, which scrape the site's /metrics; nutcracker
+# (twemproxy, /usr/sbin/nutcracker) for the tests behind a proxy.
 missing=""
 if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then missing="memcached"; fi
+if ! command -v nutcracker >/dev/null 2>&1 && [ ! -x /usr/sbin/nutcracker ]; then missing="$missing nutcracker"; fi
 if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then missing="$missing prometheus"; fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then

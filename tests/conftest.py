@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.memcached import MEMCACHED, MemcachedServer
+from tests.nutcracker import NUTCRACKER, NutcrackerProxy
 
 OUR_BACKEND = "django_ocmemcache.backend.OCMemcacheCache"
 DJANGO_BACKEND = "django.core.cache.backends.memcached.PyMemcacheCache"
@@ -77,3 +78,21 @@ def make_cache() -> Iterator[Callable[..., object]]:
     for cache in made:
         disconnect = getattr(cache, "disconnect_all", None) or cache.close
         disconnect()
+
+
+def _require_nutcracker() -> None:
+    if NUTCRACKER is None:
+        reason = "nutcracker is not installed (apt-get install nutcracker)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; CI must install it", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def twemproxy(memcached_servers: list[MemcachedServer]) -> Iterator[NutcrackerProxy]:
+    """A real nutcracker in front of the three shared servers (flushed per use
+    through ``memcached``-style fixtures; call ``flush_behind`` yourself)."""
+    _require_nutcracker()
+    proxy = NutcrackerProxy(memcached_servers).start()
+    yield proxy
+    proxy.stop()

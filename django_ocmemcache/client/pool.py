@@ -114,7 +114,7 @@ class ClientPool:
         """Close this thread's connections (they reopen on next use)."""
         client = self._local.__dict__.pop("client", None)
         if client is not None:
-            client.close()
+            client.disconnect_all()
 
     def drop_closed(self) -> int:
         """Close this thread's idle connections the server has closed; return

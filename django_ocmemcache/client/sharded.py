@@ -18,9 +18,10 @@ from typing import Any
 
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
 from ..conf import hash_node
-from ..exceptions import DeadlineExceeded, ServerUnavailable
+from ..exceptions import DeadlineExceeded, ServerSkipped
 from ..policy import is_io_error, marks_down
 from .deadline import check_deadline, time_left
 from .guarded import GuardedClient
@@ -116,6 +117,8 @@ class ShardedClient:
         hasher: Any = RendezvousHash,
     ) -> None:
         self.health = health
+        #: The per-server client arguments (``HashClient.default_kwargs``).
+        self.default_kwargs = client_kwargs
         self.clients: dict[str, GuardedClient] = {}
         self._names: dict[str, str] = {}
         for server, name in zip(servers, names, strict=True):
@@ -141,7 +144,7 @@ class ShardedClient:
         health = self.health
         if node in health.down and not health.available(node):
             name = self._names[node]
-            exc: Exception = ServerUnavailable(
+            exc: Exception = ServerSkipped(
                 f"memcached {name} is marked down after a failure; skipped until "
                 "its next probe"
             )
@@ -159,7 +162,11 @@ class ShardedClient:
                 exc.ocmemcache_server = self._names[node]  # type: ignore[attr-defined]
             except AttributeError:
                 pass
-            if marks_down(exc):
+            if method in _NOT_PROXIED and isinstance(exc, MemcacheUnexpectedCloseError):
+                # twemproxy closes the connection on commands it does not
+                # forward: say so, and keep the server (the proxy) usable.
+                _hint_proxy(exc, self._names[node], method)
+            elif marks_down(exc):
                 health.failed(node)
             raise
         if node in health.down:
@@ -233,7 +240,8 @@ class ShardedClient:
             except Exception as exc:
                 if not is_io_error(exc):
                     raise
-                first = first or exc
+                if first is None or isinstance(first, ServerSkipped):
+                    first = exc  # a real failure says more than a skip
         return results, first
 
     def _checkout(self, node: str) -> GuardedClient:
@@ -242,7 +250,7 @@ class ShardedClient:
         health = self.health
         if node in health.down and not health.available(node):
             name = self._names[node]
-            exc = ServerUnavailable(
+            exc = ServerSkipped(
                 f"memcached {name} is marked down after a failure; skipped until "
                 "its next probe"
             )
@@ -283,7 +291,7 @@ class ShardedClient:
             for node, batch in batches.items():
                 try:
                     client = self._checkout(node)
-                except (ServerUnavailable, DeadlineExceeded) as exc:
+                except (ServerSkipped, DeadlineExceeded) as exc:
                     errors.append(exc)  # skipped, not a new failure of the server
                     continue
                 try:
@@ -321,7 +329,10 @@ class ShardedClient:
         finally:
             for _, client, _ in sent.values():  # interrupted: requests in flight
                 client.close()
-        return results, (errors[0] if errors else None)
+        # A real failure says more than a skip (as _per_node).
+        real = [e for e in errors if not isinstance(e, ServerSkipped)]
+        first = (real or errors)[0] if errors else None
+        return results, first
 
     def _wait_limit(self, sent: dict[int, Any]) -> float | None:
         """Seconds to wait for the next reply: the time left before the
@@ -336,6 +347,8 @@ class ShardedClient:
         """``{key: value}`` found; if a server failed, its error is raised with
         the other servers' hits as ``exc.partial_result``."""
         return self._fetch_many("get_many", keys, *args, **kwargs)
+
+    get_multi = get_many
 
     def gets_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> dict:
         return self._fetch_many("gets_many", keys, *args, **kwargs)
@@ -371,6 +384,8 @@ class ShardedClient:
             raise error
         return failed
 
+    set_multi = set_many
+
     def delete_many(self, keys: Iterable[Any], *args: Any, **kwargs: Any) -> bool:
         """Delete on every server holding some of ``keys``; a failed server
         does not stop the others (its error is raised afterwards)."""
@@ -378,6 +393,8 @@ class ShardedClient:
         if error is not None:
             raise error
         return True
+
+    delete_multi = delete_many
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         results: dict[str, Any] = {}
@@ -412,6 +429,34 @@ class ShardedClient:
 
     disconnect_all = close
     quit = close
+
+    def __del__(self) -> None:
+        # A thread's client goes when the thread ends (its threading.local
+        # entry is dropped): close the sockets now, not in the garbage
+        # collector with "ResourceWarning: unclosed socket". After a fork the
+        # child closes only its copies of the parent's descriptors (no
+        # shutdown, nothing sent), so the parent's connections are untouched.
+        try:
+            for client in self.clients.values():
+                client.close()
+        except Exception:
+            pass
+
+
+#: Commands a proxy (twemproxy) answers by closing the connection.
+_NOT_PROXIED = frozenset({"flush_all", "stats"})
+
+
+def _hint_proxy(exc: BaseException, name: str, method: str) -> None:
+    hint = (
+        f"{name} closed the connection on {method} without a reply: if it is "
+        "a proxy (twemproxy does not forward flush_all or stats), set "
+        "OPTIONS['PROXY'] = 'twemproxy' and list the servers behind it in "
+        "OPTIONS['PROXY_SERVERS']"
+    )
+    exc.ocmemcache_hint = hint  # type: ignore[attr-defined]
+    if hasattr(exc, "add_note"):
+        exc.add_note(hint)
 
 
 def node_for(client: Any, key: str | bytes) -> Any:

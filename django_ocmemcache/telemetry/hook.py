@@ -113,7 +113,7 @@ class CacheTelemetry:
         self._location = server
         self._params = params
         self.alias: str | None = self._label
-        servers = cache._servers
+        servers = cache._server_specs
         self.server: dict[str, Any] = {}
         if len(servers) == 1:
             self.server = _server_attributes(servers[0])
@@ -174,7 +174,7 @@ class CacheTelemetry:
             attrs[ATTR_KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self.multi_server:
             node = cache._client().node_for(full)  # as the client routes it
-            for spec in cache._servers:
+            for spec in cache._server_specs:
                 if hash_node(spec) == node:
                     attrs.update(_server_attributes(spec))
         else:

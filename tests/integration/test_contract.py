@@ -17,12 +17,19 @@ TTL) instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import pickle
 import threading
+import time
+import warnings
 import zlib
 
+import pymemcache
 import pytest
+from django.core.cache import caches
 from django.core.cache.backends.base import InvalidCacheKey
+from django.core.signals import request_finished, request_started
 from django.http import HttpResponse
 from django.template import Context, Engine
 from django.test import RequestFactory
@@ -31,11 +38,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymemcache.exceptions import (
     MemcacheClientError,
+    MemcacheError,
     MemcacheIllegalInputError,
     MemcacheServerError,
 )
 
+from django_ocmemcache.exceptions import ServerSkipped
 from tests.conftest import DJANGO_BACKEND, OUR_BACKEND
+from tests.memcached import free_port
 from tests.wire import raw_get, ttl
 
 pytestmark = pytest.mark.integration
@@ -78,6 +88,9 @@ class CacheContract:
         self.server = memcached
         self.make = lambda **params: make_cache(
             memcached.location, backend=self.backend, **params
+        )
+        self.make_at = lambda location, **params: make_cache(
+            location, backend=self.backend, **params
         )
         self.cache = self.make()
         self.v2 = self.make(VERSION=2)
@@ -199,10 +212,21 @@ class CacheContract:
             other.incr("hits")
         assert self.cache.get("hits") == 10
 
+    def test_incr_non_numeric_raises_the_librarys_client_error(self):
+        # Django's own suite: incr_decr_type_error = cache._lib.exceptions.
+        # MemcacheClientError (ours raises a subclass that is a ValueError too).
+        assert self.cache._lib is pymemcache
+        self.cache.set("null", None)
+        with pytest.raises(self.cache._lib.exceptions.MemcacheClientError):
+            self.cache.incr("null")
+        with pytest.raises(MemcacheClientError):
+            self.cache.decr("null")
+
     @pytest.mark.difference(
         django_raises=MemcacheClientError,
         reason="Django lets pymemcache's MemcacheClientError out of incr on a "
-        "non-number; ours raises ValueError naming the key",
+        "non-number; ours raises a subclass of it that is also a ValueError "
+        "(Django's cache API error for a key incr cannot use), naming the key",
     )
     def test_incr_non_numeric_raises_value_error(self):
         self.cache.set("null", None)
@@ -417,6 +441,20 @@ class CacheContract:
         # memcached doesn't allow whitespace or control characters in keys.
         for key in ["key with spaces", "tab\there", "new\nline", "nul\x00", "del\x7f"]:
             self._assert_every_method_refuses(key)
+
+    def test_invalid_key_message_is_djangos(self):
+        # Django's text (memcache_key_warnings) exactly; ours puts what is
+        # wrong in bytes in exc.detail.
+        for key, warning in [
+            ("a" * 248, "Cache key will cause errors if used with memcached: "
+                        "%r (longer than 250)"),
+            ("key with spaces", "Cache key contains characters that will cause "
+                                "errors if used with memcached: %r"),
+        ]:  # fmt: skip
+            for method, args in [("get", [key]), ("set_many", [{key: 1}])]:
+                with pytest.raises(InvalidCacheKey) as info:
+                    getattr(self.cache, method)(*args)
+                assert str(info.value) == warning % self.cache.make_key(key)
 
     def test_invalid_key_length(self):
         self._assert_every_method_refuses("a" * 251)
@@ -656,6 +694,149 @@ class CacheContract:
 
         asyncio.run(scenario())
         assert self.ttl("f") is None  # cleared
+
+    # -- a server that fails (Django's backend: pymemcache HashClient) -----------
+
+    def _assert_answers_while_down(self, cache):
+        # What HashClient answers while a failed server waits for its retry
+        # (retry_timeout), and what apps written against it expect.
+        assert cache.add("k", 1, 60) is False
+        assert cache.incr("k") is False
+        assert cache.decr("k") is False
+        assert cache.get("k", "dflt") == "dflt"
+        assert cache.set("k", 1) is None
+        assert cache.delete("k") is False
+        assert cache.touch("k") is False
+        assert cache.has_key("k") is False
+        assert cache.get_many(["k", "j"]) == {}
+        assert sorted(cache.set_many({"k": 1, "j": 2})) == ["j", "k"]
+        assert cache.delete_many(["k", "j"]) is None
+        assert cache.get_or_set("k", "computed") == "computed"
+
+    def test_a_failed_server_raises_once_then_answers_misses(self):
+        cache = self.make_at(f"127.0.0.1:{free_port()}")  # nothing listens
+        with pytest.raises(ConnectionRefusedError):
+            cache.add("k", 1, 60)
+        self._assert_answers_while_down(cache)
+
+    def test_the_retry_raises_again_then_misses_again(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}", OPTIONS={"retry_timeout": 0.2}
+        )
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        assert cache.get("k", "dflt") == "dflt"
+        time.sleep(0.25)  # retry_timeout passed: the next call tries again
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        assert cache.get("k", "dflt") == "dflt"
+
+    def test_a_failed_server_among_several(self):
+        dead = f"127.0.0.1:{free_port()}"
+        cache = self.make_at([self.server.location, dead])
+        keys = [f"key{i}" for i in range(40)]
+        with pytest.raises(ConnectionRefusedError):
+            cache.set_many({k: k for k in keys})
+        failed = cache.set_many({k: k for k in keys})
+        assert 0 < len(failed) < len(keys)  # the live server stored its keys
+        stored = [k for k in keys if k not in failed]
+        assert cache.get_many(keys) == {k: k for k in stored}
+
+    @pytest.mark.difference(
+        django_raises=MemcacheError,
+        reason="after retry_attempts failures HashClient marks its only server "
+        "dead and raises MemcacheError('All servers seem to be down right now') "
+        "on every call for dead_timeout; ours keeps answering misses and probes "
+        "once per dead_timeout (keys of a dead server are never moved to other "
+        "servers, which would serve stale values once it is back)",
+    )
+    def test_a_dead_server_keeps_answering_misses(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}",
+            OPTIONS={"retry_timeout": 0.05, "retry_attempts": 2},
+        )
+        raised = 0
+        for _ in range(6):  # up to retry_attempts + 1 real attempts raise
+            try:
+                assert cache.get("k", "dflt") == "dflt"
+            except ConnectionRefusedError:
+                raised += 1
+            time.sleep(0.06)
+        assert raised >= 2
+        self._assert_answers_while_down(cache)
+
+    @pytest.mark.extra
+    def test_raise_while_down_raises_every_skipped_call(self):
+        cache = self.make_at(
+            f"127.0.0.1:{free_port()}", OPTIONS={"RAISE_WHILE_DOWN": True}
+        )
+        with pytest.raises(ConnectionRefusedError):
+            cache.get("k")
+        for method, args in [("get", ["k"]), ("add", ["k", 1]), ("incr", ["k"])]:
+            with pytest.raises(ServerSkipped, match="marked down"):
+                getattr(cache, method)(*args)
+        assert issubclass(ServerSkipped, ConnectionError)
+
+    # -- threads that end ------------------------------------------------------------
+
+    def _unclosed_sockets_after_threads(self, settings, work, n=10):
+        settings.CACHES = {
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            "mc": {"BACKEND": self.backend, "LOCATION": self.server.location},
+        }
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(n):  # runserver: one thread per request
+                t = threading.Thread(target=work)
+                t.start()
+                t.join(timeout=10)
+            gc.collect()
+        return [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+    def test_finished_request_threads_leave_no_unclosed_socket(self, settings):
+        def request():
+            request_started.send(sender=None)
+            caches["mc"].set("k", 1)
+            assert caches["mc"].get("k") == 1
+            request_finished.send(sender=None)  # Django closes every cache
+
+        assert self._unclosed_sockets_after_threads(settings, request) == []
+
+    @pytest.mark.extra
+    def test_finished_threads_close_their_kept_connections(self, settings):
+        # Ours keeps connections across requests: they close with the thread,
+        # not in the garbage collector (ResourceWarning: unclosed socket).
+        def call():
+            caches["mc"].set("k", 1)
+
+        assert self._unclosed_sockets_after_threads(settings, call) == []
+
+    # -- the methods as tools see them --------------------------------------------
+
+    PUBLIC = ["add", "get", "set", "touch", "delete", "get_many", "set_many",
+              "delete_many", "incr", "decr", "get_or_set", "has_key",
+              "incr_version", "decr_version", "clear"]  # fmt: skip
+
+    def test_public_methods_unwrap_to_themselves(self):
+        # inspect.unwrap (django-debug-toolbar's cache panel, mock.patch with
+        # autospec) must not reach a bare function that skips the backend's own
+        # handling; name and signature are Django's.
+        from django.core.cache.backends.base import BaseCache
+
+        for name in self.PUBLIC:
+            method = getattr(self.cache, name)
+            assert not hasattr(method, "__wrapped__"), name
+            assert inspect.unwrap(method) == method, name
+            assert method.__name__ == name
+            ours = list(inspect.signature(method).parameters)
+            djangos = list(inspect.signature(getattr(BaseCache, name)).parameters)
+            assert ours == djangos[1:], name  # without self
+
+    @pytest.mark.extra
+    def test_unwrapped_method_keeps_the_error_policy(self, make_cache):
+        cache = make_cache("127.0.0.1:1", OPTIONS={"IGNORE_EXCEPTIONS": True})
+        assert inspect.unwrap(cache.get)("k", "dflt") == "dflt"
+        assert cache.get.__doc__.startswith("Return the value for ``key``")
 
     # -- Django features on top of the cache ---------------------------------------
 

@@ -116,8 +116,9 @@ def test_stopped_server_raises_and_the_others_keep_serving(three, make_cache):
         assert _io_error_or(None, lambda: cache.get(on_dead[1])) is None
         assert _io_error_or(False, lambda: cache.has_key(on_dead[1])) is False
         try:
-            cache.incr(on_dead[2])
-            pytest.fail("incr on a stopped server returned a number")
+            # False while the server is skipped, as Django's backend returns it.
+            value = cache.incr(on_dead[2])
+            assert value is False, f"incr on a stopped server returned {value!r}"
         except ValueError:
             pass  # reported like a missing key
         except Exception as exc:

@@ -165,6 +165,15 @@ class Command(BaseCommand):
                 if opts.fallback_location is not None
                 else []
             )
+            if opts.proxy is not None and not options["dest"]:
+                raise CommandError(
+                    f"CACHES[{alias!r}]: LOCATION is a {opts.proxy} pool "
+                    "(OPTIONS['PROXY']), which does not forward the meta commands "
+                    "warm-cache writes with; pass --to the memcached server(s) "
+                    "to fill (one server, or servers hashed as this backend "
+                    f"hashes: {opts.proxy} places keys by its own hash)",
+                    returncode=EXIT_REFUSED,
+                )
             dest = options["dest"] or parse_location(params.get("LOCATION") or [])
             namespace = None
             if not options["all_keys"]:

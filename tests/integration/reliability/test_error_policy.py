@@ -41,14 +41,19 @@ def test_io_failures_become_misses_and_are_counted(make_cache):
     assert policy.ignored_by_server[location] == policy.ignored
 
 
-def test_without_the_option_every_failure_raises(make_cache):
-    # Django's PyMemcacheCache raises once, then silently returns None.
+def test_without_the_option_a_failure_raises_then_skips_answer_misses(make_cache):
+    # Django's PyMemcacheCache raises once, then silently returns the default
+    # while the server waits for its retry; RAISE_WHILE_DOWN raises instead.
     cache = make_cache(dead_location())
-    for _ in range(3):
+    strict = make_cache(dead_location(), OPTIONS={"RAISE_WHILE_DOWN": True})
+    for c in (cache, strict):
         with pytest.raises(OSError):
-            cache.get("k")
+            c.get("k")
+    assert cache.get("k", "dflt") == "dflt"
+    assert cache.set("k", 1) is None
     with pytest.raises(ServerUnavailable):
-        cache.set("k", 1)
+        strict.set("k", 1)
+    assert cache._errors.ignored == 2  # counted, though not raised
 
 
 def test_one_warning_per_server_per_interval_without_the_key(make_cache, caplog):

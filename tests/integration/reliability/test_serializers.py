@@ -311,3 +311,23 @@ def test_replacing_a_rejected_value_never_removes_a_newer_good_one(
     assert cache.add("k", "mine") is False
     monkeypatch.undo()
     assert cache.get("k") == "good"
+
+
+def test_rejected_value_is_absent_through_twemproxy(twemproxy, make_cache):
+    # add() over a rejected value uses classic commands only (gets + cas):
+    # twemproxy closes the connection on meta commands.
+    for server in twemproxy.servers:
+        server.flush()
+    opts = {"SERIALIZER": "signed-pickle", "PROXY": "twemproxy"}
+    cache = make_cache(twemproxy.location, OPTIONS=opts)
+    cache.set("k", "placed")  # find the server behind the proxy that holds it
+    holder = next(s for s in twemproxy.servers if _has(s, ":1:k"))
+    _raw_set(holder, ":1:k", b"\x80\x04K\x01.", 1)  # unsigned: rejected
+    assert cache.has_key("k") is False
+    assert cache.add("k", "fresh") is True
+    assert cache.get("k") == "fresh"
+    assert cache.get_or_set("other", "computed") == "computed"
+
+
+def _has(server, key: str) -> bool:
+    return server.command(f"get {key}").startswith(b"VALUE")
