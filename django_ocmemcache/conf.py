@@ -91,7 +91,7 @@ class BackendOptions:
     trace_keys: bool = False
     #: Name used on spans and metrics instead of the cache alias.
     label: str | None = None
-    #: Old servers of a migration (see ``fallback.py``); ``None`` means no pair.
+    #: Old servers of a migration (``fallback``); ``None`` means no pair.
     fallback_location: Any = None
     #: Whole-operation deadline in seconds as given; when the key is absent
     #: ``call_deadline`` is ``connect_timeout + timeout``, and an explicit

@@ -13,7 +13,9 @@ any time (it applies to the next chunk of data):
   (no ``\\r\\n``), up to ``garbage_limit`` bytes per connection;
 - ``"huge"``: answer with a ``VALUE`` header announcing a 2**40-byte value and
   keep streaming bytes, up to ``garbage_limit``;
-- ``"drop"``: close each client connection as soon as it sends something.
+- ``"drop"``: close each client connection as soon as it sends something;
+- ``"mute"``: forward requests, drop the replies (the server acts, the client
+  never hears: a reply lost on the way back).
 
 ``accepted`` counts client connections (to count connection attempts).
 Every thread stops within about 0.1 s of ``stop()``; loops are bounded.
@@ -143,7 +145,7 @@ class FaultProxy:
             if not data:
                 break
             mode = self.mode
-            if mode in ("silent", "garbage", "huge"):
+            if mode in ("silent", "garbage", "huge", "mute"):
                 continue
             if mode == "slow":
                 time.sleep(self.delay)

@@ -484,20 +484,360 @@ def concurrency() -> list[Row]:
 def refused() -> list[Row]:
     location = f"127.0.0.1:{free_port()}"
     ours = make(location)
+    strict = make(location, OPTIONS={"RAISE_WHILE_DOWN": True})
     django_cache = make(location, DJANGO)
-    ours_outcomes, django_outcomes = [], []
-    for cache, out in ((ours, ours_outcomes), (django_cache, django_outcomes)):
+    outcomes: list[list[str]] = [[], [], []]
+    for cache, out in zip((ours, strict, django_cache), outcomes, strict=True):
         for _ in range(3):
             _, result, error = timed(lambda c=cache: c.get("k"))
             out.append(type(error).__name__ if error else repr(result))
+    ours_o, strict_o, django_o = (", ".join(o) for o in outcomes)
+    # The failure itself always raises; while the server is marked down the
+    # skipped calls are misses unless RAISE_WHILE_DOWN (docs/behaviour.md).
     return [
         (
             "Closed port, IGNORE_EXCEPTIONS off",
-            "three gets; Django's PyMemcacheCache for comparison",
-            f"ours: {', '.join(ours_outcomes)}; Django: {', '.join(django_outcomes)}",
-            all(o != "None" for o in ours_outcomes),
+            "three gets; with RAISE_WHILE_DOWN; Django's PyMemcacheCache for "
+            "comparison",
+            f"ours: {ours_o}; RAISE_WHILE_DOWN: {strict_o}; Django: {django_o}",
+            outcomes[0][0] != "None" and "None" not in outcomes[1],
         )
     ]
+
+
+# -- issue 12: the fallback pair and warm-cache against misbehaving servers ----
+
+
+def _pair(new_loc: str, old_loc: str, **options: Any) -> Any:
+    return make(new_loc, KEY_PREFIX="site",
+                OPTIONS={"FALLBACK_LOCATION": old_loc, **options})  # fmt: skip
+
+
+def fallback_forgets() -> list[Row]:
+    from django_ocmemcache import fallback
+
+    saved = fallback.OLD_RETRY_AFTER
+    fallback.OLD_RETRY_AFTER = 1.0
+    try:
+        with Servers() as s:
+            old, new = s.memcached(), s.memcached()
+            proxy = s.proxy(old, "slow")
+            proxy.delay = 0.5
+            plain_old = make(old.location, KEY_PREFIX="site")
+            keys = [f"k{i}" for i in range(40)]
+            plain_old.set_many({k: "old" for k in keys}, timeout=300)
+            pair = _pair(new.location, proxy.location, DEADLINE=0.3,
+                         IGNORE_EXCEPTIONS=True)  # fmt: skip
+            pair.get("other")  # one slow reply: the old server is skipped
+            proxy.mode = "pass"
+            pair.delete_many(keys[:20])
+            for k in keys[20:]:
+                pair.set(k, "new", timeout=1)
+            time.sleep(2.2)
+            back = sum(pair.get(k, MISS) is not MISS for k in keys)
+            left_on_old = len(plain_old.get_many(keys))
+            # Blame: the new server spends the budget; the old one is healthy.
+            new_proxy, old_proxy = s.proxy(new, "slow"), s.proxy(old, "slow")
+            new_proxy.delay, old_proxy.delay = 0.33, 0.1
+            plain_old.set_many({f"b{i}": i for i in range(60)})
+            blamed = _pair(new_proxy.location, old_proxy.location, DEADLINE=0.4,
+                           IGNORE_EXCEPTIONS=True)  # fmt: skip
+            for i in range(60):
+                blamed.get(f"b{i}")
+            errors = blamed._pool.old_errors
+    finally:
+        fallback.OLD_RETRY_AFTER = saved
+    return [
+        (
+            "Pair: one slow old reply, then deletes and writes (issue 12.1)",
+            "old server behind a 0.5 s proxy, DEADLINE 0.3, IGNORE_EXCEPTIONS; "
+            "one read times out (old skipped); 20 deletes + 20 set(..., 1) while "
+            "skipped; 2.2 s later all 40 read",
+            f"{back} of 40 old values came back; {left_on_old} left on the old "
+            "server (forgets owed, then delivered)",
+            back == 0 and left_on_old == 0,
+        ),
+        (
+            "Pair: the new server spends the DEADLINE (issue 12.1)",
+            "new server replies in 0.33 s, old in 0.1 s, DEADLINE 0.4; 60 reads",
+            f"old server blamed {errors} times (reads past half the budget are "
+            "misses)",
+            errors == 0,
+        ),
+    ]
+
+
+def fallback_repairs() -> list[Row]:
+    from django_ocmemcache import fallback
+
+    real_add = fallback.meta.add_many
+    with Servers() as s:
+        old, new = s.memcached(), s.memcached()
+        new_proxy = s.proxy(new)
+        plain_old = make(old.location, KEY_PREFIX="site")
+        plain_new = make(new.location, KEY_PREFIX="site")
+        pair = _pair(new_proxy.location, old.location, DEADLINE=0.3,
+                     IGNORE_EXCEPTIONS=True)  # fmt: skip
+        back = 0
+        for i in range(5):
+            key = f"raced{i}"
+            plain_old.set(key, "deleted")
+
+            def add_late(node: Any, items: Any, key: str = key) -> Any:
+                plain_old.delete(key)
+                plain_new.delete(key)
+                new_proxy.mode, new_proxy.delay = "slow", 0.35
+                try:
+                    return real_add(node, items)
+                finally:
+                    new_proxy.mode = "pass"
+
+            fallback.meta.add_many = add_late
+            try:
+                pair.get(key)
+            finally:
+                fallback.meta.add_many = real_add
+            time.sleep(0.4)
+            back += plain_new.get(key, MISS) is not MISS
+        # clear()
+        plain_old.set_many({f"c{i}": i for i in range(50)}, timeout=300)
+        pair2 = _pair(new.location, old.location)
+        pair2.clear()
+        after_clear = len(pair2.get_many([f"c{i}" for i in range(50)]))
+        # concurrent incr
+        slow_old = s.proxy(old, "slow")
+        slow_old.delay = 0.5
+        new2 = s.memcached()  # the first new server is cleared
+        plain_new = make(new2.location, KEY_PREFIX="site")
+        counting = _pair(new2.location, slow_old.location, DEADLINE=0.8,
+                         IGNORE_EXCEPTIONS=True)  # fmt: skip
+        wrong, errors = 0, 0
+        for trial in range(5):
+            key = f"n{trial}"
+            plain_old.set(key, 10)
+            errs: list[Exception] = []
+
+            def bump(n: int, key: str = key, errs: list = errs) -> None:
+                time.sleep(0.1 * n)
+                try:
+                    counting.incr(key)
+                except ValueError as exc:
+                    errs.append(exc)
+                    counting.set(key, 1)
+
+            threads = [threading.Thread(target=bump, args=(n,)) for n in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            errors += len(errs)
+            wrong += plain_new.get(key) != 16
+        # a large item
+        big_old = s.memcached(memory_mb=256, extra_args=["-I", "128m"])
+        big_new = s.memcached(memory_mb=256, extra_args=["-I", "128m"])
+        value = b"v" * (64 << 20)
+        plain_big = make(big_old.location, KEY_PREFIX="site",
+                         OPTIONS={"DEADLINE": 30})  # fmt: skip
+        plain_big.set("big", value)
+        t0 = time.perf_counter()
+        plain_big.get("big")
+        plain_s = time.perf_counter() - t0
+        big_pair = _pair(big_new.location, big_old.location, DEADLINE=30)
+        t0 = time.perf_counter()
+        ok = big_pair.get("big") == value
+        pair_s = time.perf_counter() - t0
+    return [
+        (
+            "Pair: a delete races the read-repair, the add reply late (issue 12.2)",
+            "new server's ms reply held 0.35 s past DEADLINE 0.3; 5 raced deletes",
+            f"{back} of 5 deleted values left on the new server",
+            back == 0,
+        ),
+        (
+            "Pair: clear() during the migration (issue 12.4)",
+            "50 keys on the old server, clear() through the pair, then get_many",
+            f"{after_clear} values from before the clear returned",
+            after_clear == 0,
+        ),
+        (
+            "Pair: concurrent incr on an old-only counter (issue 12.5)",
+            "old server 0.5 s away, DEADLINE 0.8; 6 staggered incr x 5 trials, "
+            "`except ValueError: set(key, 1)` as sites do",
+            f"{errors} 'Key not found'; {wrong} of 5 counters not 16",
+            errors == 0 and wrong == 0,
+        ),
+        (
+            "Pair: a 64 MiB item read through (issue 12.6)",
+            "get of a 64 MiB value: plain cache on the old server, then through "
+            "the pair (read old, copy to new)",
+            f"plain {plain_s:.2f} s, through the pair {pair_s:.2f} s (read + copy)",
+            ok and pair_s < 6 * plain_s + 0.5,
+        ),
+    ]
+
+
+def warm_cache_faults() -> list[Row]:
+    from django_ocmemcache import warmup
+
+    rows: list[Row] = []
+    with Servers() as s:
+        old, new = s.memcached(), s.memcached()
+        proxy = s.proxy(new)
+        plain_old = make(old.location, KEY_PREFIX="site")
+        plain_new = make(new.location, KEY_PREFIX="site")
+        plain_old.set_many({f"k{i}": i for i in range(100)})
+        real_add = warmup.meta.add_many
+        raced = [f"k{i}" for i in range(0, 100, 10)]
+
+        def lost(node: Any, items: Any) -> Any:
+            plain_old.delete_many(raced)
+            plain_new.delete_many(raced)
+            proxy.mode = "mute"
+            try:
+                return real_add(node, items)
+            finally:
+                proxy.mode = "pass"
+
+        warmup.meta.add_many = lost
+        try:
+            report = warmup.warm([old.location], [proxy.location],
+                                 client_kwargs={"timeout": 0.3})  # fmt: skip
+        finally:
+            warmup.meta.add_many = real_add
+        back = len(plain_new.get_many(raced))
+        rows.append((
+            "warm-cache: add reply lost while deletes race (issue 12.3)",
+            "100 keys, one batch; 10 deleted by the site before the copy lands; "
+            "the add replies never arrive",
+            f"{back} deleted values on the new server; copied {report.copied}, "
+            f"undone {report.undone}, failed {report.failed}, in doubt "
+            f"{report.in_doubt}",
+            back == 0 and report.copied == 90 and report.in_doubt == 0,
+        ))  # fmt: skip
+        fields = ("get_hits", "get_misses", "cmd_get")
+        before = [new.stats()[f] for f in fields]
+        warmup.warm([old.location], [new.location], dry_run=True)
+        after = [new.stats()[f] for f in fields]
+        rows.append((
+            "warm-cache --dry-run and the new servers' statistics (issue 12.14)",
+            "dry run over 90 keys; get_hits/get_misses/cmd_get before and after",
+            f"before {before}, after {after}",
+            before == after,
+        ))  # fmt: skip
+    rows += _listing_bounds()
+    code = (
+        "import os,sys,time;"
+        "os.environ['DJANGO_SETTINGS_MODULE']='tests.settings';"
+        "import django;django.setup();"
+        "from tests.reliability_report import _serve_listing;"
+        "from django_ocmemcache import warmup;"
+        "port=_serve_listing(10_000_000);"
+        "from tests.reliability_report import _peak_rss_mb as hwm;"
+        "base=hwm();t=time.monotonic();"
+        "l=warmup.read_key_list(('127.0.0.1',port),{},30_000_000);"
+        "n=sum(len(b) for b in warmup._batches(iter(l),500));"
+        "peak=hwm();"
+        "print(n,peak-base,peak,round(time.monotonic()-t,1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=600).stdout.split()  # fmt: skip
+    n, grew, peak, secs = (int(out[0]), int(out[1]), int(out[2]), out[3])
+    rows.append((
+        "warm-cache: key listing of 10 million keys (issue 12.13)",
+        "a scripted server lists 10,000,000 keys (~70 bytes a line); the "
+        "listing is read and walked in batches of 500, in a child process",
+        f"{n} keys in {secs} s; peak RSS {peak} MB ({grew} MB above the "
+        "process before the listing; spilled to a temporary file)",
+        n == 10_000_000 and peak <= 250,
+    ))  # fmt: skip
+    return rows
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory (``VmHWM``), in MB. Not
+    ``ru_maxrss``: Linux carries that over ``fork``/``exec`` from the parent."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    return -1
+
+
+def _serve_listing(nkeys: int) -> int:
+    """A thread answering one ``lru_crawler metadump`` with ``nkeys`` lines."""
+    import socket
+
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        conn.recv(100)
+        line = b"key=site%%3A1%%3Akey-%08d exp=-1 la=1 cas=1 fetch=no cls=1 size=90\n"
+        block = 10_000
+        for start in range(0, nkeys, block):
+            conn.sendall(b"".join(line % i for i in range(start, start + block)))
+        conn.sendall(b"END\r\n")
+        conn.close()
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1]
+
+
+def _listing_bounds() -> list[Row]:
+    import socket
+
+    from django_ocmemcache import warmup
+
+    def endless(conn: Any) -> None:
+        line = b"key=k exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n" * 1000
+        for _ in range(100_000):
+            conn.sendall(line)
+
+    def no_crlf(conn: Any) -> None:
+        for _ in range(100_000):
+            conn.sendall(b"key=" + b"x" * 65536)
+
+    def trickle(conn: Any) -> None:
+        for _ in range(2000):
+            conn.sendall(b"k")
+            time.sleep(0.01)
+
+    rows: list[Row] = []
+    for name, script in (("endless listing", endless), ("line without CR LF", no_crlf),
+                         ("trickling listing", trickle)):  # fmt: skip
+        sock = socket.create_server(("127.0.0.1", 0))
+
+        def serve(sock: Any = sock, script: Any = script) -> None:
+            conn, _ = sock.accept()
+            conn.recv(100)
+            try:
+                script(conn)
+            except OSError:
+                pass
+            conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        tracemalloc.start()
+        port = sock.getsockname()[1]
+        elapsed, _, error = timed(
+            lambda port=port: warmup.read_key_list(
+                ("127.0.0.1", port), {"timeout": 1.0}, 100_000
+            )
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        sock.close()
+        rows.append((
+            f"warm-cache: {name} (issue 12.13)",
+            "read_key_list with timeout 1.0 s, at most 100,000 keys",
+            f"{type(error).__name__}: {str(error)[:90]} after {elapsed:.2f} s; "
+            f"peak traced memory {peak / 2**20:.1f} MiB",
+            isinstance(error, warmup.WarmupError) and elapsed < 3
+            and peak < 32 * 2**20,
+        ))  # fmt: skip
+    return rows
 
 
 def _with_servers(scenario: Callable[[Any], list[Row]]) -> Callable[[], list[Row]]:
@@ -518,6 +858,9 @@ SCENARIOS = [
     evictions,
     concurrency,
     refused,
+    fallback_forgets,
+    fallback_repairs,
+    warm_cache_faults,
     # connections, replies and serializers (tests/reliability_replies.py)
     replies.interrupted_replies,
     replies.malformed_replies,

@@ -9,8 +9,10 @@ bounds each socket read, not the call: a server that trickles one byte every
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 from ..exceptions import DeadlineExceeded
 
@@ -21,11 +23,32 @@ local = threading.local()
 def deadline_scope(seconds: float | None) -> None:
     """Start this thread's operation deadline: ``seconds`` from now (None: off)."""
     local.at = None if seconds is None else time.monotonic() + seconds
+    local.total = seconds
 
 
 def end_deadline_scope() -> None:
     """End this thread's operation deadline."""
     local.at = None
+    local.total = None
+
+
+def deadline_total() -> float | None:
+    """The seconds this thread's current deadline started with (None: none)."""
+    return getattr(local, "total", None)
+
+
+@contextlib.contextmanager
+def own_deadline(seconds: float | None) -> Iterator[None]:
+    """Run a block under a deadline of its own (``seconds`` from now), then
+    restore the caller's, expired or not. For the few clean-up steps that must
+    not be cut short because the call's own budget was spent (the fallback
+    pair's re-check and undo of a copy; see ``fallback``)."""
+    saved = getattr(local, "at", None), getattr(local, "total", None)
+    deadline_scope(seconds)
+    try:
+        yield
+    finally:
+        local.at, local.total = saved
 
 
 def time_left() -> float | None:

@@ -21,20 +21,15 @@ from typing import Any
 
 from pymemcache.client.base import Client, _readline
 from pymemcache.exceptions import (
-    MemcacheClientError,
-    MemcacheServerError,
     MemcacheUnexpectedCloseError,
     MemcacheUnknownError,
 )
 
 from ..conf import hash_node
 from ..exceptions import BadReply, DeadlineExceeded
-from ..protocol import exptime_for
 from ..serializers import MISS
 from .deadline import check_deadline
 from .deadline import local as _local
-from .meta import get_many as meta_get
-from .meta import set_if_unchanged
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
 #: of at most 250 bytes and a few numbers; ``stats`` and metadump lines are short).
@@ -191,8 +186,6 @@ _MISC_REPLIES: dict[bytes, frozenset[bytes]] = {
     b"touch": frozenset((b"TOUCHED", b"NOT_FOUND")),
     b"flush_all": frozenset((b"OK",)),
 }
-#: Read-verify-write rounds of a signed counter before giving up on a race.
-_CAS_ATTEMPTS = 32
 _RECV_SIZE = 4096  # pymemcache's RECV_SIZE
 
 
@@ -280,10 +273,6 @@ class GuardedClient(Client):
 
     def __init__(self, server: Any, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
-        if getattr(self.serde, "signed", False):  # type: ignore[has-type]
-            # Signed values are not digits memcached can add to.
-            self.incr = self._incr_verified  # type: ignore[method-assign]
-            self.decr = self._decr_verified  # type: ignore[method-assign]
 
     def _bad_reply(self, command: bytes, what: str) -> BadReply:
         self.close()
@@ -438,48 +427,6 @@ class GuardedClient(Client):
         if line == b"NOT_FOUND":
             return False
         raise self._bad_reply(b"delete", "unexpected line")
-
-    def _incr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
-        return self._add_verified(key, value)
-
-    def _decr_verified(self, key: Any, value: int, noreply: Any = False) -> Any:
-        return self._add_verified(key, -value)
-
-    def _add_verified(self, key: Any, delta: int) -> int | None:
-        """``incr``/``decr`` of a value the serde signs: read it (``mg``),
-        verify and decode it, write the sum back only if nobody changed it
-        since (``ms ... C<cas>``, keeping its TTL), retrying on a race.
-
-        Returns the new value, or None when the key is absent or its value is
-        rejected (memcached's ``NOT_FOUND``). Follows memcached's arithmetic
-        (unsigned 64-bit: ``incr`` wraps, ``decr`` stops at 0); a value that is
-        not an int raises ``MemcacheClientError`` as memcached's own reply does.
-        """
-        wire = self.check_key(key, self.key_prefix)
-        for _ in range(_CAS_ATTEMPTS):
-            item = meta_get(self, [wire])[0]
-            if item is None:
-                return None
-            number = self.serde.deserialize(wire, item.value or b"", item.flags)
-            if number is MISS:
-                return None
-            if type(number) is not int or not 0 <= number < 2**64:
-                raise MemcacheClientError(
-                    b"cannot increment or decrement non-numeric value"
-                )
-            new = (number + delta) % 2**64 if delta >= 0 else max(number + delta, 0)
-            data, flags = self.serde.serialize(wire, new)
-            exptime = exptime_for(item.ttl, time.time())
-            if exptime is None:  # a second or less left: keep it that short
-                exptime = 1
-            stored = set_if_unchanged(self, wire, data, flags, exptime, item.cas)
-            if stored:
-                return new
-            if stored is None:
-                return None
-        raise MemcacheServerError(
-            b"counter changed by others on every attempt; not updated"
-        )
 
     def _store_cmd(
         self,

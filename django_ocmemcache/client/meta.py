@@ -18,6 +18,7 @@ node's socket is closed, as pymemcache does, so the stream never desynchronises.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -28,7 +29,10 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from ..protocol import is_too_large
+from ..exceptions import BadReply
+from ..protocol import exptime_for, is_too_large
+from ..serializers import MISS
+from .guarded import MAX_VALUE_BYTES
 
 T = TypeVar("T")
 
@@ -95,31 +99,84 @@ class Reader:
             self._fill()
 
     def value(self, size: int) -> bytes:
-        while len(self.buf) - self.pos < size + 2:
-            self._fill()
+        need = size + 2
+        have = len(self.buf) - self.pos
+        if have < need:
+            # Collect the rest in a list and join once: appending each chunk
+            # to the buffer would copy it whole every time (quadratic in size).
+            chunks = [self.buf[self.pos :]]
+            while have < need:
+                chunk = self._recv(max(262144, min(need - have, 1 << 20)))
+                chunks.append(chunk)
+                have += len(chunk)
+            self.buf = b"".join(chunks)
+            self.pos = 0
         data = self.buf[self.pos : self.pos + size]
-        if self.buf[self.pos + size : self.pos + size + 2] != b"\r\n":
+        if self.buf[self.pos + size : self.pos + need] != b"\r\n":
             raise MemcacheUnknownError("value not followed by \\r\\n")
-        self.pos += size + 2
+        self.pos += need
         return data
 
-    def listing(self, starts: tuple[bytes, ...]) -> bytes:
-        """A reply that ends with ``END\\r\\n`` (``lru_crawler metadump``), read
-        whole in 1 MiB chunks; a reply that does not begin with one of
-        ``starts`` is one line (``ERROR``, ``CLIENT_ERROR``, ``BUSY``)."""
-        chunks: list[bytes] = []
-        tail = b""
+    def listing(
+        self,
+        write: Callable[[list[bytes]], None],
+        *,
+        max_line: int,
+        max_keys: int | None,
+        min_bytes: int,
+        window: float,
+    ) -> bytes | None:
+        """Read a reply of ``key=...`` lines ending with ``END\\r\\n``
+        (``lru_crawler metadump``), handing the key lines to ``write`` as they
+        arrive, so the listing is never held whole here.
+
+        Returns ``None`` at ``END``, or the one-line reply that came instead of
+        a listing (``ERROR``, ``CLIENT_ERROR``, ``BUSY``). Raises ``BadReply``
+        for a line over ``max_line`` bytes, a line that is not a key line among
+        them, more than ``max_keys`` key lines, or less than ``min_bytes`` in
+        any ``window`` seconds (a trickle).
+        """
+        pending = b""
+        keys_seen = 0
+        window_start, window_bytes = time.monotonic(), 0
         while True:
             chunk = self._recv(1 << 20)
-            chunks.append(chunk)
-            tail = (tail + chunk)[-5:]
-            if tail == b"END\r\n":
-                return b"".join(chunks)
-            if len(chunks) == 1 and not chunk.startswith(starts):
-                # An error reply: one line.
-                while not chunks[-1].endswith(b"\r\n"):
-                    chunks.append(self.sock.recv(4096) or b"\r\n")
-                return b"".join(chunks)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= window:
+                if window_bytes < min_bytes:
+                    raise BadReply(
+                        f"lists its keys too slowly ({window_bytes} bytes in "
+                        f"{now - window_start:.1f} s)"
+                    )
+                window_start, window_bytes = now, 0
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > max_line:
+                raise BadReply(f"sent a key listing line longer than {max_line} bytes")
+            keys: list[bytes] = []
+            for line in lines:
+                if line.startswith(b"key="):
+                    if len(line) > max_line:
+                        raise BadReply(
+                            f"sent a key listing line longer than {max_line} bytes"
+                        )
+                    keys.append(line)
+                elif line.rstrip(b"\r") == b"END":
+                    write(keys)
+                    return None
+                elif not keys_seen and not keys:
+                    return line + b"\n"  # ERROR, CLIENT_ERROR, BUSY: one line
+                else:
+                    raise BadReply(f"sent a malformed key listing line: {line[:80]!r}")
+            if keys:
+                write(keys)
+                keys_seen += len(keys)
+            if max_keys is not None and keys_seen > max_keys:
+                raise BadReply(
+                    f"lists more than {max_keys} keys (twice its curr_items and "
+                    "more): refusing an endless listing"
+                )
 
 
 def _raise_error(line: bytes) -> None:
@@ -169,7 +226,10 @@ def _parse_get(reader: Reader) -> MetaItem | None:
     tokens = line.split()
     value = None
     if head == b"VA":
-        value = reader.value(int(tokens[1]))
+        size = int(tokens[1])
+        if size > MAX_VALUE_BYTES:  # never buffer what a broken server claims
+            raise BadReply(f"meta reply announces a {size}-byte value")
+        value = reader.value(size)
         tokens = tokens[2:]
     flags = ttl = cas = 0
     win = stale = False
@@ -345,12 +405,67 @@ def noop(node: Any) -> bytes:
     return _pipeline(node, [b"mn\r\n"], lambda reader: reader.line())[0]
 
 
+def _parse_debug(reader: Reader) -> bool:
+    line = reader.line()
+    if line[:2] == b"ME":
+        return True
+    if line[:2] == b"EN":
+        return False
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
 def exists_many(node: Any, keys: Sequence[bytes]) -> list[bool]:
-    """True for each key the server holds (``mg <key>`` without flags)."""
-    items = _pipeline(node, [b"mg " + k + b"\r\n" for k in keys], _parse_get)
-    return [item is not None for item in items]
+    """True for each key the server holds.
+
+    Asked with ``me <key>`` (meta debug), which memcached does not count as a
+    get: the server's ``get_hits``/``get_misses`` stay as they were.
+    """
+    return _pipeline(node, [b"me " + k + b"\r\n" for k in keys], _parse_debug)
 
 
 def server_time(node: Any) -> int:
     """The server's clock (``stats`` ``time``, Unix seconds)."""
     return int(node.stats()[b"time"])
+
+
+#: Read-verify-write rounds of a signed counter before giving up on a race.
+_CAS_ATTEMPTS = 32
+
+
+def add_verified(node: Any, key: Any, delta: int) -> int | None:
+    """``incr``/``decr`` on ``node`` (a ``GuardedClient``) of a value its serde
+    signs, so memcached cannot add to it: read it (``mg``),
+    verify and decode it, write the sum back only if nobody changed it
+    since (``ms ... C<cas>``, keeping its TTL), retrying on a race.
+
+    Returns the new value, or None when the key is absent or its value is
+    rejected (memcached's ``NOT_FOUND``). Follows memcached's arithmetic
+    (unsigned 64-bit: ``incr`` wraps, ``decr`` stops at 0); a value that is
+    not an int raises ``MemcacheClientError`` as memcached's own reply does.
+    """
+    wire = node.check_key(key, node.key_prefix)
+    for _ in range(_CAS_ATTEMPTS):
+        item = get_many(node, [wire])[0]
+        if item is None:
+            return None
+        number = node.serde.deserialize(wire, item.value or b"", item.flags)
+        if number is MISS:
+            return None
+        if type(number) is not int or not 0 <= number < 2**64:
+            raise MemcacheClientError(
+                b"cannot increment or decrement non-numeric value"
+            )
+        new = (number + delta) % 2**64 if delta >= 0 else max(number + delta, 0)
+        data, flags = node.serde.serialize(wire, new)
+        exptime = exptime_for(item.ttl, time.time())
+        if exptime is None:  # a second or less left: keep it that short
+            exptime = 1
+        stored = set_if_unchanged(node, wire, data, flags, exptime, item.cas)
+        if stored:
+            return new
+        if stored is None:
+            return None
+    raise MemcacheServerError(
+        b"counter changed by others on every attempt; not updated"
+    )

@@ -26,6 +26,7 @@ from ..policy import is_io_error, marks_down
 from .deadline import check_deadline, time_left
 from .guarded import GuardedClient
 from .health import ServerHealth
+from .meta import add_verified
 
 
 class MemoRendezvousHash(RendezvousHash):
@@ -130,6 +131,16 @@ class ShardedClient:
         if self.hasher is not None:
             for node in self.clients:
                 self.hasher.add_node(node)
+        if getattr(client_kwargs.get("serde"), "signed", False):
+            # Signed values are not digits memcached can add to.
+            self.incr = self._incr_signed  # type: ignore[method-assign]
+            self.decr = self._decr_signed  # type: ignore[method-assign]
+
+    def _incr_signed(self, key: Any, delta: int, *args: Any, **kwargs: Any) -> Any:
+        return self.run_meta(key, add_verified, key, delta)
+
+    def _decr_signed(self, key: Any, delta: int, *args: Any, **kwargs: Any) -> Any:
+        return self.run_meta(key, add_verified, key, -delta)
 
     def node_for(self, key: Any) -> str:
         """The node a key belongs to, as ``HashClient`` would choose it."""

@@ -2,13 +2,12 @@
 
 The command is thin: it reads the cache alias' settings and the flags, runs
 ``django_ocmemcache.warmup.warm`` and shows its progress and report. Exit
-codes: 0 done, nothing failed; 1 refused to start (no source, same server on
-both sides, a server unreachable, bad settings); 2 bad arguments (argparse);
-3 finished but some keys failed; 4 interrupted (SIGINT/SIGTERM) before the end.
+codes: see ``EXIT_CODES`` (also in ``--help``).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import signal
@@ -41,6 +40,16 @@ from django_ocmemcache.warmup import (
 EXIT_REFUSED = 1
 EXIT_FAILED = 3
 EXIT_INTERRUPTED = 4
+EXIT_NOTHING_MATCHED = 5
+
+EXIT_CODES = (
+    "Exit codes: 0 done, nothing failed; 1 refused to start or stopped (no "
+    "source, same server on both sides, a server unreachable, bad settings, "
+    "a malformed or endless key listing, the cache cleared); 2 bad arguments; "
+    "3 finished, but some keys failed or are in doubt; 4 interrupted "
+    "(SIGINT/SIGTERM) before the end; 5 keys were listed but none is this "
+    "cache's (KEY_PREFIX / VERSION / KEY_FUNCTION differ: see --all-keys)."
+)
 
 #: Seconds between plain progress lines when stderr is not a terminal.
 PLAIN_PROGRESS_EVERY = 2.0
@@ -62,20 +71,33 @@ def _server(value: str) -> Any:
     try:
         return parse_server(value)
     except ImproperlyConfigured as exc:
-        raise ValueError(str(exc)) from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a memcached server (HOST:PORT, [v6]:PORT or "
+            f"unix:/path): {exc}"
+        ) from None
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number < 1:
-        raise ValueError(value)
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, not {value!r}"
+        )
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(value)
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of keys per second above 0, not {value!r}"
+        )
     return number
 
 
@@ -86,6 +108,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        parser.epilog = EXIT_CODES
         parser.add_argument(
             "--cache",
             default="default",
@@ -136,11 +159,27 @@ class Command(BaseCommand):
             except WarmupError as exc:
                 raise CommandError(str(exc), returncode=EXIT_REFUSED) from exc
         self._summary(report, source, dest, options)
-        if report.failed:
+        if report.in_doubt:
+            names = ", ".join(report.in_doubt_keys)
+            self.stderr.write(
+                f"{report.in_doubt} keys in doubt (copied while their reply was "
+                f"lost, and not re-checked): {names}; delete them on the new "
+                "servers if the site deleted them meanwhile"
+            )
+        if report.failed or report.in_doubt:
             raise CommandError(
-                f"{report.failed} keys were not copied; see the errors above and "
-                "run warm-cache again",
+                f"{report.failed} keys were not copied and {report.in_doubt} are "
+                "in doubt; see the errors above and run warm-cache again",
                 returncode=EXIT_FAILED,
+            )
+        if report.nothing_matched:
+            prefix = options.get("_key_prefix")
+            raise CommandError(
+                f"None of the {report.scanned} keys on the old servers is this "
+                f"cache's: KEY_PREFIX is {prefix!r} here. Was it changed? Set "
+                "the KEY_PREFIX (and VERSION, KEY_FUNCTION) the old site used, "
+                "or copy every key with --all-keys",
+                returncode=EXIT_NOTHING_MATCHED,
             )
         if report.interrupted:
             raise CommandError(
@@ -176,6 +215,7 @@ class Command(BaseCommand):
                 )
             dest = options["dest"] or parse_location(params.get("LOCATION") or [])
             namespace = None
+            options["_key_prefix"] = params.get("KEY_PREFIX", "")
             if not options["all_keys"]:
                 namespace = namespace_pattern(caches[alias], opts.key_prefix)
         except (ImproperlyConfigured, WarmupError) as exc:
@@ -239,7 +279,11 @@ class Command(BaseCommand):
         dry = " (dry run: nothing written)" if report.dry_run else ""
         self.stdout.write(f"Warm-up from {names} to {targets}{dry}")
         for attr, label in SUMMARY_FIELDS:
+            if report.dry_run and attr == "copied":
+                label = "would copy"
             self.stdout.write(f"  {label + ':':<20}{getattr(report, attr)}")
+        if report.in_doubt:
+            self.stdout.write(f"  {'in doubt:':<20}{report.in_doubt}")
         self.stdout.write(f"  {'elapsed:':<20}{report.elapsed:.2f} s")
         self.stdout.write(f"  {'keys/s:':<20}{report.keys_per_s:.0f}")
         for message in report.errors:

@@ -68,3 +68,18 @@ def pair(old_new, make_cache):
 def new_cache(old_new, make_cache):
     """A plain cache on the new server only (to see what it holds)."""
     return make_cache(old_new[1].location, KEY_PREFIX=PREFIX)
+
+
+@pytest.fixture
+def configured(settings, old_new):
+    """CACHES["default"] during the move: LOCATION new, FALLBACK_LOCATION old."""
+    old, new = old_new
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_ocmemcache.backend.OCMemcacheCache",
+            "LOCATION": new.location,
+            "KEY_PREFIX": PREFIX,
+            "OPTIONS": {"FALLBACK_LOCATION": [old.location]},
+        }
+    }
+    return old, new

@@ -32,21 +32,6 @@ def wire(key: str) -> str:
     return f"{PREFIX}:1:{key}"
 
 
-@pytest.fixture
-def configured(settings, old_new):
-    """CACHES["default"] during the move: LOCATION new, FALLBACK_LOCATION old."""
-    old, new = old_new
-    settings.CACHES = {
-        "default": {
-            "BACKEND": BACKEND,
-            "LOCATION": new.location,
-            "KEY_PREFIX": PREFIX,
-            "OPTIONS": {"FALLBACK_LOCATION": [old.location]},
-        }
-    }
-    return old, new
-
-
 def run(*args: str) -> tuple[dict | None, int, str]:
     """Run the command with --json; return (summary, exit code, stderr)."""
     out, err = StringIO(), StringIO()
