@@ -48,9 +48,10 @@ class DeadlineExceeded(OCMemcacheError, TimeoutError):
 
 
 class BadReply(OCMemcacheError, ConnectionError):
-    """Raised when a server's reply breaks the protocol's bounds (a line over
-    ``MAX_LINE_BYTES`` or a value over ``MAX_VALUE_BYTES``); the connection is
-    dropped."""
+    """Raised when a server's reply breaks the protocol (a malformed or
+    unexpected line, a value not followed by CR LF) or its bounds (a line over
+    ``MAX_LINE_BYTES``, a value over ``MAX_VALUE_BYTES``); the connection is
+    dropped. The message names the command and server, never the reply text."""
 
 
 class NonNumericValue(OCMemcacheError, MemcacheClientError, ValueError):

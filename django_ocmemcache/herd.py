@@ -276,12 +276,14 @@ class Request:
     as nested calls; ``client``: the sharded client of the servers written to
     (the new ones of a fallback pair); ``full``: the validated full key;
     ``compute``: the callable, run outside the cache call (its own spans, its
-    own deadline); ``deserialize``: the cache's serde; ``lookups(hits,
+    own deadline); ``wire``: ``full`` as the server sees it (``key_prefix``
+    in front), the key values are checked against; ``deserialize``: the
+    cache's serde; ``lookups(hits,
     misses)``: the backend's counters. Like ``telemetry``, this reads the
     backend's private helpers; the backend module is never imported.
     """
 
-    __slots__ = ("cache", "client", "key", "version", "timeout", "full",
+    __slots__ = ("cache", "client", "key", "version", "timeout", "full", "wire",
                  "compute", "deserialize", "lookups")  # fmt: skip
 
     def __init__(
@@ -294,6 +296,10 @@ class Request:
         self.version = version
         self.timeout = timeout
         self.full: str | bytes = cache._key(key, version)
+        # The serde checks values against the wire key (a signature covers
+        # pymemcache's key_prefix too); a stale copy is the value key's bytes.
+        raw = self.full.encode() if isinstance(self.full, str) else self.full
+        self.wire: bytes = cache._key_prefix + raw
         self.compute: Callable[[], Any] = functools.partial(
             cache._run_outside_call, default
         )
@@ -325,7 +331,7 @@ def get_or_wait(req: Request, opts: Options) -> Result:
             return _add_and_read(req, req.compute()), UNPROTECTED, 0.0
         won, item, stale = poll
         if item is not None:
-            value = req.deserialize(req.full, item.value, item.flags)
+            value = req.deserialize(req.wire, item.value, item.flags)
             if value is not MISS:
                 if won:  # the last winner finished between get() and this poll
                     _release(req)
@@ -335,7 +341,7 @@ def get_or_wait(req: Request, opts: Options) -> Result:
             # signed serializer) would make add() fail forever: replace it.
             return _recompute(req, replace=item is not None), WON, 0.0
         if stale is not None:
-            value = req.deserialize(req.full, stale.value, stale.flags)
+            value = req.deserialize(req.wire, stale.value, stale.flags)
             if value is not MISS:
                 return value, STALE, time.monotonic() - started
         waited = time.monotonic() - started
@@ -356,7 +362,7 @@ def get_or_recache(req: Request, opts: Options) -> Result:
         value = req.cache.get(req.key, MISS, version=req.version)
         return (value, None, 0.0) if value is not MISS else get_or_wait(req, opts)
     if item is not None:
-        value = req.deserialize(req.full, item.value, item.flags)
+        value = req.deserialize(req.wire, item.value, item.flags)
         if value is not MISS:
             req.lookups(1, 0)
             if not item.win:

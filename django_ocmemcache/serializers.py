@@ -7,13 +7,17 @@ A serde has ``serialize(key, value) -> (bytes, flags)`` and
   stores (pymemcache's ``pickle_serde``: highest pickle protocol, flags 0 bytes,
   1 pickle, 2 int, 16 text), so both backends read each other's values. Unlike
   pymemcache, a value that cannot be decoded is a miss (``MISS``), not ``None``.
-- ``"signed-pickle"``: the same payload with an HMAC-SHA256 over key, flags and
-  payload in front and flag ``FLAG_SIGNED``; a value that is unsigned, signed
-  with an unknown key, or tampered with is a miss and a security warning, and is
-  never unpickled. Integers stay plain digits (memcached's ``incr`` rewrites
-  them on the server, so they cannot carry a MAC; ``int()`` runs no code). Keys
-  come from ``settings.OCMEMCACHE["SIGNING_KEYS"]`` or are
-  derived from ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS`` (rotation).
+- ``"signed-pickle"``: the same payload with an HMAC-SHA256 over the wire key
+  (pymemcache's ``key_prefix`` included), flags and payload in front and flag
+  ``FLAG_SIGNED``; every value, integers included, whatever its flags: one that
+  is unsigned, signed with an unknown key or for another key, or tampered with
+  is a miss and a security warning, and is never unpickled. A signed integer is
+  no longer plain digits, so memcached's own ``incr`` cannot update it: the
+  client reads, verifies and writes it back guarded by its CAS (``signed``
+  tells the client so). Keys come from ``settings.OCMEMCACHE["SIGNING_KEYS"]``
+  or are derived from ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS`` (rotation).
+  Signing does not stop a replay: an older value signed for the same key (one
+  recorded earlier, or still on another server) verifies as well.
 - ``"json"``: str, bytes and int as pymemcache stores them (so ``incr`` works),
   everything else as JSON (``DjangoJSONEncoder``: datetimes come back as
   strings). Never unpickles anything.
@@ -43,7 +47,7 @@ from pymemcache.serde import (
     python_memcache_serializer,
 )
 
-from .conf import check_signing_keys, project_setting
+from .conf_project import check_signing_keys, project_setting
 from .ratelimit import LogLimiter
 
 security_logger = logging.getLogger("django_ocmemcache.security")
@@ -183,20 +187,25 @@ def _mac(signing_key: bytes, key: Any, flags: int, payload: bytes) -> bytes:
 class SignedPickleSerde:
     """Pickle with an HMAC-SHA256 over (wire key, flags, payload).
 
-    The stored value is ``mac || payload`` with ``flags | FLAG_SIGNED``. Binding
-    the key stops a valid value from being replayed under another key.
+    The stored value is ``mac || payload`` with ``flags | FLAG_SIGNED``, for
+    every value (an unsigned integer would let anyone with access to memcached
+    plant ``1`` where ``False`` was stored). ``key`` is the whole wire key, so a
+    valid value cannot be replayed under another key or ``key_prefix``; an
+    older value of the same key can.
     """
+
+    #: Values carry a MAC: memcached's ``incr``/``decr`` cannot update them in
+    #: place (the client reads, verifies and writes back with the CAS instead).
+    signed = True
 
     def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
         data, flags = python_memcache_serializer(key, value)
-        if flags == FLAG_INTEGER:
-            return data, flags  # plain digits, so memcached's incr/decr work
+        if isinstance(data, str):  # an int's digits
+            data = data.encode()
         flags |= FLAG_SIGNED
         return _mac(signing_keys()[0], key, flags, data) + data, flags
 
     def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
-        if flags == FLAG_INTEGER:
-            return _decode_plain(data, flags)  # int(): nothing to execute
         if not flags & FLAG_SIGNED or len(data) < _MAC_SIZE:
             rejected_value_warning(
                 "unsigned memcached value under SERIALIZER 'signed-pickle' "
@@ -230,7 +239,7 @@ class JSONSerde:
         if flags == FLAG_JSON:
             try:
                 return json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: deep nesting
                 rejected_value_warning("memcached JSON value is corrupt")
                 return MISS
         plain = _decode_plain(data, flags)

@@ -32,6 +32,7 @@ django.setup()
 
 from django.core.cache.backends.base import InvalidCacheKey  # noqa: E402
 
+from tests import reliability_replies as replies  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.memcached import MEMCACHED, MemcachedServer, free_port  # noqa: E402
 
@@ -839,6 +840,14 @@ def _listing_bounds() -> list[Row]:
     return rows
 
 
+def _with_servers(scenario: Callable[[Any], list[Row]]) -> Callable[[], list[Row]]:
+    def run() -> list[Row]:
+        return scenario(Servers)
+
+    run.__name__ = scenario.__name__
+    return run
+
+
 SCENARIOS = [
     kill_and_restart,
     django_resume,
@@ -852,6 +861,18 @@ SCENARIOS = [
     fallback_forgets,
     fallback_repairs,
     warm_cache_faults,
+    # connections, replies and serializers (tests/reliability_replies.py)
+    replies.interrupted_replies,
+    replies.malformed_replies,
+    *(
+        _with_servers(scenario)
+        for scenario in (
+            replies.silent_shard,
+            replies.signed_values,
+            replies.undecodable_json,
+            replies.rejected_is_absent,
+        )
+    ),
 ]
 
 

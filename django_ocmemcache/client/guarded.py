@@ -1,4 +1,6 @@
-"""A pymemcache ``Client`` whose socket obeys the deadline and bounds replies.
+"""A pymemcache ``Client`` whose socket obeys the deadline and bounds replies,
+whose replies are checked against the protocol, and whose connection is closed
+whenever a request does not end normally (see ``GuardedClient``).
 
 - Every ``recv``/``send``/``connect`` is clamped to what is left of the
   operation's deadline (``deadline.deadline_scope``), so the call ends on time
@@ -17,9 +19,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pymemcache.client.base import Client
+from pymemcache.client.base import Client, _readline
+from pymemcache.exceptions import (
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
+)
 
+from ..conf import hash_node
 from ..exceptions import BadReply, DeadlineExceeded
+from ..serializers import MISS
 from .deadline import check_deadline
 from .deadline import local as _local
 
@@ -171,33 +179,291 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-class _UnprefixedKeys:
-    """pymemcache hands ``serialize`` the key with its ``key_prefix`` option
-    applied but ``deserialize`` the key without it; give both the same key, so
-    a serde that binds values to keys (signed pickle) can verify them."""
+#: Replies ``_misc_cmd`` accepts per command (``incr``/``decr``: see
+#: ``_counter_command``). pymemcache reads anything else as "not found".
+_MISC_REPLIES: dict[bytes, frozenset[bytes]] = {
+    b"delete": frozenset((b"DELETED", b"NOT_FOUND")),
+    b"touch": frozenset((b"TOUCHED", b"NOT_FOUND")),
+    b"flush_all": frozenset((b"OK",)),
+}
+_RECV_SIZE = 4096  # pymemcache's RECV_SIZE
 
-    def __init__(self, serde: Any, prefix: bytes) -> None:
-        self.serde = serde
-        self.prefix = prefix
 
-    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
-        if isinstance(key, bytes) and key.startswith(self.prefix):
-            key = key[len(self.prefix) :]
-        return self.serde.serialize(key, value)
+def _read_value(sock: Any, buf: bytes, end: int) -> tuple[bytes, bytes, bytes]:
+    """Receive until ``end`` bytes (a value and its CR LF) are in; return
+    ``(the 2 bytes that should be CR LF, the value, the bytes after them)``,
+    copying the value once."""
+    chunks = [buf]
+    have = len(buf)
+    while have < end:
+        chunk = sock.recv(_RECV_SIZE)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        chunks.append(chunk)
+        have += len(chunk)
+    last = chunks[-1]
+    cut = len(last) - (have - end)  # last[:cut] ends the value and its CR LF
+    rest = last[cut:]
+    if cut >= 2:
+        crlf = last[cut - 2 : cut]
+        chunks[-1] = last[: cut - 2]
+    else:  # cut == 1: the CR ended the previous chunk
+        crlf = chunks[-2][-1:] + last[:1]
+        chunks[-2] = chunks[-2][:-1]
+        chunks[-1] = b""
+    return crlf, b"".join(chunks), rest
 
-    def deserialize(self, key: Any, data: bytes, flags: int) -> Any:
-        return self.serde.deserialize(key, data, flags)
+
+def _counter_command(verb: bytes) -> Any:
+    """``incr`` or ``decr`` as pymemcache sends it, with the reply checked: digits
+    or ``NOT_FOUND`` (pymemcache's ``int()`` raised ``ValueError`` on anything
+    else, and took ``-5`` or ``5_0``). One frame, as pymemcache's own method."""
+    head = verb + b" "
+
+    def method(
+        self: GuardedClient, key: Any, value: int, noreply: bool | None = False
+    ) -> int | None:
+        cmd = head + self.check_key(key, self.key_prefix) + b" "
+        cmd += self._check_integer(value, "value")
+        cmd += b" noreply\r\n" if noreply else b"\r\n"
+        try:
+            results = Client._misc_cmd(self, [cmd], verb, noreply)
+        except MemcacheUnknownError:
+            results = None
+        except BaseException:
+            self.close()  # interrupted mid-reply: never reuse the connection
+            raise
+        if noreply:
+            return None
+        line = results[0] if results else b"?"
+        if line.isdigit():
+            return int(line)
+        if line == b"NOT_FOUND":
+            return None
+        raise self._bad_reply(verb, "unexpected line")
+
+    method.__name__ = method.__qualname__ = verb.decode()
+    return method
 
 
 class GuardedClient(Client):
-    """pymemcache ``Client`` whose connect, sends and reads obey the deadline."""
+    """pymemcache ``Client`` whose connect, sends and reads obey the deadline,
+    whose replies are checked against the protocol, and whose connection is
+    closed whenever a request does not end normally.
+
+    pymemcache closes the socket on an ``Exception`` raised inside a request,
+    but not on a ``BaseException`` (``KeyboardInterrupt`` from a signal
+    handler, a gevent ``Timeout``): the rest of the interrupted reply would
+    then be read as the answer to the next command. Every request goes through
+    ``_fetch_cmd``, ``_store_cmd``, ``_misc_cmd`` or (``incr``, ``decr``,
+    ``delete``: rewritten so the check costs no extra call) pymemcache's
+    ``_misc_cmd`` under a guard; each closes the socket on any exception before
+    passing it on.
+
+    A reply outside the protocol (a ``VALUE`` line with missing or non-numeric
+    fields, a value for a key not asked for or not followed by CR LF, an
+    ``incr`` answered with letters, a ``delete`` answered with anything but
+    ``DELETED``/``NOT_FOUND``) raises ``BadReply`` naming the command and the
+    server, never the reply text (it may hold keys), and closes the connection.
+    pymemcache would raise ``ValueError``/``KeyError`` (programming errors to
+    the error policy), return ``False``, or return the wrong bytes.
+    """
 
     generation = 0
 
     def __init__(self, server: Any, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
-        if self.key_prefix:
-            self.serde = _UnprefixedKeys(self.serde, self.key_prefix)  # type: ignore[has-type]
+
+    def _bad_reply(self, command: bytes, what: str) -> BadReply:
+        self.close()
+        return BadReply(
+            f"memcached {hash_node(self.server)} sent a malformed reply to "
+            f"{command.decode(errors='replace')} ({what}); connection closed"
+        )
+
+    def _fetch_cmd(
+        self, name: bytes, keys: Any, expect_cas: bool, key_prefix: bytes = b""
+    ) -> Any:
+        try:
+            return Client._fetch_cmd(self, name, keys, expect_cas, key_prefix)
+        except MemcacheUnknownError:
+            pass  # an unexpected line; its text may hold a key
+        except BaseException:
+            self.close()  # interrupted mid-reply: never reuse the connection
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _extract_value(
+        self,
+        expect_cas: bool,
+        line: bytes,
+        buf: bytes,
+        remapped_keys: dict[bytes, Any],
+        prefixed_keys: list[bytes],
+    ) -> tuple[Any, Any, bytes]:
+        # pymemcache's extension point for one VALUE line and its data, strict:
+        # "VALUE <key> <flags> <bytes> [<cas unique>]" (protocol.txt), the key one
+        # asked for, the value followed by CR LF.
+        cas = b"0"
+        try:
+            if expect_cas:
+                _, key, flags_text, size_text, cas = line.split()
+            else:
+                _, key, flags_text, size_text = line.split()
+            original_key = remapped_keys[key]
+            flags, size = int(flags_text), int(size_text)
+        except (ValueError, KeyError):  # raised below: their text holds the key
+            size = -1
+        if size < 0 or not cas.isdigit():
+            raise self._bad_reply(b"gets" if expect_cas else b"get", "bad VALUE line")
+        end = size + 2  # the value and its CR LF
+        if len(buf) >= end:  # the common case: the whole value is buffered
+            crlf = buf[size:end]
+            data = buf[:size]
+            buf = buf[end:]
+        else:
+            crlf, data, buf = _read_value(self.sock, buf, end)
+        if crlf != b"\r\n":
+            raise self._bad_reply(
+                b"gets" if expect_cas else b"get", "value not followed by CR LF"
+            )
+        # The serde sees the wire key, as serialize() does (pymemcache would pass
+        # the caller's key here, without key_prefix): a signature covers it all.
+        value = self.serde.deserialize(key, data, flags)
+        if expect_cas:
+            return original_key, (value, cas), buf
+        return original_key, value, buf
+
+    def send_get(self, keys: list[Any], expect_cas: bool = False) -> dict[bytes, Any]:
+        """Send ``get`` (``gets`` with ``expect_cas``) for ``keys`` without
+        waiting for the reply; ``read_get`` reads it. Returns what ``read_get``
+        needs (wire key -> key). Lets a sharded ``get_many`` ask every server
+        before it waits for any."""
+        remapped = {self.check_key(k, self.key_prefix): k for k in keys}
+        command = b"gets " if expect_cas else b"get "
+        try:
+            if self.sock is None:
+                self._connect()
+            self.sock.sendall(command + b" ".join(remapped) + b"\r\n")  # type: ignore[union-attr]
+        except BaseException:
+            self.close()
+            raise
+        return remapped
+
+    def read_get(self, remapped: dict[bytes, Any], expect_cas: bool = False) -> dict:
+        """Read the reply to ``send_get``: ``{key: value}`` of the keys found."""
+        command = b"gets" if expect_cas else b"get"
+        result: dict[Any, Any] = {}
+        buf = b""
+        try:
+            while True:
+                buf, line = _readline(self.sock, buf)
+                if line == b"END":
+                    if buf:  # more than one reply: the stream is out of step
+                        raise self._bad_reply(command, "bytes after END")
+                    return result
+                if line[:6] == b"VALUE ":
+                    key, value, buf = self._extract_value(
+                        expect_cas, line, buf, remapped, []
+                    )
+                    result[key] = value
+                else:
+                    self._raise_errors(line, command)  # SERVER_ERROR ...
+                    raise self._bad_reply(command, "unexpected line")
+        except BaseException:
+            self.close()
+            raise
+
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        expire: int = 0,
+        noreply: bool | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        """pymemcache's ``add``; a key whose value the serde rejects (a bad
+        signature, undecodable: it reads as a miss) counts as absent too.
+
+        When memcached refuses the ``add``, the value in the way is read with
+        its CAS (``gets``); if the serde rejects it, ``value`` replaces it only
+        if nobody changed it since (``cas``), so a good value written meanwhile
+        by another process is kept. Costs one or two round trips more, only for
+        a refused ``add``; classic commands only, so it works through twemproxy.
+        """
+        stored = Client.add(self, key, value, expire, noreply, flags)
+        if stored:
+            return True
+        found, token = Client.gets(self, key, None, None)
+        if token is None:  # gone meanwhile: absent now
+            return bool(Client.add(self, key, value, expire, noreply, flags))
+        if found is not MISS:
+            return False
+        return bool(Client.cas(self, key, value, token, expire, noreply, flags))
+
+    incr = _counter_command(b"incr")
+    decr = _counter_command(b"decr")
+
+    def delete(self, key: Any, noreply: bool | None = None) -> bool:
+        """pymemcache's ``delete`` with the reply checked (``DELETED`` or
+        ``NOT_FOUND``; pymemcache read anything else as "not found"). One
+        frame, as pymemcache's own."""
+        if noreply is None:
+            noreply = self.default_noreply
+        cmd = b"delete " + self.check_key(key, self.key_prefix)
+        cmd += b" noreply\r\n" if noreply else b"\r\n"
+        try:
+            results = Client._misc_cmd(self, [cmd], b"delete", noreply)
+        except MemcacheUnknownError:
+            results = None
+        except BaseException:
+            self.close()
+            raise
+        if noreply:
+            return True
+        line = results[0] if results else b"?"
+        if line == b"DELETED":
+            return True
+        if line == b"NOT_FOUND":
+            return False
+        raise self._bad_reply(b"delete", "unexpected line")
+
+    def _store_cmd(
+        self,
+        name: bytes,
+        values: Any,
+        expire: int,
+        noreply: bool,
+        flags: int | None = None,
+        cas: bytes | None = None,
+    ) -> Any:
+        try:
+            return Client._store_cmd(self, name, values, expire, noreply, flags, cas)
+        except MemcacheUnknownError:
+            pass
+        except BaseException:
+            self.close()
+            raise
+        raise self._bad_reply(name, "unexpected line")
+
+    def _misc_cmd(
+        self, cmds: Any, cmd_name: bytes, noreply: bool | None, end_tokens: Any = None
+    ) -> Any:
+        try:
+            results = Client._misc_cmd(self, cmds, cmd_name, noreply, end_tokens)
+        except MemcacheUnknownError:
+            results = None
+        except BaseException:
+            self.close()
+            raise
+        if results is None:
+            raise self._bad_reply(cmd_name, "unexpected line")
+        expected = _MISC_REPLIES.get(cmd_name)
+        if expected is not None:
+            for line in results:
+                if line not in expected:
+                    raise self._bad_reply(cmd_name, "unexpected line")
+        return results
 
     def _connect(self) -> None:
         left = check_deadline()

@@ -30,7 +30,8 @@ from pymemcache.exceptions import (
 )
 
 from ..exceptions import BadReply
-from ..protocol import is_too_large
+from ..protocol import exptime_for, is_too_large
+from ..serializers import MISS
 from .guarded import MAX_VALUE_BYTES
 
 T = TypeVar("T")
@@ -307,6 +308,38 @@ def _store_many(
     return _pipeline(node, commands, _parse_set)
 
 
+def _parse_cas_set(reader: Reader) -> bool | None:
+    line = reader.line()
+    head = line[:2]
+    if head == b"HD":
+        return True
+    if head == b"EX":
+        return False
+    if head == b"NF":
+        return None
+    _raise_error(line)
+    raise AssertionError  # pragma: no cover
+
+
+def set_if_unchanged(
+    node: Any, key: bytes, data: bytes, flags: int, exptime: int, cas: int
+) -> bool | None:
+    """Store raw ``data`` under ``key`` only if the item's CAS is still ``cas``
+    (``ms <key> <len> F<flags> T<exptime> C<cas>``). True if stored, False if
+    the item changed since (``EX``), None if it is gone (``NF``). ``exptime``
+    as memcached's (0 never expires, over 30 days a Unix time).
+    """
+    command = b"ms %b %d F%d T%d C%d\r\n%b\r\n" % (
+        key,
+        len(data),
+        flags,
+        exptime,
+        cas,
+        data,
+    )
+    return _pipeline(node, [command], _parse_cas_set)[0]
+
+
 def _parse_delete(reader: Reader) -> bool:
     line = reader.line()
     if line[:2] == b"HD":
@@ -394,3 +427,45 @@ def exists_many(node: Any, keys: Sequence[bytes]) -> list[bool]:
 def server_time(node: Any) -> int:
     """The server's clock (``stats`` ``time``, Unix seconds)."""
     return int(node.stats()[b"time"])
+
+
+#: Read-verify-write rounds of a signed counter before giving up on a race.
+_CAS_ATTEMPTS = 32
+
+
+def add_verified(node: Any, key: Any, delta: int) -> int | None:
+    """``incr``/``decr`` on ``node`` (a ``GuardedClient``) of a value its serde
+    signs, so memcached cannot add to it: read it (``mg``),
+    verify and decode it, write the sum back only if nobody changed it
+    since (``ms ... C<cas>``, keeping its TTL), retrying on a race.
+
+    Returns the new value, or None when the key is absent or its value is
+    rejected (memcached's ``NOT_FOUND``). Follows memcached's arithmetic
+    (unsigned 64-bit: ``incr`` wraps, ``decr`` stops at 0); a value that is
+    not an int raises ``MemcacheClientError`` as memcached's own reply does.
+    """
+    wire = node.check_key(key, node.key_prefix)
+    for _ in range(_CAS_ATTEMPTS):
+        item = get_many(node, [wire])[0]
+        if item is None:
+            return None
+        number = node.serde.deserialize(wire, item.value or b"", item.flags)
+        if number is MISS:
+            return None
+        if type(number) is not int or not 0 <= number < 2**64:
+            raise MemcacheClientError(
+                b"cannot increment or decrement non-numeric value"
+            )
+        new = (number + delta) % 2**64 if delta >= 0 else max(number + delta, 0)
+        data, flags = node.serde.serialize(wire, new)
+        exptime = exptime_for(item.ttl, time.time())
+        if exptime is None:  # a second or less left: keep it that short
+            exptime = 1
+        stored = set_if_unchanged(node, wire, data, flags, exptime, item.cas)
+        if stored:
+            return new
+        if stored is None:
+            return None
+    raise MemcacheServerError(
+        b"counter changed by others on every attempt; not updated"
+    )

@@ -325,13 +325,13 @@ class FallbackPair:
         if not keys:
             return {}
         items: dict[bytes, meta.MetaItem] = {}
+        wire: dict[bytes, bytes] = {}
         for node, group in pool.old_nodes(keys).items():
             if _budget_short():
                 break
+            wire.update((k, wire_key(node, k)) for k in group)
             try:
-                got = self._on_old(
-                    node, meta.get_many, [wire_key(node, k) for k in group]
-                )
+                got = self._on_old(node, meta.get_many, [wire[k] for k in group])
             except Exception:
                 continue
             items.update(
@@ -344,8 +344,9 @@ class FallbackPair:
         if not items:
             return {}
         deserialize = pool.serde.deserialize
+        # The serde sees the wire key, as the clients give it (signatures cover it).
         values = {
-            k: deserialize(k, item.value, item.flags) for k, item in items.items()
+            k: deserialize(wire[k], item.value, item.flags) for k, item in items.items()
         }
         self._repair(items, then)
         return values

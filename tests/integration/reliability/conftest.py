@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.fakeserver import ScriptedServer
 from tests.faultproxy import FaultProxy
 from tests.memcached import MemcachedServer
 
@@ -32,3 +33,19 @@ def dead_location() -> str:
     from tests.memcached import free_port
 
     return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
+    """``scripted_server(handler)``: a memcached stand-in answering from a script
+    (see ``tests/fakeserver.py``); stopped after the test."""
+    started: list[ScriptedServer] = []
+
+    def factory(handler):
+        server = ScriptedServer(handler).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
