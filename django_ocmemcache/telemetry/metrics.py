@@ -1,12 +1,12 @@
-"""Call metrics: per-thread aggregates, and the Prometheus collector over them.
+"""Call metrics: in-process aggregates, and the Prometheus collector over them.
 
 OpenCensus' ``stats.record()`` costs 60+ µs per call, so nothing is recorded
-through it: each thread adds its calls to its own table without a lock
-(``MetricsStore.record``), and the tables are summed when an exporter collects
-(``PrometheusCollector`` here, ``opencensus.MetricProducer`` for OpenCensus
-stats exporters). Metric and label names are in ``semconv``. Several
-processes (gunicorn workers) share their figures through prometheus_client's
-multiprocess files (``MultiprocessWriter``, below).
+through it: each call appends one row to a list without a lock
+(``MetricsStore.rows``), and the rows are folded into totals when an exporter
+collects (``PrometheusCollector`` here, ``opencensus.MetricProducer`` for
+OpenCensus stats exporters, the OpenTelemetry feed). Metric and label names are
+in ``semconv``. Several processes (gunicorn workers) share their figures through
+prometheus_client's multiprocess files (``MultiprocessWriter``, below).
 """
 
 from __future__ import annotations
