@@ -148,7 +148,8 @@ def test_a_malformed_reply_is_a_miss_under_ignore_exceptions(
 # -- a silent server in a sharded get_many --------------------------------------
 
 DEADLINE = 0.3
-SLACK = 0.1
+# A descheduled thread on a loaded 2-core runner; the silent server would cost 1.0 s.
+SLACK = 0.2
 
 
 @pytest.mark.parametrize("silent_index", [0, 1, 2])
