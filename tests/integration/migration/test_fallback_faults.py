@@ -322,6 +322,36 @@ def test_incr_is_kept_when_the_recheck_times_out(
     assert pair._pool.pending_forgets  # the forget is owed, not lost
 
 
+def test_incr_by_another_caller_before_the_recheck_is_kept(
+    old_new, old_cache, new_cache, make_cache, monkeypatch
+):
+    """The counter was moved and incremented; before the mover re-checks the
+    old server, another caller increments the copy and makes the old server
+    forget the key. The old item is gone because of an incr, not a delete:
+    undoing the copy would lose both increments (seen under load as a
+    counter gone from both servers)."""
+    old, new = old_new
+    pair = pair_over(make_cache, new.location, old.location, IGNORE_EXCEPTIONS=True)
+    old_cache.set("n", 10)
+    real_get_many = fallback.meta.get_many
+    other: list[int] = []
+
+    def another_incr_first(node, keys, *, value=True):
+        if not value and not other:  # the mover's re-check
+            t = threading.Thread(target=lambda: other.append(pair.incr("n")))
+            t.start()
+            t.join(10)
+        return real_get_many(node, keys, value=value)
+
+    monkeypatch.setattr(fallback.meta, "get_many", another_incr_first)
+    assert pair.incr("n") == 11
+    assert other == [12]
+    monkeypatch.setattr(fallback.meta, "get_many", real_get_many)
+    assert new_cache.get("n", MISS) == 12
+    assert pair.incr("n") == 13
+    assert old_cache.get("n", MISS) is MISS
+
+
 # -- item 6: a large item through the pair -------------------------------------
 
 
