@@ -169,7 +169,8 @@ def test_waiters_give_up_after_herd_wait_and_compute_themselves(make_cache, memc
     compute = Counted(seconds=0)
     t0 = time.monotonic()
     assert cache.get_or_set("stuck", compute, 60) == "fresh"
-    assert 0.5 <= time.monotonic() - t0 < 1.0
+    # HERD_WAIT, not the lock's 30 s; 1 s slack for a loaded runner (1.11 s seen)
+    assert 0.5 <= time.monotonic() - t0 < 1.5
     assert compute.runs == 1
 
 
