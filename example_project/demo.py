@@ -429,7 +429,12 @@ def demo(args: argparse.Namespace) -> int:
             ok = telemetry_demo.show_trace(receiver) and ok
             ok = (
                 telemetry_demo.show_metrics(
-                    stack, url, workers=args.workers, squares=len(timings)
+                    stack,
+                    url,
+                    workers=args.workers,
+                    squares=len(timings),
+                    # one lookup per distinct number of a run
+                    lookups=sum(computed + cached for _, computed, cached in timings),
                 )
                 and ok
             )

@@ -39,6 +39,7 @@ P95_MS = (
     '(pymemcache_latency_ms_bucket{method="get_many",status="ok"}))'
 )
 GET_MANYS = 'sum(pymemcache_calls_total{method="get_many"})'
+LOOKUPS = 'sum(pymemcache_lookups_total{method="get_many"})'
 BY_METHOD = "sum by (method) (pymemcache_calls_total)"
 
 
@@ -256,14 +257,19 @@ def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
     return True
 
 
-def show_metrics(stack: Any, site: str, workers: int = 1, squares: int = 0) -> bool:
+def show_metrics(
+    stack: Any, site: str, workers: int = 1, squares: int = 0, lookups: int = 0
+) -> bool:
     """Start Prometheus scraping ``site`` (``http://host:port``); print the whole
     site's get_many hit ratio, p95 latency and calls by method from its API.
 
     The site runs ``workers`` gunicorn workers with ``PROMETHEUS_MULTIPROC_DIR``
     set, so whichever worker answers a scrape serves the sum over all of them:
     the get_many count must equal ``squares`` (the /squares/ requests made,
-    one get_many each). True if the figures came (or Prometheus is missing).
+    one get_many each). The hit ratio is read once the keys looked up reach
+    ``lookups`` too: a worker writes its call count and its lookups one after
+    the other, and a scrape between the two would show its calls without its
+    hits. True if the figures came (or Prometheus is missing).
     """
     target = site.split("://", 1)[-1]
     print(
@@ -291,9 +297,15 @@ def show_metrics(stack: Any, site: str, workers: int = 1, squares: int = 0) -> b
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
     deadline = time.monotonic() + 15
     calls = prom.value(GET_MANYS)
-    while calls is not None and calls < squares and time.monotonic() < deadline:
+    looked_up = prom.value(LOOKUPS)
+    while (
+        calls is not None
+        and looked_up is not None
+        and (calls < squares or looked_up < lookups)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.25)  # workers write their figures every second
-        calls = prom.value(GET_MANYS)
+        calls, looked_up = prom.value(GET_MANYS), prom.value(LOOKUPS)
     ratio = prom.value(HIT_RATIO)
     p95 = prom.value(P95_MS)
     by_method = prom.vector(BY_METHOD, "method")
@@ -308,7 +320,10 @@ def show_metrics(stack: Any, site: str, workers: int = 1, squares: int = 0) -> b
     )
     listed = ", ".join(f"{m} {n:.0f}" for m, n in sorted(by_method.items()))
     print(f"   calls by method: {listed}\n      <- {BY_METHOD}")
-    if calls != squares:
-        print("   UNEXPECTED: the count is not the whole site's")
+    if calls != squares or (lookups and looked_up != lookups):
+        print(
+            "   UNEXPECTED: the count is not the whole site's "
+            f"(keys looked up: {looked_up} for {lookups})"
+        )
         return False
     return True
