@@ -10,7 +10,7 @@ test:            ## install memcached + deps, then run the whole suite
 	bash scripts/test.sh $(PYTEST_ARGS)
 
 demo:            ## run the example site against real memcached and print what it shows
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(DEMO_ARGS)
 
 bench:           ## benchmarks side by side with Django's PyMemcacheCache
 	bash scripts/bench.sh $(BENCH_ARGS)

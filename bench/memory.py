@@ -26,7 +26,8 @@ TELEMETRY_FILES = (
     "*opencensus*",
     "*prometheus_client*",
     "*django_ocmemcache/telemetry*",
-)
+    "*opentelemetry*",
+    )
 
 
 def _telemetry_bytes(snapshot: tracemalloc.Snapshot) -> int:

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--contenders",
         help="only contenders whose name matches this regex (raw, django, ours, "
-        "ours+metrics, ours+spans); Django's is always kept for the ratios",
+        "ours+metrics, ours+spans, otel+metrics, otel+spans); Django's is always "
+        "kept for the ratios",
     )
     p.add_argument("--warm-keys", type=int, help="keys for the warm-cache case")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
@@ -102,7 +103,7 @@ def _memcached_version(binary: str | None) -> str:
 SINGLE = ("get 100 B", "get 10 KB", "set 100 B", "set 10 KB")
 GET_OR_SET = ("get_or_set hit", "get_or_set hit, callable")
 
-#: (what, contender, baseline, cases, minimum ratio) from issues 6, 10 and 15; the
+#: (what, contender, baseline, cases, minimum ratio) from issues 6, 10, 11 and 15; the
 #: baseline "before" is each contender's own twin at ``--before REV``.
 TARGETS = [
     ("get/set, metrics on + spans unsampled vs Django", "ours+metrics", "django",
@@ -122,6 +123,11 @@ TARGETS = [
     # issue 10
     ("get/set, metrics on + spans unsampled vs telemetry off", "ours+metrics",
      "ours", SINGLE, 0.93),
+    # issue 11: OpenTelemetry beside OpenCensus (within 10%), sampled >= 0.6x Django
+    ("get/set and request, OpenTelemetry metrics on + unsampled vs OpenCensus",
+     "otel+metrics", "ours+metrics", (*SINGLE, "request, 5 cache calls"), 0.9),
+    ("get/set, OpenTelemetry every span sampled vs Django", "otel+spans", "django",
+     SINGLE, 0.6),
 ]  # fmt: skip
 #: Issue 10: CPU µs per request that metrics + an unsampled request span may add
 #: over telemetry off (median of the paired differences in one run).
@@ -474,6 +480,21 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
         "notes": notes,
         "cases": [],
     }
+    otel = [s for s in specs if s.name == "otel+metrics"]
+    if otel:
+        from bench import telemetry_setup
+
+        feed = telemetry_setup.measure_feed(
+            otel[0].cache(1), 2_000 if args.quick else 20_000
+        )
+        report["otel_metrics_feed"] = feed
+        notes.append(
+            "OpenTelemetry metrics: a call costs its per-thread aggregate on the "
+            "calling thread (in the columns); a metric collection then feeds it "
+            f"to the SDK histogram for {feed['cpu_us_per_call']:.1f} µs of CPU "
+            f"per call (measured over {feed['calls_per_collection']:,} calls a "
+            "collection; not in the columns)"
+        )
     chosen = [
         c for c in cases.all_cases() if not args.cases or re.search(args.cases, c.name)
     ]
@@ -511,6 +532,12 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
                     n: round(harness.paired_ratio(r, results["raw"]), 3)
                     for n, r in results.items()
                     if "raw" in results
+                },
+                # OpenTelemetry against OpenCensus, both metrics on and unsampled
+                "vs_ours+metrics": {
+                    n: round(harness.paired_ratio(r, results["ours+metrics"]), 3)
+                    for n, r in results.items()
+                    if n.startswith("otel") and "ours+metrics" in results
                 },
                 "vs_before": {  # ours* over before* in the same repeat
                     n: round(harness.paired_ratio(r, results[b]), 3)
@@ -563,7 +590,7 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
         names = ["none"] + [s.name for s in specs if s.package == contenders.PACKAGE]
         mem: dict[str, Any] = {"calls": args.memory_calls}
         mem["rss"] = memory.measure(names, locations, args.memory_calls, cwd=ROOT)
-        tel = [n for n in names if n.startswith("ours")]
+        tel = [n for n in names if n.startswith(("ours", "otel"))]
         if contenders.telemetry_available() and not args.quick:
             mem["telemetry"] = memory.measure(
                 tel, locations, args.memory_calls, trace=True, cwd=ROOT

@@ -13,7 +13,7 @@ class OCMemcacheConfig(AppConfig):
         from django.core.exceptions import ImproperlyConfigured
 
         from . import checks  # noqa: F401  (registers the checks)
-        from .telemetry.metrics import install
+        from .telemetry.hook import install
 
         try:
             install()

@@ -31,6 +31,7 @@ EXTRAS = {
     "opencensus.ext.zipkin": "zipkin",
     "prometheus_client": "prometheus",
     "tqdm": "progress",
+    "opentelemetry.trace": "opentelemetry",
 }
 
 
@@ -98,7 +99,7 @@ def check_opencensus(
 ) -> list[checks.CheckMessage]:
     """E003: ``OPENCENSUS["TRACE"]`` names a sampler, exporter or propagator
     that cannot be imported (the site would fail at its first request)."""
-    from .conf import opencensus_trace
+    from .conf_project import opencensus_trace
 
     trace = opencensus_trace()
     errors: list[checks.CheckMessage] = []
@@ -128,7 +129,8 @@ def check_opencensus(
 def check_middleware(
     app_configs: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E004: ``RequestSpanMiddleware`` listed before opencensus-ext-django's."""
+    """E004: ``RequestSpanMiddleware`` listed before opencensus-ext-django's or
+    opentelemetry-instrumentation-django's middleware."""
     from .middleware import _check_order
 
     try:
@@ -138,9 +140,9 @@ def check_middleware(
             checks.Error(
                 str(exc).split(";")[0],
                 hint="Move 'django_ocmemcache.middleware.RequestSpanMiddleware' "
-                "below 'opencensus.ext.django.middleware.OpencensusMiddleware' "
-                "in MIDDLEWARE, so that it annotates that middleware's request "
-                "span instead of opening a second one.",
+                "below the middleware the message names in MIDDLEWARE, so that it "
+                "annotates that middleware's request span instead of opening a "
+                "second one.",
                 id="django_ocmemcache.E004",
             )
         ]
@@ -153,7 +155,7 @@ def check_project_settings(
 ) -> list[checks.CheckMessage]:
     """E005: ``settings.OCMEMCACHE`` has an unknown key or a bad value
     (``SIGNING_KEYS`` included), or needs an extra that is not installed."""
-    from .conf import project_settings
+    from .conf_project import project_settings
     from .views import allowed_networks
 
     try:
@@ -167,6 +169,18 @@ def check_project_settings(
                 id="django_ocmemcache.E005",
             )
         ]
+    if conf["TELEMETRY_API"] == "opentelemetry":
+        try:
+            importlib.import_module("opentelemetry.trace")
+        except ImportError:
+            return [
+                checks.Error(
+                    "OCMEMCACHE['TELEMETRY_API'] = 'opentelemetry' needs "
+                    "opentelemetry-api, which is not installed",
+                    hint=extra_hint("opentelemetry.trace"),
+                    id="django_ocmemcache.E005",
+                )
+            ]
     if conf["METRICS"] and conf["PROMETHEUS_REGISTER"]:
         try:
             importlib.import_module("prometheus_client")

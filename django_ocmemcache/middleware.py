@@ -14,6 +14,12 @@ that middleware's span, and removes the tracer that middleware leaves behind.
 Whatever happens, the tracer is cleared from the context when the response is
 closed (streaming responses: when the last chunk has been sent), so a later
 cache call on the same thread never lands in a finished trace.
+
+With ``OCMEMCACHE["TELEMETRY_API"] = "opentelemetry"`` the span work is
+``telemetry.opentelemetry.RequestSpan``'s: it annotates
+opentelemetry-instrumentation-django's SERVER span when that instrumentation
+runs first, and otherwise opens one through the OpenTelemetry API; OpenCensus
+is then never imported.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import project_settings
-from .telemetry.hook import RequestSummary, current_summary
+from .conf_project import project_settings
+from .telemetry.hook import RequestSummary, add_server_timing, current_summary
 from .telemetry.opencensus import TraceConfig, clear_tracer_context
 from .telemetry.semconv import (
     ATTR_CACHE_CALLS,
@@ -147,11 +153,8 @@ class _RequestTrace:
 
     def response(self, request: Any, response: Any, server_timing: bool) -> None:
         """Annotate the span; end it now, or when a streaming response closes."""
-        summary = self.summary
-        if server_timing and summary.calls:
-            entry = summary.server_timing()
-            prior = response.headers.get("Server-Timing")
-            response.headers["Server-Timing"] = f"{prior}, {entry}" if prior else entry
+        if server_timing:
+            add_server_timing(response, self.summary)
         streaming = getattr(response, "streaming", False)
         if self.span is not None:
             self._annotate(request, response.status_code)
@@ -286,26 +289,75 @@ async def _aiter_under(chunks: Any, span: Any, ctx: Any) -> Any:
         yield chunk
 
 
+class _OtelRequestTrace:
+    """One request under OpenTelemetry: the summary, Server-Timing and the
+    response's close here; the span in ``opentelemetry.RequestSpan``."""
+
+    def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
+        from .telemetry.opentelemetry import RequestSpan
+
+        self.summary = RequestSummary()
+        self.token = current_summary.set(self.summary)
+        self.done = False
+        try:
+            self.span = RequestSpan(request)
+        except BaseException:
+            current_summary.reset(self.token)
+            raise
+
+    def exception(self, exc: BaseException) -> None:
+        self.span.exception(exc)
+
+    def response(self, request: Any, response: Any, server_timing: bool) -> None:
+        """Annotate the span; end it now, or when a streaming response closes
+        (cache calls in the body are then its children)."""
+        if server_timing:
+            add_server_timing(response, self.summary)
+        self.span.respond(request, response.status_code, self.summary)
+        if self.span.own and getattr(response, "streaming", False):
+            _on_close(response, self.end)
+        else:
+            self.end()
+
+    def end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.span.end()
+        finally:
+            try:
+                current_summary.reset(self.token)
+            except ValueError:  # another context (ASGI close): nothing to restore
+                current_summary.set(None)
+
+
 EXT_DJANGO_MIDDLEWARE = "opencensus.ext.django.middleware.OpencensusMiddleware"
+#: opentelemetry-instrumentation-django's middleware (``DjangoInstrumentor``).
+OTEL_DJANGO_MIDDLEWARE = (
+    "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+)
 THIS_MIDDLEWARE = "django_ocmemcache.middleware.RequestSpanMiddleware"
 
 
 def _check_order() -> None:
-    """Raise ``ImproperlyConfigured`` when opencensus-ext-django's middleware comes
-    after this one: each would open its own request span."""
+    """Raise ``ImproperlyConfigured`` when opencensus-ext-django's or
+    opentelemetry-instrumentation-django's middleware comes after this one: each
+    would open its own request span."""
     from django.conf import settings
 
     names = list(getattr(settings, "MIDDLEWARE", None) or [])
-    if (
-        THIS_MIDDLEWARE in names
-        and EXT_DJANGO_MIDDLEWARE in names
-        and names.index(EXT_DJANGO_MIDDLEWARE) > names.index(THIS_MIDDLEWARE)
-    ):
-        raise ImproperlyConfigured(
-            f"MIDDLEWARE lists {THIS_MIDDLEWARE!r} before {EXT_DJANGO_MIDDLEWARE!r}; "
-            "list it after, so that it annotates that middleware's request span "
-            "instead of opening a second one"
-        )
+    for other in (EXT_DJANGO_MIDDLEWARE, OTEL_DJANGO_MIDDLEWARE):
+        if (
+            THIS_MIDDLEWARE in names
+            and other in names
+            and names.index(other) > names.index(THIS_MIDDLEWARE)
+        ):
+            raise ImproperlyConfigured(
+                f"MIDDLEWARE lists {THIS_MIDDLEWARE!r} before {other!r}; "
+                "list it after, so that it annotates that middleware's request "
+                "span instead of opening a second one"
+            )
 
 
 def _on_close(response: Any, callback: Callable[[], None]) -> None:
@@ -328,15 +380,18 @@ class RequestSpanMiddleware:
     """Open a SERVER span per request (sync and async) with a cache summary.
 
     Span name ``"<METHOD> <route pattern>"`` (``"GET squares/<int:n>"``; the
-    method alone when no route matched). Attributes: ``http.method``,
-    ``http.route``, ``http.status_code``, ``error.type`` (class of an exception
-    the view raised), ``cache.calls``, ``cache.hits``, ``cache.misses``,
-    ``cache.errors``, ``cache.duration_ms``. Status is an error for HTTP >= 500.
-    With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
+    method alone when no route matched; ``"HTTP ..."`` for a method outside the
+    standard set). Attributes: ``http.request.method`` (``_OTHER`` outside the
+    standard set), ``http.route``, ``http.response.status_code``, ``error.type``
+    (class of an exception the view raised), ``cache.calls``, ``cache.hits``,
+    ``cache.misses``, ``cache.errors``, ``cache.duration_ms``; on OpenCensus also
+    the deprecated ``http.method`` and ``http.status_code``. Status is an error
+    for HTTP >= 500. With ``OCMEMCACHE["SERVER_TIMING"]`` the response gets
     ``Server-Timing: cache;dur=<ms>;desc="<n> calls, <h> hits, <m> misses"``.
 
     Raises ``ImproperlyConfigured`` when Django builds the middleware chain if it
-    is listed before opencensus-ext-django's ``OpencensusMiddleware``, or if
+    is listed before opencensus-ext-django's ``OpencensusMiddleware`` or
+    opentelemetry-instrumentation-django's middleware, or if
     ``settings.OCMEMCACHE`` is invalid. A tracing failure while serving (a
     sampler or propagator that raises) is logged as a warning and costs the
     request its span, never its response.
@@ -348,12 +403,18 @@ class RequestSpanMiddleware:
     def __init__(self, get_response: Callable[..., Any]) -> None:
         _check_order()
         self.get_response = get_response
-        self.config = TraceConfig()
         conf = project_settings()
         self.server_timing = conf["SERVER_TIMING"]
-        self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
-        self.excluded = tuple(p.lstrip("/") for p in self.config.excluded)
-        self._bind_opencensus()
+        self.opentelemetry = conf["TELEMETRY_API"] == "opentelemetry"
+        #: What one request's tracing state is (chosen once, not per request).
+        self.trace_type: Any = _RequestTrace
+        if self.opentelemetry:  # no OpenCensus import on this path
+            self.trace_type = _OtelRequestTrace
+        else:
+            self.config = TraceConfig()
+            self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
+            self.excluded = tuple(p.lstrip("/") for p in self.config.excluded)
+            self._bind_opencensus()
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
@@ -443,13 +504,14 @@ class RequestSpanMiddleware:
         self._respond(trace, request, response)
         return response
 
-    def _begin(self, request: Any) -> _RequestTrace | None:
+    def _begin(self, request: Any) -> _RequestTrace | _OtelRequestTrace | None:
         try:
-            trace = _RequestTrace(self, request)
+            trace = self.trace_type(self, request)
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)
-            clear_tracer_context()  # a Tracer may have stored itself before failing
+            if not self.opentelemetry:
+                clear_tracer_context()  # a Tracer may have stored itself first
             return None
         request._ocmemcache_trace = trace
         return trace
@@ -463,7 +525,7 @@ class RequestSpanMiddleware:
             except Exception:
                 logger.debug("exception not recorded", exc_info=True)
 
-    def _respond(self, trace: _RequestTrace | None, request: Any, response: Any):
+    def _respond(self, trace: Any, request: Any, response: Any):
         if trace is None:
             return
         try:
@@ -472,7 +534,7 @@ class RequestSpanMiddleware:
             logger.warning("request span not finished", exc_info=True)
             trace.end()
 
-    def _fail(self, trace: _RequestTrace | None, exc: BaseException) -> None:
+    def _fail(self, trace: Any, exc: BaseException) -> None:
         if trace is not None:
             try:
                 trace.exception(exc)

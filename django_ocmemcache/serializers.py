@@ -47,7 +47,7 @@ from pymemcache.serde import (
     python_memcache_serializer,
 )
 
-from .conf import check_signing_keys, project_setting
+from .conf_project import check_signing_keys, project_setting
 from .ratelimit import LogLimiter
 
 security_logger = logging.getLogger("django_ocmemcache.security")

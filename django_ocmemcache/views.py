@@ -54,7 +54,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
             'pip install "django-ocmemcache[prometheus]"'
         ) from exc
 
-    from .conf import project_settings
+    from .conf_project import project_settings
     from .telemetry.metrics import metrics_registry
 
     conf = project_settings()

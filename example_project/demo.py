@@ -357,7 +357,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cost", type=float, default=0.1, help="seconds per square computed (0.1)"
     )
     parser.add_argument("--seed", type=int, default=2024, help="random seed (2024)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="gunicorn workers (2; 1 with --otel, whose Prometheus exporter serves "
+        "one process's figures)",
+    )
     parser.add_argument(
         "--preload", action="store_true", help="gunicorn --preload (fork after import)"
     )
@@ -373,6 +378,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the Zipkin receiver, the span tree and Prometheus",
     )
     parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="run the site on OpenTelemetry (OCMEMCACHE['TELEMETRY_API']): spans "
+        "through the SDK's Zipkin exporter, metrics through its Prometheus exporter",
+    )
+    parser.add_argument(
         "--serve",
         action="store_true",
         help="keep the site running for a browser afterwards, until Ctrl-C",
@@ -380,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.draws, args.range, args.cost = 15, 20, 0.02
+    if args.workers is None:
+        args.workers = 1 if args.otel else 2
     if args.runs < 1 or args.draws < 1 or args.range < 1 or args.cost < 0:
         parser.error("--runs, --draws and --range must be >= 1, --cost >= 0")
     return args
@@ -408,6 +421,9 @@ def demo(args: argparse.Namespace) -> int:
             "EXAMPLE_DATABASE": str(workdir / "db.sqlite3"),
             "EXAMPLE_SLOW_COST": str(args.cost),
         }
+        if args.otel:
+            env["EXAMPLE_TELEMETRY_API"] = "opentelemetry"
+            print("  telemetry: OpenTelemetry (OCMEMCACHE['TELEMETRY_API'])")
         if args.telemetry:
             receiver = telemetry_demo.start_zipkin(stack)
             env["EXAMPLE_ZIPKIN"] = f"127.0.0.1:{receiver.port}"
@@ -426,7 +442,7 @@ def demo(args: argparse.Namespace) -> int:
 
         ok = fragment_ok and page_ok and figures["get-hits"] > 0
         if args.telemetry:
-            ok = telemetry_demo.show_trace(receiver) and ok
+            ok = telemetry_demo.show_trace(receiver, otel=args.otel) and ok
             ok = (
                 telemetry_demo.show_metrics(
                     stack,
@@ -435,6 +451,7 @@ def demo(args: argparse.Namespace) -> int:
                     squares=len(timings),
                     # one lookup per distinct number of a run
                     lookups=sum(computed + cached for _, computed, cached in timings),
+                    otel=args.otel,
                 )
                 and ok
             )

@@ -11,6 +11,9 @@ Environment variables (all optional):
   ``example_project/db.sqlite3``); create the tables with ``migrate``.
 - ``EXAMPLE_SLOW_COST``: artificial cost in seconds of computing one square
   (default ``0.1``).
+- ``EXAMPLE_TELEMETRY_API``: ``opentelemetry`` runs the site on OpenTelemetry
+  (``OCMEMCACHE["TELEMETRY_API"]``, the SDK set up by ``otel_setup.py``);
+  otherwise OpenCensus.
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ MIDDLEWARE = [
 # Traces go to a Zipkin v2 collector when EXAMPLE_ZIPKIN=host:port names one (the
 # demo starts a small receiver), through OpenCensus' own ZipkinExporter; every
 # request is sampled. Prometheus' scrapes of /metrics are not traced.
-if os.environ.get("EXAMPLE_ZIPKIN"):
+# With EXAMPLE_TELEMETRY_API=opentelemetry, otel_setup.py does the same through
+# the OpenTelemetry SDK (demo.py --otel).
+if os.environ.get("EXAMPLE_TELEMETRY_API") == "opentelemetry":
+    OCMEMCACHE = {"TELEMETRY_API": "opentelemetry"}
+elif os.environ.get("EXAMPLE_ZIPKIN"):
     _zipkin_host, _, _zipkin_port = os.environ["EXAMPLE_ZIPKIN"].rpartition(":")
     OPENCENSUS = {
         "TRACE": {

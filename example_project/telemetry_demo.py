@@ -42,6 +42,26 @@ GET_MANYS = 'sum(pymemcache_calls_total{method="get_many"})'
 LOOKUPS = 'sum(pymemcache_lookups_total{method="get_many"})'
 BY_METHOD = "sum by (method) (pymemcache_calls_total)"
 
+#: The same figures from the OpenTelemetry names (``demo.py --otel``):
+#: opentelemetry-exporter-prometheus turns ``db.client.operation.duration`` (s)
+#: into ``db_client_operation_duration_seconds`` and dots in attributes into _.
+OTEL_HIT_RATIO = (
+    'sum(django_ocmemcache_lookups_total{db_operation_name="get_many",'
+    'cache_result="hit"})'
+    ' / sum(django_ocmemcache_lookups_total{db_operation_name="get_many"})'
+)
+OTEL_P95_MS = (
+    "1000 * histogram_quantile(0.95, sum by (le) "
+    '(db_client_operation_duration_seconds_bucket{db_operation_name="get_many",'
+    'error_type=""}))'
+)
+OTEL_GET_MANYS = (
+    'sum(db_client_operation_duration_seconds_count{db_operation_name="get_many"})'
+)
+OTEL_BY_METHOD = (
+    "sum by (db_operation_name) (db_client_operation_duration_seconds_count)"
+)
+
 
 class ZipkinReceiver:
     """Accept Zipkin v2 JSON spans on ``POST /api/v2/spans`` and keep them."""
@@ -112,7 +132,8 @@ def span_tree(spans: list[dict[str, Any]], trace_id: str) -> list[str]:
             tags = s.get("tags", {})
             shown = [
                 f"{k}={tags[k]}"
-                for k in ("http.route", "http.status_code", "cache.calls",
+                for k in ("http.route", "http.status_code",
+                          "http.response.status_code", "cache.calls",
                           "cache.hits", "cache.misses", "cache.hit",
                           "db.operation.batch.size", "server.port", "error.type")
                 if k in tags
@@ -136,7 +157,9 @@ def prometheus_binary() -> str | None:
 class Prometheus:
     """A Prometheus process scraping ``target`` (``host:port``) every 0.5 s."""
 
-    def __init__(self, binary: str, target: str, port: int) -> None:
+    def __init__(
+        self, binary: str, target: str, port: int, path: str = "/metrics"
+    ) -> None:
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="ocmemcache-demo-prom-")
         config = os.path.join(self.dir, "prometheus.yml")
@@ -145,6 +168,7 @@ class Prometheus:
                 "global: {scrape_interval: 500ms, scrape_timeout: 500ms}\n"
                 "scrape_configs:\n"
                 "  - job_name: example\n"
+                f"    metrics_path: {json.dumps(path)}\n"
                 f"    static_configs: [{{targets: [{json.dumps(target)}]}}]\n"
             )
         self.proc = subprocess.Popen(
@@ -227,13 +251,18 @@ def start_zipkin(stack: Any) -> ZipkinReceiver:
     return receiver
 
 
-def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
+def show_trace(
+    receiver: ZipkinReceiver, route: str = "squares/", otel: bool = False
+) -> bool:
     """Print the span tree of the first ``GET <route>`` request; True if it has
     cache spans under the request span."""
-    print(
-        f"\n5. Traces: OpenCensus' ZipkinExporter -> the receiver; the first "
-        f"GET /{route} request"
+    via = (
+        "the OpenTelemetry SDK's Zipkin exporter (server span: "
+        "opentelemetry-instrumentation-django)"
+        if otel
+        else "OpenCensus' ZipkinExporter"
     )
+    print(f"\n5. Traces: {via} -> the receiver; the first GET /{route} request")
     name = f"GET {route}"
 
     def first_request(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -258,25 +287,45 @@ def show_trace(receiver: ZipkinReceiver, route: str = "squares/") -> bool:
 
 
 def show_metrics(
-    stack: Any, site: str, workers: int = 1, squares: int = 0, lookups: int = 0
+    stack: Any,
+    site: str,
+    workers: int = 1,
+    squares: int = 0,
+    lookups: int = 0,
+    otel: bool = False,
 ) -> bool:
     """Start Prometheus scraping ``site`` (``http://host:port``); print the whole
     site's get_many hit ratio, p95 latency and calls by method from its API.
 
-    The site runs ``workers`` gunicorn workers with ``PROMETHEUS_MULTIPROC_DIR``
-    set, so whichever worker answers a scrape serves the sum over all of them:
-    the get_many count must equal ``squares`` (the /squares/ requests made,
-    one get_many each). The hit ratio is read once the keys looked up reach
-    ``lookups`` too: a worker writes its call count and its lookups one after
-    the other, and a scrape between the two would show its calls without its
-    hits. True if the figures came (or Prometheus is missing).
+    On OpenCensus the site runs ``workers`` gunicorn workers with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, so whichever worker answers a scrape serves
+    the sum over all of them. With ``otel`` it scrapes the OpenTelemetry SDK's
+    metrics at /otel-metrics, one process's figures (the demo then runs one
+    worker). Either way the get_many count must equal ``squares`` (the /squares/
+    requests made, one get_many each). On OpenCensus the hit ratio is read once
+    the keys looked up reach ``lookups`` too: a worker writes its call count and
+    its lookups one after the other, and a scrape between the two would show
+    its calls without its hits. True if the figures came (or Prometheus is
+    missing).
     """
     target = site.split("://", 1)[-1]
-    print(
-        f"\n6. Metrics: a real Prometheus scraping {site}/metrics every 0.5 s\n"
-        f"   ({workers} gunicorn workers writing to PROMETHEUS_MULTIPROC_DIR: any "
-        "worker answers a scrape with the whole site's figures)"
-    )
+    path = "/otel-metrics" if otel else "/metrics"
+    if otel:
+        hit_ratio, p95_ms, get_manys = OTEL_HIT_RATIO, OTEL_P95_MS, OTEL_GET_MANYS
+        by_method, label = OTEL_BY_METHOD, "db_operation_name"
+        how = (
+            f"{workers} gunicorn worker(s); opentelemetry-exporter-prometheus "
+            "serves the figures of the process a scrape reaches"
+        )
+    else:
+        hit_ratio, p95_ms, get_manys = HIT_RATIO, P95_MS, GET_MANYS
+        by_method, label = BY_METHOD, "method"
+        how = (
+            f"{workers} gunicorn workers writing to PROMETHEUS_MULTIPROC_DIR: any "
+            "worker answers a scrape with the whole site's figures"
+        )
+    print(f"\n6. Metrics: a real Prometheus scraping {site}{path} every 0.5 s")
+    print(f"   ({how})")
     binary = prometheus_binary()
     if binary is None:
         print(
@@ -284,7 +333,7 @@ def show_metrics(
             "(sudo apt-get install --no-install-recommends prometheus)"
         )
         return True
-    prom = Prometheus(binary, target, _free_port())
+    prom = Prometheus(binary, target, _free_port(), path)
 
     def stop() -> None:
         prom.stop()
@@ -296,8 +345,10 @@ def show_metrics(
         return False
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
     deadline = time.monotonic() + 15
-    calls = prom.value(GET_MANYS)
-    looked_up = prom.value(LOOKUPS)
+    calls = prom.value(get_manys)
+    # OpenCensus only: several workers, each flushing its figures (see above).
+    lookups = 0 if otel else lookups
+    looked_up = prom.value(LOOKUPS) if lookups else 0.0
     while (
         calls is not None
         and looked_up is not None
@@ -305,21 +356,22 @@ def show_metrics(
         and time.monotonic() < deadline
     ):
         time.sleep(0.25)  # workers write their figures every second
-        calls, looked_up = prom.value(GET_MANYS), prom.value(LOOKUPS)
-    ratio = prom.value(HIT_RATIO)
-    p95 = prom.value(P95_MS)
-    by_method = prom.vector(BY_METHOD, "method")
+        calls = prom.value(get_manys)
+        looked_up = prom.value(LOOKUPS) if lookups else 0.0
+    ratio = prom.value(hit_ratio)
+    p95 = prom.value(p95_ms)
+    methods = prom.vector(by_method, label)
     if ratio is None or p95 is None or calls is None:
-        print("   UNEXPECTED: prometheus has no figures for pymemcache_* yet")
+        print("   UNEXPECTED: prometheus has no figures for the cache metrics yet")
         return False
-    print(f"   hit ratio of get_many: {ratio:.2f}   <- {HIT_RATIO}")
-    print(f"   p95 latency of get_many: {p95:.3f} ms <- {P95_MS}")
+    print(f"   hit ratio of get_many: {ratio:.2f}   <- {hit_ratio}")
+    print(f"   p95 latency of get_many: {p95:.3f} ms <- {p95_ms}")
     print(
         f"   get_many calls counted: {calls:.0f} for {squares} /squares/ requests "
-        f"<- {GET_MANYS}"
+        f"<- {get_manys}"
     )
-    listed = ", ".join(f"{m} {n:.0f}" for m, n in sorted(by_method.items()))
-    print(f"   calls by method: {listed}\n      <- {BY_METHOD}")
+    listed = ", ".join(f"{m} {n:.0f}" for m, n in sorted(methods.items()))
+    print(f"   calls by method: {listed}\n      <- {by_method}")
     if calls != squares or (lookups and looked_up != lookups):
         print(
             "   UNEXPECTED: the count is not the whole site's "

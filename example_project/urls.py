@@ -12,4 +12,6 @@ urlpatterns = [
     path("guestbook/", views.guestbook, name="guestbook"),
     # The cache metrics in Prometheus' text format (README, "Metrics").
     path("metrics", metrics, name="metrics"),
+    # The OpenTelemetry SDK's metrics (demo.py --otel; otel_setup.py).
+    path("otel-metrics", views.otel_metrics, name="otel-metrics"),
 ]

@@ -136,3 +136,11 @@ def guestbook(request: HttpRequest) -> HttpResponse:
         "stats": _stats(),
     }
     return render(request, "example_project/guestbook.html", context)
+
+
+def otel_metrics(request: HttpRequest) -> HttpResponse:
+    """prometheus_client's default registry, where opentelemetry-exporter-prometheus
+    puts the OpenTelemetry SDK's metrics (``demo.py --otel``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

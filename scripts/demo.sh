@@ -10,7 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Its own virtualenv with only what the site needs (the "example" extra:
 # gunicorn, prometheus-client, tqdm, the Zipkin exporter): no pytest, ruff, mypy.
-py=$(VENV="${DEMO_VENV:-.venv-demo}" EXTRAS=example bash scripts/setup-env.sh)
+# With --otel (the site on OpenTelemetry) also the "opentelemetry" extra, in a
+# virtualenv of its own so the two runs do not reinstall each other's.
+extras=example venv="${DEMO_VENV:-.venv-demo}"
+for arg in "$@"; do
+  if [ "$arg" = "--otel" ]; then extras=example,opentelemetry venv="${DEMO_VENV:-.venv-demo-otel}"; fi
+done
+py=$(VENV="$venv" EXTRAS="$extras" bash scripts/setup-env.sh)
 "$py" example_project/demo.py "$@"
 echo
 echo "7. Moving to new memcached servers (example_project/migration_demo.py: the README's runbook)"

@@ -6,12 +6,15 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``tracing``: the ``Tracing`` interface a tracing library implements, and
   ``status_code(exc)``.
 - ``opencensus``: the OpenCensus implementation, ``TraceConfig``,
-  ``root_span``; ``opencensus_stats``: the metrics as OpenCensus stats views
+  its ``root_span``; ``opencensus_stats``: the metrics as OpenCensus stats views
   (``enable_metrics_views``) and ``MetricProducer``.
 - ``metrics``: per-thread aggregates (``METRICS``), the Prometheus collector,
   prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
-- ``hook``: per-call telemetry of a cache (``for_cache``), the request summary.
+- ``opentelemetry``: the OpenTelemetry implementation (API only), imported
+  only when ``OCMEMCACHE["TELEMETRY_API"]`` is ``"opentelemetry"``.
+- ``hook``: per-call telemetry of a cache (``for_cache``), the request summary,
+  ``tracing(api)`` and ``root_span`` (the implementation the setting names).
 
 The names documented in docs/telemetry.md and docs/migration.md are importable
 from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
@@ -21,13 +24,20 @@ from here: ``django_ocmemcache.telemetry.flush``, ``metric_producer``,
 from __future__ import annotations
 
 from .export import SpanQueue, flush, span_queues
-from .hook import CacheTelemetry, RequestSummary, current_summary, for_cache
+from .hook import (
+    CacheTelemetry,
+    RequestSummary,
+    current_summary,
+    for_cache,
+    install,
+    root_span,
+    tracing,
+)
 from .metrics import (
     HERD,
     METRICS,
     MetricsStore,
     PrometheusCollector,
-    install,
     metrics_registry,
     prometheus_registry,
 )
@@ -37,7 +47,6 @@ from .opencensus import (
     clear_tracer_context,
     queued,
     quiet_opencensus_clock,
-    root_span,
 )
 from .opencensus_stats import (
     MetricProducer,
@@ -74,4 +83,5 @@ __all__ = [
     "span_queues",
     "status_code",
     "stop_views_export",
+    "tracing",
 ]

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..conf import PROJECT_DEFAULTS, project_settings
+from ..conf_project import PROJECT_DEFAULTS, project_settings
 from ..ratelimit import LogLimiter
 
 logger = logging.getLogger("django_ocmemcache.telemetry")
@@ -61,6 +61,8 @@ class SpanQueue:
         self.dropped = 0
         self.failures = 0
         self.exported = 0
+        #: Kept in the registry even when idle (a process-wide queue).
+        self.pinned = False
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -257,7 +259,7 @@ def queued(
                 size = PROJECT_DEFAULTS["SPAN_QUEUE_SIZE"]
             if len(_queues) >= 64:  # exporters made per request: forget idle ones
                 for key, q in list(_queues.items()):
-                    if not q.running and not q.pending:
+                    if not (q.running or q.pending or q.pinned):
                         del _queues[key]
             found = _queues[id(exporter)] = SpanQueue(exporter, size, build=build)
             _watch_logs_of(exporter)
@@ -278,14 +280,32 @@ def flush(timeout: float = 5.0) -> bool:
     ``timeout`` is in seconds (float) and shared by every queue of the process.
     Return True if every queue drained, False if the time ran out first (an
     exporter that hangs). Never raises: an exporter's own errors are counted
-    (``SpanQueue.failures``), not propagated. For tests and shutdown hooks; at
-    exit it runs with ``OCMEMCACHE["EXIT_FLUSH_TIMEOUT"]``.
+    (``SpanQueue.failures``), not propagated. Under OpenTelemetry the tracer
+    provider's ``force_flush`` then gets the time left. For tests and shutdown
+    hooks; at exit it runs with ``OCMEMCACHE["EXIT_FLUSH_TIMEOUT"]``.
     """
     deadline = time.monotonic() + timeout
     ok = True
     for q in span_queues():
         ok = q.flush(max(0.0, deadline - time.monotonic())) and ok
+    for flusher in list(_flushers):
+        try:
+            ok = flusher(max(0.0, deadline - time.monotonic())) and ok
+        except Exception:
+            logger.warning("telemetry flush failed", exc_info=True)
+            ok = False
     return ok
+
+
+#: Called by ``flush`` after the queues drained, with the seconds left (the
+#: OpenTelemetry tracer provider's own ``force_flush``, see ``opentelemetry``).
+_flushers: list[Callable[[float], bool]] = []
+
+
+def register_flusher(flusher: Callable[[float], bool]) -> None:
+    """Have ``flush`` also call ``flusher(seconds_left) -> bool`` (once)."""
+    if flusher not in _flushers:
+        _flushers.append(flusher)
 
 
 def _flush_at_exit() -> None:

@@ -20,15 +20,19 @@ Telemetry never changes a cache result and never raises into the caller.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..conf import hash_node, project_settings
+from ..conf import hash_node
+from ..conf_project import project_settings
 from .metrics import HERD, HERD_OUTCOMES, METRICS, MetricKey, multiprocess_writer
+from .metrics import install as install_metrics
+from .opencensus import root_span as opencensus_root_span
 from .opencensus import tracing as opencensus_tracing
 from .semconv import (
     ATTR_ALIAS,
@@ -103,9 +107,40 @@ current_summary: contextvars.ContextVar[RequestSummary | None] = contextvars.Con
 )
 
 
-def tracing() -> Tracing:
-    """The process' ``Tracing`` implementation (OpenCensus)."""
+def add_server_timing(response: Any, summary: RequestSummary) -> None:
+    """Append the summary's ``Server-Timing`` entry to ``response`` (if any call)."""
+    if summary.calls:
+        entry = summary.server_timing()
+        prior = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = f"{prior}, {entry}" if prior else entry
+
+
+def tracing(api: str | None = None) -> Tracing:
+    """The ``Tracing`` implementation of ``api`` (``"opencensus"`` or
+    ``"opentelemetry"``; default: ``OCMEMCACHE["TELEMETRY_API"]``), one per
+    process. The OpenTelemetry module is imported only when chosen."""
+    if api is None:
+        api = project_settings()["TELEMETRY_API"]
+    if api == "opentelemetry":
+        from .opentelemetry import tracing as opentelemetry_tracing
+
+        return opentelemetry_tracing()
     return opencensus_tracing()
+
+
+@contextlib.contextmanager
+def root_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
+    """Run a block (a management command) inside its own root span, through the
+    library ``OCMEMCACHE["TELEMETRY_API"]`` names (``opencensus.root_span``,
+    ``opentelemetry.root_span``). Telemetry failures are logged, never raised."""
+    if project_settings()["TELEMETRY_API"] == "opentelemetry":
+        from .opentelemetry import root_span as opentelemetry_root_span
+
+        with opentelemetry_root_span(name, attributes) as span:
+            yield span
+    else:
+        with opencensus_root_span(name, attributes) as span:
+            yield span
 
 
 #: Methods taking one key first, and the position of their ``version`` argument.
@@ -128,8 +163,8 @@ class CacheTelemetry:
         self.record = METRICS.record
         self.ok_keys: dict[str, MetricKey] = {}
         self._cache_type = type(cache)
-        self.tracing = tracing() if conf["TRACING"] else None
-        #: The current sampled span, or None (read on every call).
+        self.tracing = tracing(conf["TELEMETRY_API"]) if conf["TRACING"] else None
+        #: The current sampled parent (span or Context), or None (every call).
         self.parent = self.tracing.parent if self.tracing is not None else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
@@ -316,4 +351,20 @@ def for_cache(cache: Any, server: Any, params: Mapping[str, Any]) -> Any:
         return None
     if conf["METRICS"]:  # several processes: their files (PROMETHEUS_MULTIPROC_DIR)
         multiprocess_writer(conf["METRICS_FLUSH_INTERVAL"])
+        if conf["TELEMETRY_API"] == "opentelemetry":
+            from .opentelemetry import install_metrics
+
+            install_metrics()  # the instruments fed from METRICS at collection
     return CacheTelemetry(cache, server, params, conf)
+
+
+def install() -> None:
+    """At start-up (``AppConfig.ready``): validate ``settings.OCMEMCACHE``, set up
+    the Prometheus collector (``metrics.install``) and, under OpenTelemetry, the
+    instruments fed from ``METRICS``."""
+    install_metrics()
+    conf = project_settings()
+    if conf["METRICS"] and conf["TELEMETRY_API"] == "opentelemetry":
+        from .opentelemetry import install_metrics as install_opentelemetry
+
+        install_opentelemetry()

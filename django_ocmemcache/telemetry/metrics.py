@@ -22,7 +22,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import project_settings
+from ..conf_project import project_settings
 from .export import span_queues
 from .semconv import (
     LATENCY_BOUNDS_MS,

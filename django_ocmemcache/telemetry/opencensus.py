@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ..conf import opencensus_trace
+from ..conf_project import opencensus_trace
 from .export import SpanQueue
 from .export import queued as export_queued
 from .semconv import ATTR_ERROR_TYPE, OK

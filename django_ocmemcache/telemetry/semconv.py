@@ -55,6 +55,18 @@ ATTR_CACHE_MISSES = "cache.misses"
 ATTR_CACHE_ERRORS = "cache.errors"
 ATTR_CACHE_TIME = "cache.duration_ms"
 
+# -- OpenTelemetry (TELEMETRY_API = "opentelemetry") ----------------------------------
+# Spans there carry the names above without the deprecated ones (db.system,
+# http.method, http.status_code).
+
+ATTR_CACHE_RESULT = "cache.result"  # "hit" | "miss" (lookups counter)
+#: The semantic-convention histogram of database client calls, in seconds.
+METRIC_DURATION = "db.client.operation.duration"
+#: Keys looked up by reads, by ``cache.result`` (no convention exists for this).
+METRIC_LOOKUPS = "django_ocmemcache.lookups"
+#: The tracer and meter name (instrumentation scope).
+INSTRUMENTATION_NAME = "django_ocmemcache"
+
 # -- metrics ----------------------------------------------------------------------
 
 #: Measures kept from the original OpenCensus pymemcache integration.

@@ -16,7 +16,7 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from django_ocmemcache import conf, telemetry
+from django_ocmemcache import conf_project, telemetry
 from django_ocmemcache.exceptions import InvalidCacheKey
 from django_ocmemcache.telemetry import export, metrics, opencensus, semconv
 
@@ -75,15 +75,16 @@ def test_threads_that_ended_still_count():
 def test_settings_are_checked(settings):
     settings.OCMEMCACHE = {"METRIC": True}
     with pytest.raises(ImproperlyConfigured, match="OCMEMCACHE\\['METRIC'\\]"):
-        conf.project_settings()
+        conf_project.project_settings()
     settings.OCMEMCACHE = {"SERVER_TIMING": "yes"}
     with pytest.raises(ImproperlyConfigured, match="SERVER_TIMING"):
-        conf.project_settings()
+        conf_project.project_settings()
     settings.OCMEMCACHE = {"SPAN_QUEUE_SIZE": 0}
     with pytest.raises(ImproperlyConfigured, match="SPAN_QUEUE_SIZE"):
-        conf.project_settings()
+        conf_project.project_settings()
     settings.OCMEMCACHE = {"SERVER_TIMING": True}
-    assert conf.project_settings() == {**conf.PROJECT_DEFAULTS, "SERVER_TIMING": True}
+    expected = {**conf_project.PROJECT_DEFAULTS, "SERVER_TIMING": True}
+    assert conf_project.project_settings() == expected
 
 
 def test_span_queue_drops_when_full_and_flushes():
