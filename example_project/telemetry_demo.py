@@ -39,6 +39,7 @@ P95_MS = (
     '(pymemcache_latency_ms_bucket{method="get_many",status="ok"}))'
 )
 GET_MANYS = 'sum(pymemcache_calls_total{method="get_many"})'
+LOOKUPS = 'sum(pymemcache_lookups_total{method="get_many"})'
 BY_METHOD = "sum by (method) (pymemcache_calls_total)"
 
 #: The same figures from the OpenTelemetry names (``demo.py --otel``):
@@ -286,7 +287,12 @@ def show_trace(
 
 
 def show_metrics(
-    stack: Any, site: str, workers: int = 1, squares: int = 0, otel: bool = False
+    stack: Any,
+    site: str,
+    workers: int = 1,
+    squares: int = 0,
+    lookups: int = 0,
+    otel: bool = False,
 ) -> bool:
     """Start Prometheus scraping ``site`` (``http://host:port``); print the whole
     site's get_many hit ratio, p95 latency and calls by method from its API.
@@ -296,8 +302,11 @@ def show_metrics(
     the sum over all of them. With ``otel`` it scrapes the OpenTelemetry SDK's
     metrics at /otel-metrics, one process's figures (the demo then runs one
     worker). Either way the get_many count must equal ``squares`` (the /squares/
-    requests made, one get_many each). True if the figures came (or Prometheus
-    is missing).
+    requests made, one get_many each). On OpenCensus the hit ratio is read once
+    the keys looked up reach ``lookups`` too: a worker writes its call count and
+    its lookups one after the other, and a scrape between the two would show
+    its calls without its hits. True if the figures came (or Prometheus is
+    missing).
     """
     target = site.split("://", 1)[-1]
     path = "/otel-metrics" if otel else "/metrics"
@@ -337,9 +346,18 @@ def show_metrics(
     print(f"   prometheus on 127.0.0.1:{prom.port} (pid {prom.proc.pid})")
     deadline = time.monotonic() + 15
     calls = prom.value(get_manys)
-    while calls is not None and calls < squares and time.monotonic() < deadline:
+    # OpenCensus only: several workers, each flushing its figures (see above).
+    lookups = 0 if otel else lookups
+    looked_up = prom.value(LOOKUPS) if lookups else 0.0
+    while (
+        calls is not None
+        and looked_up is not None
+        and (calls < squares or looked_up < lookups)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.25)  # workers write their figures every second
         calls = prom.value(get_manys)
+        looked_up = prom.value(LOOKUPS) if lookups else 0.0
     ratio = prom.value(hit_ratio)
     p95 = prom.value(p95_ms)
     methods = prom.vector(by_method, label)
@@ -354,7 +372,10 @@ def show_metrics(
     )
     listed = ", ".join(f"{m} {n:.0f}" for m, n in sorted(methods.items()))
     print(f"   calls by method: {listed}\n      <- {by_method}")
-    if calls != squares:
-        print("   UNEXPECTED: the count is not the whole site's")
+    if calls != squares or (lookups and looked_up != lookups):
+        print(
+            "   UNEXPECTED: the count is not the whole site's "
+            f"(keys looked up: {looked_up} for {lookups})"
+        )
         return False
     return True

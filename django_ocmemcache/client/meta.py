@@ -396,6 +396,37 @@ def claim_or_get(
     )
 
 
+def _parse_arith(reader: Reader) -> tuple[int, int] | None:
+    line = reader.line()
+    head = line[:2]
+    if head == b"NF":
+        return None
+    if head != b"VA":
+        _raise_error(line)
+    tokens = line.split()
+    size = int(tokens[1])
+    if size > 20:  # a 64-bit unsigned number has at most 20 digits
+        raise BadReply(f"meta arithmetic reply announces a {size}-byte value")
+    value = int(reader.value(size))
+    cas = 0
+    for token in tokens[2:]:
+        if token[:1] == b"c":
+            cas = int(token[1:])
+    return value, cas
+
+
+def arith(node: Any, key: bytes, delta: int, decr: bool) -> tuple[int, int] | None:
+    """``incr`` (``decr`` if ``decr``) the wire ``key`` by ``delta`` with
+    memcached's meta arithmetic (``ma``): ``(new value, its CAS)``, or None
+    if the key is absent. A value that is not a number raises
+    ``MemcacheClientError``, as memcached's ``incr`` reply does. The CAS lets
+    the fallback pair's undo of a copy spare updates made after its own.
+    """
+    mode = b"D" if decr else b"I"
+    command = b"ma %b D%d M%b v c\r\n" % (key, delta, mode)
+    return _pipeline(node, [command], _parse_arith)[0]
+
+
 def noop(node: Any) -> bytes:
     """Send ``mn`` and return the reply line (``b"MN"`` where meta commands work).
 

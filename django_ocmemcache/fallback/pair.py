@@ -154,20 +154,55 @@ class FallbackPair:
         return result
 
     def _update(self, verb: str, key: bytes, args: Any, kwargs: Any) -> Any:
-        method = getattr(self._new(), verb)
+        new = self._new()
+        method = getattr(new, verb)
         result = method(key, *args, **kwargs)
         if result is None or result is False:
             # The update runs right after the copy, before its re-check (which
             # may take a budget of its own): a concurrent caller that lost the
             # add race finds the copy and updates it; every incr counts.
             after: list[Any] = []
-            self._read_through(
-                [key], then=lambda: after.append(method(key, *args, **kwargs))
-            )
+
+            def update_copy() -> dict[bytes, int] | None:
+                return self._update_copy(new, verb, method, key, args, kwargs, after)
+
+            self._read_through([key], then=update_copy)
             # Nothing copied: a concurrent caller may have moved it meanwhile.
             result = after[0] if after else method(key, *args, **kwargs)
         self._forget([key])
         return result
+
+    def _update_copy(
+        self,
+        new: Any,
+        verb: str,
+        method: Callable[..., Any],
+        key: bytes,
+        args: Any,
+        kwargs: Any,
+        after: list[Any],
+    ) -> dict[bytes, int] | None:
+        """Update the copy just made; ``{key: its CAS after the update}`` when
+        known (a plain ``incr``/``decr``, with ``ma``), else None.
+
+        With that CAS the undo of the copy deletes it only as this update left
+        it: another caller may have updated it since and made the old servers
+        forget the key, which the re-check cannot tell from a delete.
+        """
+        plain = (
+            verb in ("incr", "decr")
+            and len(args) == 1
+            and not kwargs
+            and isinstance(args[0], int)
+            and not getattr(self._pool.serde, "signed", False)
+        )
+        node = node_for(new, key) if plain else None
+        if node is None:
+            after.append(method(key, *args, **kwargs))
+            return None
+        got = meta.arith(node, wire_key(node, key), args[0], verb == "decr")
+        after.append(None if got is None else got[0])
+        return None if got is None else {key: got[1]}
 
     # -- the rest goes to the new servers only -------------------------------
 
@@ -352,7 +387,9 @@ class FallbackPair:
         return values
 
     def _repair(
-        self, items: dict[bytes, meta.MetaItem], then: Callable[[], Any] | None = None
+        self,
+        items: dict[bytes, meta.MetaItem],
+        then: Callable[[], dict[bytes, int] | None] | None = None,
     ) -> None:
         """``add`` old items to the new servers, then undo copies gone stale.
 
@@ -362,6 +399,7 @@ class FallbackPair:
         pool = self._pool
         now = time.time()
         stored: dict[bytes, tuple[Any, int | None]] = {}
+        updated_cas: dict[bytes, int] = {}
         try:
             for node, group in self._by_new_node(items).items():
                 copies = [(k, items[k], exptime_for(items[k].ttl, now)) for k in group]
@@ -385,16 +423,19 @@ class FallbackPair:
                 )
             pool.repaired += len(stored)
             if then is not None:
-                then()
+                updated_cas.update(then() or {})
         finally:
             if stored:
-                self._undo_if_changed(stored, items, updated=then is not None)
+                self._undo_if_changed(
+                    stored, items, updated=then is not None, updated_cas=updated_cas
+                )
 
     def _undo_if_changed(
         self,
         stored: dict[bytes, tuple[Any, int | None]],
         items: dict[bytes, meta.MetaItem],
         updated: bool,
+        updated_cas: dict[bytes, int] | None = None,
     ) -> None:
         # A delete that ran between the old read and the add (it forgets the
         # old item first, then the new one), or a clear(), would be undone by
@@ -433,9 +474,12 @@ class FallbackPair:
                     # old servers forget the key next (owed if need be).
                     continue
                 if key in blocked or now_cas.get(key) != items[key].cas:
-                    # Without the copy's CAS (reply lost, or updated since)
-                    # the delete is unconditional: at worst a miss.
-                    guard = None if updated else cas
+                    # Guarded by the copy's CAS (as added, or as this call's
+                    # update left it): a later update by another caller, whose
+                    # forget may be what emptied the old server, is kept.
+                    # Without it (reply lost, an update that gives none) the
+                    # delete is unconditional: at worst a miss.
+                    guard = (updated_cas or {}).get(key) if updated else cas
                     undo.setdefault(node, []).append((wire_key(node, key), guard))
             with deadline.own_deadline(_undo_deadline()):  # the undo: its own budget
                 for node, pairs in undo.items():

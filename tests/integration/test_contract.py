@@ -378,9 +378,12 @@ class CacheContract:
         long = THIRTY_DAYS + 1
         self.cache.set("key1", "eggs", long)
         assert self.cache.get("key1") == "eggs"
-        # memcached's clock ticks once a second, so an absolute time can read
-        # one second longer than asked.
-        assert long - 3 <= self.ttl("key1") <= long + 1
+        # memcached's clock (``current_time``) ticks once a second on a timer,
+        # in monotonic seconds, while an absolute exptime is converted with the
+        # wall clock: the phase of the two and a late tick on a loaded machine
+        # each make the TTL read up to a second longer than asked. A relative
+        # value passed through (1970) would expire at once: get() above.
+        assert long - 3 <= self.ttl("key1") <= long + 3
         assert self.cache.add("key2", "ham", long) is True
         assert self.cache.get("key2") == "ham"
         self.cache.set_many({"key3": "sausage", "key4": "lobster bisque"}, long)
@@ -389,7 +392,7 @@ class CacheContract:
             "key4": "lobster bisque",
         }
         assert self.cache.touch("key1", long * 2) is True
-        assert long * 2 - 3 <= self.ttl("key1") <= long * 2 + 1
+        assert long * 2 - 3 <= self.ttl("key1") <= long * 2 + 3
 
     def test_thirty_days_exactly_is_relative(self):
         self.cache.set("k", "v", THIRTY_DAYS)

@@ -76,10 +76,13 @@ def test_demo_quick_run_prints_warm_up_and_hit_figures(demo_env):
     assert line, out
     timings = [float(t.rstrip("s")) for t in line.group(1).split()]
     assert len(timings) == 10
-    assert timings[-1] < timings[0] / 2, timings  # the cache warmed up
-    assert min(timings[1:]) < timings[0]
     computed = [int(n) for n in re.findall(r"run +\d+: +[\d.]+s +(\d+) computed", out)]
     assert len(computed) == 10 and computed[0] > 0 and computed[-1] < computed[0]
+    # The cache warmed up: counted, not timed (a loaded machine stretches any
+    # run). A run's time is at least its squares' cost (0.02 s each, --quick).
+    assert computed[-1] < computed[0] / 2, computed
+    assert min(computed[1:]) < computed[0]
+    assert all(t >= 0.02 * n for t, n in zip(timings, computed, strict=True))
 
     assert "the sidebar came from the cache" in out
     assert "the second response came from memcached" in out
@@ -114,6 +117,9 @@ def test_demo_uses_a_given_server_and_stops_on_a_signal(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a shell's background job (CI scripts, `cmd &`)
+        # starts with SIGINT ignored, and Python then keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     try:
@@ -128,7 +134,11 @@ def test_demo_uses_a_given_server_and_stops_on_a_signal(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            # the demo's gunicorn would outlive it, holding the output pipe
+            for pid in re.findall(r"worker\(s\) \(pid (\d+)\)", "".join(lines)):
+                if _alive(int(pid), "gunicorn"):
+                    os.kill(int(pid), signal.SIGKILL)
+            proc.communicate(timeout=30)
     out = "".join(lines) + rest
     assert proc.returncode == returncode, out
     assert f"using memcached at {memcached.location}" in out

@@ -169,7 +169,8 @@ def test_waiters_give_up_after_herd_wait_and_compute_themselves(make_cache, memc
     compute = Counted(seconds=0)
     t0 = time.monotonic()
     assert cache.get_or_set("stuck", compute, 60) == "fresh"
-    assert 0.5 <= time.monotonic() - t0 < 1.0
+    # HERD_WAIT, not the lock's 30 s; 1 s slack for a loaded runner (1.11 s seen)
+    assert 0.5 <= time.monotonic() - t0 < 1.5
     assert compute.runs == 1
 
 
@@ -322,21 +323,33 @@ def test_early_recompute_keeps_a_hot_key_from_ever_missing(make_cache, memcached
     generation = iter(range(1, 1000))
     compute_runs: list[float] = []
     ran = threading.local()
+    others: list[float] = []  # latencies of the calls that did not recompute
+    served_during: list[int] = []  # of those calls, answered while each recompute ran
+    computing: list[int] = []
 
     def compute() -> int:
         ran.flag = True
+        computing.append(1)
         compute_runs.append(time.monotonic())
+        before = len(others)
+        # At least 0.4 s, and until three other calls were answered meanwhile
+        # (bounded): callers that waited for the recompute would answer none.
+        # Counted, not timed: a loaded machine stretches any latency.
         time.sleep(0.4)
+        give_up = time.monotonic() + 3
+        while len(others) < before + 3 and time.monotonic() < give_up:
+            time.sleep(0.01)
+        served_during.append(len(others) - before)
+        computing.pop()
         return next(generation)
 
     cache.set("hot", 0, 3)  # expires 3 s from now
     misses_before = int(memcached.stats()["get_misses"])
     stop = time.monotonic() + 5  # across at least one expiry
     seen: list[int] = []
-    others: list[float] = []  # latencies of the calls that did not recompute
 
     def load() -> None:
-        while time.monotonic() < stop:
+        while time.monotonic() < stop or computing:  # a recompute sees others
             ran.flag = False
             t0 = time.monotonic()
             seen.append(cache.get_or_set("hot", compute, 3))
@@ -352,7 +365,8 @@ def test_early_recompute_keeps_a_hot_key_from_ever_missing(make_cache, memcached
     assert int(memcached.stats()["get_misses"]) == misses_before  # never a miss
     assert 1 <= len(compute_runs) <= 4  # one early recompute per TTL, not per caller
     assert max(seen) == len(compute_runs)  # recomputed values were served
-    assert max(others) < 0.3  # nobody waited for a recompute (0.4 s)
+    # nobody waited for a recompute: others were answered while it ran
+    assert min(served_during) >= 3, (served_during, max(others))
 
 
 def test_a_raising_early_recompute_serves_the_cached_value(make_cache, memcached):

@@ -10,6 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_ocmemcache import fallback
 from django_ocmemcache.client import meta, sharded
 from django_ocmemcache.client.pool import ClientPool
+from django_ocmemcache.exceptions import NonNumericValue
 from django_ocmemcache.fallback import FallbackPool
 
 from .conftest import PREFIX, raw_item, stat
@@ -105,6 +106,11 @@ def test_incr_touch_gets_cas_on_old_only_keys(old_new, old_cache, pair, new_cach
     assert pair.incr("n", 2) == 7
     assert pair.decr("n") == 6
     assert new_cache.get("n") == 6 and old_cache.get("n") is None
+    old_cache.set_many({"d": 5, "s": "text"})  # incr/decr of the fresh copy (ma)
+    assert pair.decr("d", 7) == 0  # memcached stops at 0
+    assert new_cache.get("d") == 0 and old_cache.get("d") is None
+    with pytest.raises(NonNumericValue):
+        pair.incr("s")
     assert pair.touch("t", 50) is True
     assert new_cache.get("t") == "v" and old_cache.get("t") is None
     value, token = pair.gets("c")

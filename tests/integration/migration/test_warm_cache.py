@@ -312,13 +312,16 @@ def test_live_writer_through_the_pair(old_new, old_cache, pair, new_cache):
     old_cache.set_many(dict.fromkeys(counters_, 1000))
     expected: dict[str, object] = {}
     DELETED = object()
-    done = threading.Event()
+    copying = threading.Event()
     rng = random.Random(7)
 
     def writer():
-        step = 0
-        while not done.is_set() and step < 20000:
-            step += 1
+        # A fixed number of writes, from the warm's first batch on: each one
+        # makes the old server forget a key, so the warm still scans at least
+        # 1600 - 500 keys however the two threads are scheduled (a writer free
+        # to run ahead on a loaded machine left 401 to scan).
+        copying.wait(10)
+        for step in range(1, 501):
             op = rng.random()
             if op < 0.2:
                 c = rng.choice(counters_)
@@ -338,10 +341,10 @@ def test_live_writer_through_the_pair(old_new, old_cache, pair, new_cache):
     thread.start()
     try:
         report = warmup.warm([old.location], [new.location], batch_size=50,
-                             rate=2000)  # fmt: skip
+                             rate=2000, progress=lambda r: copying.set())  # fmt: skip
     finally:
-        done.set()
-        thread.join()
+        copying.set()
+        thread.join(60)
     assert report.failed == 0 and report.scanned >= 1000
     assert len(expected) > 200
     missing = object()

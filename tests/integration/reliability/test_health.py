@@ -176,17 +176,23 @@ def test_server_killed_mid_load_and_restarted(memcached_factory, make_cache):
     stop, errors, slowest, hits_after = threading.Event(), [], [0.0], []
     restarted: list[float] = []
 
+    def timed(call, *args):
+        # Each call on its own: get and set have a DEADLINE each.
+        start = time.monotonic()
+        try:
+            return call(*args)
+        finally:
+            slowest[0] = max(slowest[0], time.monotonic() - start)
+
     def load(n):
         while not stop.is_set():
-            start = time.monotonic()
             try:
-                if cache.get(f"k{n}", MISS) is MISS:
-                    cache.set(f"k{n}", n)
+                if timed(cache.get, f"k{n}", MISS) is MISS:
+                    timed(cache.set, f"k{n}", n)
                 elif restarted and not hits_after:
                     hits_after.append(time.monotonic() - restarted[0])
             except Exception as exc:  # must never happen
                 errors.append(exc)
-            slowest[0] = max(slowest[0], time.monotonic() - start)
             time.sleep(0.002)
 
     threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
@@ -203,5 +209,9 @@ def test_server_killed_mid_load_and_restarted(memcached_factory, make_cache):
     for t in threads:
         t.join(5)
     assert errors == []
-    assert slowest[0] <= deadline + 0.1  # 50 ms target, CI scheduling slack
+    # Each call within its DEADLINE: a killed server refuses at once, and calls
+    # take 2-25 ms here on a quiet machine. 200 ms slack, as in test_deadline:
+    # a loaded 2-core runner deschedules a thread for that long (0.74 s was
+    # seen for a get and a set timed together, two DEADLINEs).
+    assert slowest[0] <= deadline + 0.2
     assert hits_after and hits_after[0] <= dead_timeout + 2
