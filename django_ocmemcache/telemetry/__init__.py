@@ -8,8 +8,9 @@ Knows no sockets (nothing here imports ``client``, nor the other way round).
 - ``opencensus``: the OpenCensus implementation, ``TraceConfig``,
   its ``root_span``; ``opencensus_stats``: the metrics as OpenCensus stats views
   (``enable_metrics_views``) and ``MetricProducer``.
-- ``metrics``: per-thread aggregates (``METRICS``), the Prometheus collector,
-  prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``).
+- ``metrics``: the call metrics (``METRICS``: rows folded when read), the
+  Prometheus collector, prometheus_client's multiprocess files
+  (``PROMETHEUS_MULTIPROC_DIR``).
 - ``export``: the bounded span queue off the request thread, ``flush()``.
 - ``opentelemetry``: the OpenTelemetry implementation (API only), imported
   only when ``OCMEMCACHE["TELEMETRY_API"]`` is ``"opentelemetry"``.

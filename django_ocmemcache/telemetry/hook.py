@@ -168,7 +168,6 @@ class CacheTelemetry:
         self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
     ) -> None:
         self.metrics = conf["METRICS"]
-        self.record = METRICS.record
         self.ok_keys: dict[str, MetricKey] = {}
         self.ok_rows: dict[str, list[Row]] = {}
         self._cache_type = type(cache)

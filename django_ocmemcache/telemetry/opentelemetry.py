@@ -14,7 +14,7 @@ the tracer with those timestamps, so span processors and exporters (even a
 ``SimpleSpanProcessor`` in front of an exporter that raises or hangs) never run
 on a cache call. A non-recording parent (unsampled) makes no span object.
 
-Metrics. Every call is aggregated per thread (``telemetry.METRICS``, about 1 µs)
+Metrics. Every call appends one row to ``telemetry.METRICS`` (folded when read),
 as on the OpenCensus path; recording an SDK histogram value per call costs
 ~15 µs. When a reader collects, an observable callback feeds what was added
 since the previous collection to the ``db.client.operation.duration``
