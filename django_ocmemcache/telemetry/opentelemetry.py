@@ -192,14 +192,20 @@ def end_later(span: Any) -> None:
 class OpenTelemetryTracing(Tracing):
     """``Tracing`` over the OpenTelemetry API (see the module docstring).
 
-    ``parent()`` returns the current ``Context`` when its span is recording,
-    else ``None``. ``mark_error`` also accepts a real span (``root_span``).
+    ``current()`` (and ``parent()``) return the current ``Context`` when its
+    span is recording, else ``None``. ``mark_error`` also accepts a real span
+    (``root_span``).
     """
 
-    def parent(self) -> Any:
-        ctx = otel_context.get_current()
-        if trace.get_current_span(ctx).is_recording():
-            return ctx
+    parent_type = otel_context.Context
+
+    def current(self) -> Any:
+        try:  # runs on every cache call, outside the hook's own guard
+            ctx = otel_context.get_current()
+            if trace.get_current_span(ctx).is_recording():
+                return ctx
+        except Exception:
+            logger.debug("current span not read", exc_info=True)
         return None
 
     def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
