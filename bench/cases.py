@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.contenders import Contender
+from bench.contenders import MEMORY, Contender
 
 NKEYS = 100  # distinct keys each single-key case cycles through
 BATCH = 100  # keys per get_many / set_many call
@@ -243,28 +243,32 @@ def _start_response(status: str, headers: list[Any], exc_info: Any = None) -> No
         raise AssertionError(f"view answered {status}")
 
 
-def request_case() -> Case:
+def request_case(memory: bool = False) -> Case:
     """A view making 5 cache calls, called through ``WSGIHandler``.
 
     ``request_started`` and ``request_finished`` fire as under a real server:
     Django's backend disconnects on ``request_finished`` and reconnects on the
     next request; ours keeps its connections. During a batch ``caches`` lists
-    only the contender's alias, as on a site with one cache.
+    only the contender's alias, as on a site with one cache. With ``memory``
+    every contender's cache talks to the in-memory server (``bench.memsock``):
+    the same client code, no system call per cache call, so the CPU a
+    contender adds over another is its Python alone.
     """
+    servers = MEMORY if memory else 1
 
     def setup(env: Env) -> None:
         from bench import webapp
 
-        webapp.prefill(env.raw[1])
+        webapp.prefill(env.raw[servers])
 
     def build(c: Contender, env: Env) -> Callable[[int], None]:
         from bench import webapp
 
-        handler = webapp.handler_for(c)
-        base = webapp.environ(f"/r/{c.alias(1) if c.kind != 'raw' else 'raw'}/")
+        handler = webapp.handler_for(c, servers)
+        base = webapp.environ(f"/r/{webapp.path_alias(c, servers)}/")
 
         def fn(n: int) -> None:
-            with webapp.one_site(c):
+            with webapp.one_site(c, servers):
                 requests(n)
 
         def requests(n: int) -> None:
@@ -279,7 +283,12 @@ def request_case() -> Case:
 
         return fn
 
-    return Case("request, 5 cache calls", "req/s", 1, build, setup)
+    name = REQUEST_MEMORY if memory else "request, 5 cache calls"
+    return Case(name, "req/s", servers, build, setup)
+
+
+#: The request case against the in-memory server (``bench.memsock``).
+REQUEST_MEMORY = "request, 5 cache calls, in-memory socket"
 
 
 def all_cases() -> list[Case]:
@@ -297,4 +306,5 @@ def all_cases() -> list[Case]:
         get_or_set_case(),
         get_or_set_case(callable_default=True),
         request_case(),
+        request_case(memory=True),
     ]

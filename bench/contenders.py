@@ -37,8 +37,12 @@ BEFORE_PACKAGE = "django_ocmemcache_before"
 OUR_BACKEND = f"{PACKAGE}.backend.OCMemcacheCache"
 DJANGO_BACKEND = "django.core.cache.backends.memcached.PyMemcacheCache"
 
-#: Server counts every contender gets a cache for.
-SERVER_COUNTS = (1, 3)
+#: Server counts every contender gets a cache for; ``MEMORY`` (0) is one
+#: in-memory server behind ``bench.memsock`` (no system call per cache call).
+MEMORY = 0
+SERVER_COUNTS = (1, 3, MEMORY)
+#: The LOCATION of the in-memory server (an address only ``memsock`` reads).
+MEMORY_LOCATION = "127.0.0.2:11211"
 
 
 @dataclass
@@ -189,9 +193,18 @@ def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
                 "BACKEND": backend,
                 "LOCATION": locations[n],
                 "TIMEOUT": 300,
-                "OPTIONS": dict(spec.options),
+                "OPTIONS": dict(spec.options, **_socket_option(n)),
             }
     return caches
+
+
+def _socket_option(servers: int) -> dict[str, Any]:
+    """pymemcache's ``socket_module`` option for the in-memory server."""
+    if servers != MEMORY:
+        return {}
+    from bench import memsock
+
+    return {"socket_module": memsock}
 
 
 def raw_client(location: str) -> Any:
@@ -206,6 +219,7 @@ def raw_client(location: str) -> Any:
         "allow_unicode_keys": True,
         "default_noreply": False,
         "serde": pickle_serde,
+        **_socket_option(MEMORY if location == MEMORY_LOCATION else 1),
     }
     hosts = [
         (s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in location.split(";")

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cases import REQUEST_MEMORY
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -152,15 +154,18 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             {"target": what, "minimum": minimum, "worst_case": worst,
              "ratio": ratios[worst], "met": ratios[worst] >= minimum}
         )  # fmt: skip
-    request = cases.get("request, 5 cache calls", {})
-    extra = request.get("cpu_over_ours_us", {}).get("ours+metrics")
-    if extra is not None:
-        out.append(
-            {"target": "request-level, metrics on + spans unsampled: CPU over "
-             "telemetry off", "minimum": REQUEST_EXTRA_CPU_US, "unit": "us",
-             "worst_case": "request, 5 cache calls", "ratio": extra,
-             "met": extra <= REQUEST_EXTRA_CPU_US}
-        )  # fmt: skip
+    # Measured where it can be resolved: on the in-memory socket (Python only);
+    # on loopback memcached too, where system-call drift blurs it.
+    for name, where in ((REQUEST_MEMORY, "in-memory socket"),
+                        ("request, 5 cache calls", "loopback memcached")):  # fmt: skip
+        extra = cases.get(name, {}).get("cpu_over_ours_us", {}).get("ours+metrics")
+        if extra is not None:
+            out.append(
+                {"target": "request-level, metrics on + spans unsampled: CPU over "
+                 f"telemetry off ({where})", "minimum": REQUEST_EXTRA_CPU_US,
+                 "unit": "us", "worst_case": name, "ratio": extra,
+                 "met": extra <= REQUEST_EXTRA_CPU_US}
+            )  # fmt: skip
     warm = (report.get("warm_cache") or {}).get("copiers", {})
     if "manage.py warm-cache" in warm:
         rate = warm["manage.py warm-cache"]["median_per_s"]
@@ -453,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -> dict:
     from bench import cases, contenders, harness, memory, settings, warm
 
-    locations = {1: servers[0].location, 3: ";".join(s.location for s in servers)}
+    locations = {
+        1: servers[0].location,
+        3: ";".join(s.location for s in servers),
+        contenders.MEMORY: contenders.MEMORY_LOCATION,  # bench.memsock
+    }
     specs, notes = contenders.all_specs(with_telemetry=not args.no_telemetry)
     before = None
     if args.before:

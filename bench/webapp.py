@@ -33,9 +33,9 @@ def prefill(raw_client: Any) -> None:
 
 def five_calls(request: HttpRequest, alias: str) -> HttpResponse:
     """get (hit), get (miss), set, get_many of 3, incr: 5 cache calls."""
-    contender = _by_alias[alias]
+    contender, servers = _by_alias[alias]
     if contender.kind == "raw":
-        client = contender.cache(1)
+        client = contender.cache(servers)
         client.get(":1:req_user")
         client.get(":1:req_missing")
         client.set(":1:req_last", VALUE, 300)
@@ -54,18 +54,25 @@ def five_calls(request: HttpRequest, alias: str) -> HttpResponse:
 urlpatterns = [path("r/<str:alias>/", five_calls)]
 
 
-def handler_for(contender: Contender) -> Any:
-    """A ``WSGIHandler`` with this contender's middleware."""
+def handler_for(contender: Contender, servers: int = 1) -> Any:
+    """A ``WSGIHandler`` with this contender's middleware, for its cache on
+    ``servers`` (``contenders.MEMORY``: the in-memory server)."""
     from django.core.handlers.wsgi import WSGIHandler
 
-    alias = contender.alias(1) if contender.kind != "raw" else "raw"
-    _by_alias[alias] = contender
+    _by_alias[path_alias(contender, servers)] = (contender, servers)
     with override_settings(MIDDLEWARE=contender.middleware, **contender.settings):
         return WSGIHandler()
 
 
+def path_alias(contender: Contender, servers: int = 1) -> str:
+    """The alias in the view's URL (the raw client's: ``raw`` or ``raw-0``)."""
+    if contender.kind == "raw":
+        return "raw" if servers == 1 else f"raw-{servers}"
+    return contender.alias(servers)
+
+
 @contextlib.contextmanager
-def one_site(contender: Contender) -> Iterator[None]:
+def one_site(contender: Contender, servers: int = 1) -> Iterator[None]:
     """Make ``caches`` list only this contender's alias (and ``default``).
 
     The bench configures an alias per contender and server count; a real site
@@ -74,7 +81,7 @@ def one_site(contender: Contender) -> Iterator[None]:
     batch of requests the handler sees the aliases one site would have.
     """
     saved = caches.settings
-    alias = contender.alias(1)
+    alias = contender.alias(servers)
     narrowed = {a: v for a, v in saved.items() if a in ("default", alias)}
     caches.__dict__["settings"] = narrowed  # cached_property of CacheHandler
     try:

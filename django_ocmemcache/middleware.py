@@ -99,33 +99,14 @@ class _RequestTrace:
     middleware, listed before ours, traces this request (sampled or not).
     """
 
-    def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
-        self.ctx = ctx = mw.ctx
+    def __init__(self, mw: RequestSpanMiddleware, span: Any, outer: bool) -> None:
+        self.ctx = mw.ctx
         self.mw = mw
-        self.span: Any = None
-        self.own = self.outer = self.done = False
+        self.span = span
+        self.outer = outer
+        self.own = self.done = False
         self.summary = RequestSummary()
         self.token = current_summary.set(self.summary)
-        attrs = mw.context_attrs(None)
-        if attrs and attrs.get(EXT_DJANGO_REQUEST_KEY) is request:
-            # opencensus-ext-django decided (and sampled) this request: its span
-            # is a real Span when sampled, a BlankSpan otherwise. Never a second
-            # sampling decision or span; its tracer stays until the response
-            # closes (its process_response needs it).
-            self.outer = True
-            span = attrs.get(EXT_DJANGO_SPAN_KEY)
-            if span is not None and span is ctx.get_current_span():
-                self.span = span
-            return
-        if attrs or mw.context_in_use():
-            # Whatever an earlier request left in this thread's context is
-            # stale: cache calls must not join that trace.
-            ctx.clean()
-        if mw.excluded and request.path.lstrip("/").startswith(mw.excluded):
-            return
-        context = mw.sampled_context(request.META)
-        if context is not None:
-            self._open(mw, request, context)
 
     def _open(self, mw: RequestSpanMiddleware, request: Any, context: Any) -> None:
         from opencensus.trace import span as span_module
@@ -210,8 +191,7 @@ class _RequestTrace:
             return
         self.done = True
         self._end_span()
-        mw = self.mw
-        if self.outer or mw.context_attrs(None) or mw.context_in_use():
+        if self.outer or self.mw.context_dirty():
             self.ctx.clean()  # no tracer, span or attrs left for the next request
         try:
             current_summary.reset(self.token)
@@ -292,6 +272,10 @@ async def _aiter_under(chunks: Any, span: Any, ctx: Any) -> Any:
 class _OtelRequestTrace:
     """One request under OpenTelemetry: the summary, Server-Timing and the
     response's close here; the span in ``opentelemetry.RequestSpan``."""
+
+    @classmethod
+    def begin(cls, mw: RequestSpanMiddleware, request: Any) -> _OtelRequestTrace:
+        return cls(mw, request)
 
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
         from .telemetry.opentelemetry import RequestSpan
@@ -406,11 +390,7 @@ class RequestSpanMiddleware:
         conf = project_settings()
         self.server_timing = conf["SERVER_TIMING"]
         self.opentelemetry = conf["TELEMETRY_API"] == "opentelemetry"
-        #: What one request's tracing state is (chosen once, not per request).
-        self.trace_type: Any = _RequestTrace
-        if self.opentelemetry:  # no OpenCensus import on this path
-            self.trace_type = _OtelRequestTrace
-        else:
+        if not self.opentelemetry:  # no OpenCensus import on the other path
             self.config = TraceConfig()
             self.follow_parent = conf["FOLLOW_PARENT_SAMPLED"]
             self.excluded = tuple(p.lstrip("/") for p in self.config.excluded)
@@ -441,16 +421,10 @@ class RequestSpanMiddleware:
             self.context_attrs = lambda _: ec.get_opencensus_attrs()
             current_span = lambda _: ec.get_current_span()  # noqa: E731
             current_tracer = lambda _: ec.get_opencensus_tracer()  # noqa: E731
-        no_tracer = (type(None), NoopTracer)
+        self.current_span, self.current_tracer = current_span, current_tracer
+        #: What an empty context holds as its tracer (None, or a noop one).
+        self.no_tracer = (type(None), NoopTracer)
 
-        def context_in_use() -> bool:
-            """True if a span or a (non-noop) tracer is in this context."""
-            return (
-                current_span(None) is not None
-                or type(current_tracer(None)) not in no_tracer
-            )
-
-        self.context_in_use = context_in_use
         # Without a traceparent header, the default propagator makes a new
         # context and OpenCensus' own samplers read only its trace id: decide
         # on a _Probe that makes the id only if asked (AlwaysOff never asks).
@@ -461,6 +435,10 @@ class RequestSpanMiddleware:
             samplers.AlwaysOnSampler,
             samplers.ProbabilitySampler,
         )
+        #: The sampler says no to every request without a sampled traceparent.
+        self.never = self.quick and type(self.config.sampler) is (
+            samplers.AlwaysOffSampler
+        )
 
     def sampled_context(self, meta: Any) -> Any:
         """The request's ``SpanContext`` if it is to be traced, else None.
@@ -470,6 +448,8 @@ class RequestSpanMiddleware:
         """
         sampler = self.config.sampler
         if self.quick and "HTTP_TRACEPARENT" not in meta:
+            if self.never:
+                return None
             probe = _Probe()
             if not sampler.should_sample(probe):
                 return None
@@ -491,7 +471,10 @@ class RequestSpanMiddleware:
         except BaseException as exc:
             self._fail(trace, exc)
             raise
-        self._respond(trace, request, response)
+        if trace is not None:
+            self._respond(trace, request, response)
+        elif not self.opentelemetry:
+            self._untraced_end(response)
         return response
 
     async def __acall__(self, request: Any) -> Any:
@@ -501,20 +484,72 @@ class RequestSpanMiddleware:
         except BaseException as exc:
             self._fail(trace, exc)
             raise
-        self._respond(trace, request, response)
+        if trace is not None:
+            self._respond(trace, request, response)
+        elif not self.opentelemetry:
+            self._untraced_end(response)
         return response
 
     def _begin(self, request: Any) -> _RequestTrace | _OtelRequestTrace | None:
+        """The request's tracing state; None when nothing would read it (not
+        sampled or excluded, no ``Server-Timing``: no span, no summary; its
+        cache calls are still in the metrics) or when tracing it failed.
+
+        Runs on every request: the common cases are decided in this frame.
+        """
         try:
-            trace = self.trace_type(self, request)
+            if self.opentelemetry:
+                trace: Any = _OtelRequestTrace(self, request)
+                request._ocmemcache_trace = trace
+                return trace
+            attrs = self.context_attrs(None)
+            if attrs and attrs.get(EXT_DJANGO_REQUEST_KEY) is request:
+                # opencensus-ext-django decided (and sampled) this request: its
+                # span is a real Span when sampled, a BlankSpan otherwise. Never
+                # a second sampling decision or span; its tracer stays until the
+                # response closes (its process_response needs it).
+                span = attrs.get(EXT_DJANGO_SPAN_KEY)
+                current = self.ctx.get_current_span()
+                trace = _RequestTrace(self, span if span is current else None, True)
+                request._ocmemcache_trace = trace
+                return trace
+            if (
+                attrs
+                or self.current_span(None) is not None
+                or type(self.current_tracer(None)) not in self.no_tracer
+            ):
+                # Whatever an earlier request left in this thread's context is
+                # stale: cache calls must not join that trace.
+                self.ctx.clean()
+            meta = request.META
+            if self.never and "HTTP_TRACEPARENT" not in meta:
+                context = None  # AlwaysOffSampler, no incoming context: not asked
+            elif self.excluded and request.path.lstrip("/").startswith(self.excluded):
+                context = None
+            else:
+                context = self.sampled_context(meta)
+            if context is None and not self.server_timing:
+                return None
+            trace = _RequestTrace(self, None, False)
+            if context is not None:
+                trace._open(self, request, context)
+            request._ocmemcache_trace = trace
+            return trace
         except Exception:
             logger.warning("request span not opened", exc_info=True)
             current_summary.set(None)
             if not self.opentelemetry:
                 clear_tracer_context()  # a Tracer may have stored itself first
             return None
-        request._ocmemcache_trace = trace
-        return trace
+
+    def context_dirty(self) -> bool:
+        """True if OpenCensus' context holds attrs, a span or a (non-noop) tracer
+        (``execution_context.clean()`` leaves ``{}`` and a ``NoopTracer``)."""
+        return bool(
+            self.context_attrs(None)
+            or self.current_span(None) is not None
+            or type(self.current_tracer(None)) not in self.no_tracer
+        )
 
     def process_exception(self, request: Any, exception: BaseException) -> None:
         """Record the view's exception class on the span (Django's hook)."""
@@ -525,18 +560,35 @@ class RequestSpanMiddleware:
             except Exception:
                 logger.debug("exception not recorded", exc_info=True)
 
-    def _respond(self, trace: Any, request: Any, response: Any):
-        if trace is None:
-            return
+    def _respond(self, trace: Any, request: Any, response: Any) -> None:
         try:
             trace.response(request, response, self.server_timing)
         except Exception:
             logger.warning("request span not finished", exc_info=True)
             trace.end()
 
+    def _untraced_end(self, response: Any) -> None:
+        # A request without a trace (OpenCensus): leave its context clean, on
+        # close for a streaming body (the view's own code may make a tracer).
+        if getattr(response, "streaming", False):
+            _on_close(response, self._clean_context)
+        elif (  # context_dirty(), inlined: this runs on every such request
+            self.context_attrs(None)
+            or self.current_span(None) is not None
+            or type(self.current_tracer(None)) not in self.no_tracer
+        ):
+            clear_tracer_context()
+
     def _fail(self, trace: Any, exc: BaseException) -> None:
-        if trace is not None:
-            try:
-                trace.exception(exc)
-            finally:
-                trace.end()
+        if trace is None:
+            if not self.opentelemetry:
+                self._clean_context()
+            return
+        try:
+            trace.exception(exc)
+        finally:
+            trace.end()
+
+    def _clean_context(self) -> None:
+        if self.context_dirty():
+            clear_tracer_context()

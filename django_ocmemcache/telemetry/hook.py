@@ -234,27 +234,51 @@ class CacheTelemetry:
         """
         try:
             elapsed = _clock() - started
-            hits, misses = state.hits, state.misses
-            ignored = state.error
-            err = raised if raised is not None else ignored
-            row = (elapsed, hits, misses, err is not None)  # metrics.Row
-            if self.metrics:  # one append; summed when collected (METRICS.rows)
-                rows = self.ok_rows.get(name) if err is None else None
-                if rows is None:
-                    rows = self.metric_rows(name, err)
-                rows.append(row)
-                if len(rows) >= FOLD_AT:
-                    METRICS.fold(self.metric_key(name, err))
-            summary = _summary()
-            if summary is not None:
-                summary.append(row)
-            herd = state.herd
-            if herd is not None and self.metrics:
-                HERD.record(self.alias or "unknown", herd[0])
-            if span is not None:
-                self._close(name, span, hits, misses, err, err is ignored, herd)
+            if raised is None and span is None and state.error is None:
+                # The common call: its row to the metrics and the summary.
+                row = (elapsed, state.hits, state.misses, False)  # metrics.Row
+                rows = self.ok_rows.get(name)  # None: metrics off, or a first call
+                if rows is not None:  # summed when collected (METRICS.rows)
+                    rows.append(row)
+                    if len(rows) >= FOLD_AT:
+                        METRICS.fold(self.ok_keys[name])
+                elif self.metrics:
+                    self.metric_rows(name, None).append(row)
+                summary = _summary()
+                if summary is not None:
+                    summary.append(row)
+                if state.herd is not None:
+                    self._herd(state.herd)
+                return
+            self._finish(name, span, elapsed, state, raised)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
+
+    def _finish(self, name: str, span: Any, elapsed: float, state: CallState,
+                raised: BaseException | None) -> None:  # fmt: skip
+        # A call that failed (raised, or a failure IGNORE_EXCEPTIONS turned
+        # into a miss), or one with a span.
+        hits, misses, ignored = state.hits, state.misses, state.error
+        err = raised if raised is not None else ignored
+        row = (elapsed, hits, misses, err is not None)  # metrics.Row
+        if self.metrics:
+            rows = self.ok_rows.get(name) if err is None else None
+            if rows is None:
+                rows = self.metric_rows(name, err)
+            rows.append(row)
+            if len(rows) >= FOLD_AT:
+                METRICS.fold(self.metric_key(name, err))
+        summary = _summary()
+        if summary is not None:
+            summary.append(row)
+        if state.herd is not None:
+            self._herd(state.herd)
+        if span is not None:
+            self._close(name, span, hits, misses, err, err is ignored, state.herd)
+
+    def _herd(self, herd: tuple[str, float]) -> None:
+        if self.metrics:  # stampede protection's outcome, counted (HERD)
+            HERD.record(self.alias or "unknown", herd[0])
 
     def metric_key(self, name: str, err: BaseException | None) -> MetricKey:
         """``(cache, method, error class or "")``; the ok key is made once."""

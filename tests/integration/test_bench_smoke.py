@@ -32,6 +32,7 @@ def test_quick_bench_prints_table_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| get 100 B | ops/s |" in proc.stdout
     assert "| request, 5 cache calls | req/s |" in proc.stdout
+    assert "| request, 5 cache calls, in-memory socket | req/s |" in proc.stdout
     report = json.loads(out.read_text())
     assert {"raw", "django", "ours"} <= set(report["contenders"])
     names = [case["name"] for case in report["cases"]]

@@ -162,3 +162,32 @@ def test_unsampled_request_builds_no_tracer(site, exporter, monkeypatch):
     Client().get("/squares/2", HTTP_TRACEPARENT=f"00-{trace_id}-b7ad6b7169203331-01")
     assert built == [1]
     assert {s.context.trace_id for s in exporter.collected()} == {trace_id}
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [samplers.AlwaysOffSampler(), samplers.ProbabilitySampler(rate=0.0)],
+    ids=["always-off", "probability-0"],
+)
+def test_unsampled_request_without_server_timing_keeps_no_summary(
+    site, exporter, sampler
+):
+    """Not sampled and no Server-Timing: nothing would read a summary, so none is
+    kept (the calls are still in the metrics); a tracer the view's own code left
+    in the context is gone when the response is closed, streaming or not."""
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = sampler
+    telemetry.METRICS.reset()
+    response = Client().get("/own_tracer")
+    assert response.content == b"none"
+    assert tracer_is_clear()
+    calls = [k for k in telemetry.METRICS.snapshot() if k[1] == "get"]
+    assert calls  # measured all the same
+
+    response = Client().get("/own_tracer_stream")
+    assert b"".join(response.streaming_content) == b"none"
+    response.close()
+    assert tracer_is_clear()
+
+    site.OCMEMCACHE = {"SERVER_TIMING": True}  # now something reads the summary
+    assert Client().get("/own_tracer").content == b"1"
+    assert tracer_is_clear()

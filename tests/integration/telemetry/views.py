@@ -89,3 +89,32 @@ urlpatterns += [
     path("stream_body", stream_body),
     path("unavailable", unavailable),
 ]
+
+
+def own_tracer(request):
+    """A view whose own code starts an OpenCensus tracer and leaves it behind,
+    and reports whether a request summary was kept for it."""
+    from opencensus.trace import samplers
+    from opencensus.trace.tracer import Tracer
+
+    from django_ocmemcache import telemetry
+
+    Tracer(sampler=samplers.AlwaysOnSampler())  # stores itself in the context
+    cache.get("own_tracer")
+    summary = telemetry.current_summary.get()
+    return HttpResponse("none" if summary is None else str(summary.calls))
+
+
+def own_tracer_stream(request):
+    """The same, the tracer started while the streaming body is sent."""
+
+    def chunks():
+        yield own_tracer(request).content
+
+    return StreamingHttpResponse(chunks())
+
+
+urlpatterns += [
+    path("own_tracer", own_tracer),
+    path("own_tracer_stream", own_tracer_stream),
+]
