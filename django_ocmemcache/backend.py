@@ -37,7 +37,7 @@ from .conf import BackendOptions, alias_message, parse_location
 from .exceptions import NonNumericValue
 from .fallback import FallbackPool, get_fallback_pool
 from .policy import get_policy
-from .protocol import MAX_RELATIVE_EXPTIME, is_too_large
+from .protocol import MAX_RELATIVE_EXPTIME, is_too_large, reply_text
 from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
@@ -78,8 +78,9 @@ def operation(
 
     ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
     the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
-    return). The ignored failure is kept in the call state's ``error`` and
-    handed to the telemetry's ``finish``. ``on_skip`` (default ``on_failure``)
+    return). The ignored failure is kept in the call state's ``error``; the
+    call state goes to the telemetry's ``finish`` with the start instant the
+    deadline read (one clock read for both). ``on_skip`` (default ``on_failure``)
     gives the result of a call skipped because its server is marked down
     (``policy.ErrorPolicy.absorb``).
     """
@@ -97,7 +98,7 @@ def operation(
                 finally:
                     st.depth -= 1
             st.depth = 1
-            deadline_scope(self._deadline)
+            started = deadline_scope(self._deadline)
             tel = self._telemetry
             if tel is None:  # hits, misses and the hook only feed telemetry
                 try:
@@ -109,17 +110,22 @@ def operation(
                     end_deadline_scope()
             st.hits = st.misses = 0
             st.error = st.herd = None
-            call = tel.start(self, name, args, kwargs)
+            span = None  # the hook's frames run for a sampled parent only
+            current = tel.current
+            if current is not None:
+                parent = current()
+                if parent.__class__ is tel.parent_type:
+                    span = tel.start(parent, self, name, args, kwargs)
             try:
                 try:
                     result = fn(self, *args, **kwargs)
                 except Exception as exc:
                     result = _failed(self, name, exc, handlers, args, kwargs)
             except BaseException as exc:
-                tel.finish(call, st.hits, st.misses, exc, st.error, st.herd)
+                tel.finish(name, span, started, st, exc)
                 raise
             else:
-                tel.finish(call, st.hits, st.misses, None, st.error, st.herd)
+                tel.finish(name, span, started, st, None)
                 return result
             finally:
                 st.depth = 0
@@ -154,12 +160,6 @@ def _failed(
     _per_thread.state.error = exc
     handler = handlers[skipped]
     return handler(cache, exc, *args, **kwargs) if handler else None
-
-
-def _reason(exc: Exception) -> str:
-    """The server's reply in a pymemcache error, as text (it holds bytes)."""
-    arg = exc.args[0] if exc.args else exc
-    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
 
 def _drop_closed_connections(**kwargs: Any) -> None:
@@ -439,7 +439,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
                 value = client.incr(wire_key, delta)
         except MemcacheClientError as exc:
             raise NonNumericValue(
-                f"Cannot increment key {key!r}: {_reason(exc)}"
+                f"Cannot increment key {key!r}: {reply_text(exc)}"
             ) from None
         # None: memcached NOT_FOUND. False: HashClient skipped a failing server
         # (within pymemcache's retry_timeout); never report that as the value 0.

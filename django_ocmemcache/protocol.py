@@ -28,6 +28,12 @@ def exptime_for(ttl: int, now: float) -> int | None:
     return ttl
 
 
+def reply_text(exc: Exception) -> str:
+    """The server's reply a pymemcache error carries (bytes), as text."""
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
 def is_too_large(reply: str | bytes) -> bool:
     """True for memcached's refusal of a value over its item size limit (``-I``):
     ``SERVER_ERROR object too large for cache``."""

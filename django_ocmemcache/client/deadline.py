@@ -16,14 +16,24 @@ from collections.abc import Iterator
 
 from ..exceptions import DeadlineExceeded
 
-#: This thread's deadline: ``local.at`` is a ``time.monotonic()`` instant or None.
+#: The clock of every deadline instant: monotonic, and the one the telemetry
+#: times calls with, so the backend hands the start it reads here to both.
+clock = time.perf_counter
+
+#: This thread's deadline: ``local.at`` is a ``clock()`` instant or None.
 local = threading.local()
 
 
-def deadline_scope(seconds: float | None) -> None:
-    """Start this thread's operation deadline: ``seconds`` from now (None: off)."""
-    local.at = None if seconds is None else time.monotonic() + seconds
+def deadline_scope(seconds: float | None) -> float:
+    """Start this thread's operation deadline: ``seconds`` from now (None: off).
+
+    Return the start instant (``clock()`` seconds): the telemetry times the
+    call from it.
+    """
+    now = clock()
+    local.at = None if seconds is None else now + seconds
     local.total = seconds
+    return now
 
 
 def end_deadline_scope() -> None:
@@ -54,7 +64,7 @@ def own_deadline(seconds: float | None) -> Iterator[None]:
 def time_left() -> float | None:
     """Seconds left before this thread's deadline, or None if there is none."""
     at = getattr(local, "at", None)
-    return None if at is None else at - time.monotonic()
+    return None if at is None else at - clock()
 
 
 def check_deadline() -> float | None:

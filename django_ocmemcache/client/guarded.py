@@ -16,7 +16,6 @@ whenever a request does not end normally (see ``GuardedClient``).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pymemcache.client.base import Client, _readline
@@ -28,7 +27,7 @@ from pymemcache.exceptions import (
 from ..conf import hash_node
 from ..exceptions import BadReply, DeadlineExceeded
 from ..serializers import MISS
-from .deadline import check_deadline
+from .deadline import check_deadline, clock
 from .deadline import local as _local
 
 #: Longest reply line accepted, in bytes (memcached's lines are a keyword, a key
@@ -132,7 +131,7 @@ class _GuardedSocket:
         at = getattr(_local, "at", None)
         want = self._base
         if at is not None:
-            left = at - time.monotonic()
+            left = at - clock()
             if left <= 0:
                 raise DeadlineExceeded("memcached operation exceeded its DEADLINE")
             if want is None or left < want:

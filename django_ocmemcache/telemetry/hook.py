@@ -1,10 +1,11 @@
 """Per-call telemetry of a cache, and the per-request summary.
 
 The backend calls ``for_cache(cache, server, params)`` once per backend
-instance; the hook it returns has ``start(cache, method, args, kwargs) -> call``
-and ``finish(call, hits, misses, raised, ignored)`` around the outermost call of
-each public method (``ignored``: the failure ``IGNORE_EXCEPTIONS`` turned into
-a miss, passed by the backend).
+instance; around the outermost call of each public method it tests the hook's
+``current()`` for a sampled parent, calls ``start(parent, cache, method, args,
+kwargs) -> span`` only then, and ``finish(method, span, started, state,
+raised)`` at the end (``state``: the call's hits, misses, the failure
+``IGNORE_EXCEPTIONS`` turned into a miss, and the stampede outcome).
 
 What a call produces:
 
@@ -26,7 +27,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from ..conf import hash_node
 from ..conf_project import project_settings
@@ -161,8 +162,22 @@ _SINGLE_READS = frozenset({"get", "gets", "has_key", "get_or_set"})
 _BATCH = frozenset({"get_many", "set_many", "delete_many"})
 
 
+class CallState(Protocol):
+    """What the backend's outermost call has seen when it ends (``finish``)."""
+
+    hits: int
+    misses: int
+    error: BaseException | None  # the failure IGNORE_EXCEPTIONS turned into a miss
+    herd: tuple[str, float] | None  # get_or_set's (stampede outcome, seconds waited)
+
+
 class CacheTelemetry:
-    """Telemetry of one backend instance (see the module docstring)."""
+    """Telemetry of one backend instance (see the module docstring).
+
+    Before each outermost call the backend tests ``current().__class__ is
+    parent_type`` (the tracing's, see ``tracing.Tracing``; ``current`` is None
+    without tracing) and calls ``start`` only when it holds.
+    """
 
     def __init__(
         self, cache: Any, server: Any, params: Mapping[str, Any], conf: dict[str, Any]
@@ -172,8 +187,10 @@ class CacheTelemetry:
         self.ok_rows: dict[str, list[Row]] = {}
         self._cache_type = type(cache)
         self.tracing = tracing(conf["TELEMETRY_API"]) if conf["TRACING"] else None
-        #: The current sampled parent (span or Context), or None (every call).
-        self.parent = self.tracing.parent if self.tracing is not None else None
+        #: ``tracing.current`` and ``tracing.parent_type`` (None without
+        #: tracing): the backend's test for a sampled parent, on every call.
+        self.current = self.tracing.current if self.tracing is not None else None
+        self.parent_type = self.tracing.parent_type if self.tracing else None
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
         self._location = server
@@ -185,36 +202,40 @@ class CacheTelemetry:
             self.server = _server_attributes(servers[0])
         self.multi_server = len(servers) > 1
 
-    def start(self, cache: Any, name: str, args: tuple[Any, ...], kwargs: Any) -> Call:
-        """Begin one outermost call; return what ``finish`` takes to end it.
+    def start(self, parent: Any, cache: Any, name: str, args: tuple[Any, ...],
+              kwargs: Any) -> Any:  # fmt: skip
+        """Open the span of one outermost call under the sampled ``parent``
+        (the backend calls this only when ``current()`` returned one of class
+        ``parent_type``: an unsampled call costs no frame here); return it,
+        or None.
 
         Never raises: a failure here costs the call its span, nothing else.
         """
-        span = None
-        parent = self.parent
         try:  # costs nothing unless something raises (Python 3.11+)
-            if parent is not None and parent() is not None:  # a sampled span
-                tracing = self.tracing
-                assert tracing is not None
-                if self.alias is None:
-                    self.alias = self._find_alias()
-                span = self._open(tracing, parent(), cache, name, args, kwargs)
+            tracing = self.tracing
+            if tracing is None:
+                return None
+            if self.alias is None:
+                self.alias = self._find_alias()
+            return self._open(tracing, parent, cache, name, args, kwargs)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
-        return (name, span, _clock())
+            return None
 
-    def finish(self, call: Call, hits: int, misses: int,
-               raised: BaseException | None,
-               ignored: BaseException | None,
-               herd: tuple[str, float] | None = None) -> None:  # fmt: skip
-        """End ``call``: keys found and not found, the exception that leaves
-        the call (``raised``) and the one ``IGNORE_EXCEPTIONS`` turned into a
-        miss (``ignored``), if any, and what stampede protection made of a
-        ``get_or_set`` (``(outcome, seconds waited)``, see ``herd``). Never
-        raises. Runs on every call."""
+    def finish(self, name: str, span: Any, started: float, state: CallState,
+               raised: BaseException | None) -> None:  # fmt: skip
+        """End the outermost call ``name`` begun at ``started``
+        (``time.perf_counter()`` seconds) with ``span`` (or None): ``state``
+        holds the keys found and not found, the failure ``IGNORE_EXCEPTIONS``
+        turned into a miss and what stampede protection made of a
+        ``get_or_set``; ``raised`` is the exception leaving the call, if any.
+        Never raises. Runs on every call: the common one (no error, no span,
+        no stampede outcome) is one row appended to a list or two.
+        """
         try:
-            name, span, t0 = call
-            elapsed = _clock() - t0
+            elapsed = _clock() - started
+            hits, misses = state.hits, state.misses
+            ignored = state.error
             err = raised if raised is not None else ignored
             row = (elapsed, hits, misses, err is not None)  # metrics.Row
             if self.metrics:  # one append; summed when collected (METRICS.rows)
@@ -224,11 +245,12 @@ class CacheTelemetry:
                 rows.append(row)
                 if len(rows) >= FOLD_AT:
                     METRICS.fold(self.metric_key(name, err))
-                if herd is not None:
-                    HERD.record(self.alias or "unknown", herd[0])
             summary = _summary()
             if summary is not None:
                 summary.append(row)
+            herd = state.herd
+            if herd is not None and self.metrics:
+                HERD.record(self.alias or "unknown", herd[0])
             if span is not None:
                 self._close(name, span, hits, misses, err, err is ignored, herd)
         except Exception:
@@ -349,10 +371,6 @@ class CacheTelemetry:
 
 _clock = time.perf_counter
 _summary = current_summary.get
-
-#: One outermost call, as ``start`` returns it: ``(method, span or None, start)``
-#: (``time.perf_counter()`` seconds). A plain tuple: made in C on every call.
-Call = tuple[str, Any, float]
 
 
 def _server_attributes(spec: Any) -> dict[str, Any]:

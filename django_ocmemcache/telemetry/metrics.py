@@ -16,7 +16,7 @@ import bisect
 import collections
 import itertools
 import logging
-import operator
+import math
 import os
 import threading
 import time
@@ -76,6 +76,7 @@ class MetricsStore:
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
         self.bounds = bounds
+        self._bounds_s = tuple(bound / 1000.0 for bound in bounds)  # rows: seconds
         self.start_time = time.time()
         self._pending: dict[MetricKey, list[Row]] = {}
         self._totals: dict[MetricKey, list[Any]] = {}
@@ -95,7 +96,7 @@ class MetricsStore:
         """Add one call that took ``ms`` milliseconds (the hook appends rows
         instead, see ``rows``)."""
         with self._lock:
-            self._add(key, [ms], [hits], [misses])
+            self._add(key, [ms / 1000.0], [hits], [misses])
 
     def fold(self, key: MetricKey) -> None:
         """Fold the rows of ``key`` appended so far into the totals."""
@@ -111,30 +112,31 @@ class MetricsStore:
         batch = rows[:n]
         del rows[:n]
         seconds, hits, misses, _failed = zip(*batch, strict=True)
-        self._add(key, list(map(operator.mul, seconds, _THOUSANDS)), hits, misses)
+        self._add(key, sorted(seconds), hits, misses)
 
-    def _add(self, key: MetricKey, ms: list[float], hits: Sequence[int],
+    def _add(self, key: MetricKey, seconds: list[float], hits: Sequence[int],
              misses: Sequence[int]) -> None:  # fmt: skip
-        # Caller holds self._lock. Sorted, the values fall into the buckets by
-        # one bisect per bound (list.sort compares floats in C), not one
-        # bisect per value.
+        # Caller holds self._lock; ``seconds`` is sorted. Sorted, the values
+        # fall into the buckets by one bisect per bound (list.sort compares
+        # floats in C), not one bisect per value; milliseconds are made from
+        # the sums, not per value, and math.hypot sums the squares in C (more
+        # exactly than a running sum).
         entry = self._totals.get(key)
         if entry is None:
             entry = self._totals[key] = [0, 0.0, 0.0, 0, 0] + [0] * (
                 len(self.bounds) + 1
             )
-        ms.sort()
-        entry[_SUM] = sum(ms, entry[_SUM])
-        entry[_SUMSQ] = sum(map(operator.mul, ms, ms), entry[_SUMSQ])
+        entry[_SUM] += sum(seconds) * 1000.0
+        entry[_SUMSQ] += math.hypot(*seconds) ** 2 * 1e6
         entry[_HITS] += sum(hits)
         entry[_MISSES] += sum(misses)
         below = 0  # values <= the previous bound (a bucket is bound_i-1 < v <= bound_i)
         for i, at_most in enumerate(
-            map(_bisect_right, itertools.repeat(ms), self.bounds)
+            map(_bisect_right, itertools.repeat(seconds), self._bounds_s)
         ):
             entry[_BUCKETS + i] += at_most - below
             below = at_most
-        entry[_BUCKETS + len(self.bounds)] += len(ms) - below
+        entry[_BUCKETS + len(self.bounds)] += len(seconds) - below
         entry[_COUNT] = sum(entry[_BUCKETS:])
 
     def snapshot(self) -> dict[MetricKey, list[Any]]:
@@ -155,7 +157,6 @@ class MetricsStore:
 
 
 _bisect_right = bisect.bisect_right
-_THOUSANDS = itertools.repeat(1000.0)
 
 METRICS = MetricsStore()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -68,35 +69,17 @@ class OpenCensusTracing(Tracing):
         from opencensus.trace.status import Status
 
         quiet_opencensus_clock()
-        self._span_type = span_module.Span
         self._status = Status
         var = getattr(execution_context._current_span_slot, "contextvar", None)
-        if var is not None:
-            self._current: Callable[[], Any] = lambda: var.get(None)
-        else:  # thread-local runtime context (no contextvars)
-            self._current = execution_context.get_current_span
-        current, span_type = self._current, self._span_type
-        if var is not None:
-            get = var.get
-
-            def parent() -> Any:  # runs on every cache call: one read, one test
-                span = get(None)
-                return span if span.__class__ is span_type else None
-
-        else:
-
-            def parent() -> Any:
-                span = current()
-                return span if span.__class__ is span_type else None
-
-        self.parent = parent  # type: ignore[method-assign]
-
-    def parent(self) -> Any:
-        """The current span if it is a real (sampled) ``Span``, else None: only
-        a sampled ``ContextTracer`` makes ``Span`` objects (replaced per
-        instance by a closure, as it runs on every cache call)."""
-        span = self._current()
-        return span if span.__class__ is self._span_type else None
+        #: Only a sampled ``ContextTracer`` makes ``Span`` objects (an unsampled
+        #: one makes ``BlankSpan``): the current span is the parent if its class
+        #: is exactly ``Span``.
+        self.parent_type = span_module.Span
+        # Thread-local runtime context (no contextvars): OpenCensus' getter.
+        current: Callable[[], Any] = execution_context.get_current_span
+        if var is not None:  # one C call, no Python frame: runs on every call
+            current = functools.partial(var.get, None)
+        self.current = current  # type: ignore[method-assign]
 
     def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
         tracer = parent.context_tracer

@@ -193,26 +193,32 @@ def end_later(span: Any) -> None:
 class OpenTelemetryTracing(Tracing):
     """``Tracing`` over the OpenTelemetry API (see the module docstring).
 
-    ``parent()`` returns the current ``Context`` when its span is recording,
-    else ``None``. ``mark_error`` also accepts a real span (``root_span``).
+    ``current()`` (and ``parent()``) return the current ``Context`` when its
+    span is recording, else ``None``. ``mark_error`` also accepts a real span
+    (``root_span``).
     """
 
+    parent_type = otel_context.Context
+
     def __init__(self) -> None:
-        #: The last ``(Context, its span)`` seen by ``parent``: a cache call
+        #: The last ``(Context, its span)`` ``current`` saw: a cache call
         #: usually runs in the same Context as the previous one (a request's),
         #: and a Context never changes, so its span is looked up once.
         self._last: tuple[Any, Any] = (None, None)
 
-    def parent(self) -> Any:
-        ctx = _current_context()
-        last = self._last
-        if last[0] is ctx:
-            span = last[1]
-        else:
-            span = trace.get_current_span(ctx)
-            self._last = (ctx, span)
-        if span.is_recording():  # asked every time: the span may have ended
-            return ctx
+    def current(self) -> Any:
+        try:  # runs on every cache call, outside the hook's own guard
+            ctx = _current_context()
+            last = self._last
+            if last[0] is ctx:
+                span = last[1]
+            else:
+                span = trace.get_current_span(ctx)
+                self._last = (ctx, span)
+            if span.is_recording():  # asked every time: the span may have ended
+                return ctx
+        except Exception:
+            logger.debug("current span not read", exc_info=True)
         return None
 
     def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:

@@ -3,7 +3,7 @@
 A tracing library sits behind ``Tracing`` (``opencensus.OpenCensusTracing``
 today; an OpenTelemetry implementation can sit beside it): find the sampled
 parent span, open a span with attributes, add attributes, mark an error,
-close it. ``hook.CacheTelemetry`` calls only these five methods.
+close it. ``hook.CacheTelemetry`` calls only these methods.
 """
 
 from __future__ import annotations
@@ -23,15 +23,28 @@ from .semconv import (
 class Tracing:
     """What a cache call needs from a tracing library (the internal interface).
 
-    ``parent()`` returns the current sampled span or ``None`` (cheap: called on
-    every cache call); the other methods run only for sampled calls. Spans are
-    opaque to the caller. No method may block on an exporter; the hook catches
-    and logs anything they raise, so a failure costs the call its span only.
+    ``current()`` and ``parent_type`` run on every cache call: ``current()``
+    returns this context's sampled parent, whose class is exactly
+    ``parent_type``, or else something of another class (None, an unsampled
+    span); the backend tests ``current().__class__ is parent_type`` inline, so
+    an implementation makes ``current`` as cheap as it can (a C callable for
+    OpenCensus). ``parent()`` gives the same answer as one call. The other
+    methods run only for sampled calls. Spans are opaque to the caller. No
+    method may block on an exporter; the hook catches and logs anything they
+    raise, so a failure costs the call its span only.
     """
 
+    #: The class of every sampled parent ``current()`` returns.
+    parent_type: type = type(None)
+
+    def current(self) -> Any:
+        """This context's sampled parent, or an object of another class."""
+        return self.parent()
+
     def parent(self) -> Any:
-        """The current *sampled* span of this context, or None (no span then)."""
-        return None
+        """The current *sampled* parent of this context, or None (no span then)."""
+        current = self.current()
+        return current if current.__class__ is self.parent_type else None
 
     def open_span(self, parent: Any, name: str, attributes: dict[str, Any]) -> Any:
         """Start a CLIENT span ``name`` under ``parent`` with ``attributes``

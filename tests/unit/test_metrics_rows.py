@@ -13,6 +13,7 @@ import bisect
 import random
 import sys
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -117,16 +118,23 @@ def hook(settings):
     metrics.METRICS.reset()
 
 
+class State:
+    """The backend's call state, as the hook's ``finish`` reads it."""
+
+    def __init__(self, hits=0, misses=0, error=None, herd=None):
+        self.hits, self.misses, self.error, self.herd = hits, misses, error, herd
+
+
 def calls(tel, cache, n, hits=1, misses=0):
     for _ in range(n):
-        tel.finish(tel.start(cache, "get", ("k",), {}), hits, misses, None, None)
+        tel.finish("get", None, time.perf_counter(), State(hits, misses), None)
 
 
 def test_hook_rows_reach_every_collector(hook):
     tel, cache = hook
     calls(tel, cache, metrics.FOLD_AT * 2 + 3, hits=1)
     calls(tel, cache, 4, hits=0, misses=1)
-    tel.finish(tel.start(cache, "get", ("k",), {}), 0, 0, TimeoutError(), None)
+    tel.finish("get", None, time.perf_counter(), State(), TimeoutError())
     snap = metrics.METRICS.snapshot()
     ok = snap[("unknown", "get", "")]
     assert ok[metrics._COUNT] == metrics.FOLD_AT * 2 + 7
