@@ -24,9 +24,10 @@ under its own ``override_settings`` (see ``contenders.resolve`` and
   metric reader. Every cache span is still started and ended through the SDK
   on our span queue's thread and reaches the exporter: ``telemetry.flush`` at
   the end of a batch drains our queue, then the provider's ``force_flush``
-  exports what the processor holds; ``otel_spans`` counts both ends. The reader does not collect during the cases: every contender's
-  calls share the per-thread aggregates, so a collection inside one batch would
-  feed other contenders' calls too. What a collection costs per call fed to the
+  exports what the processor holds; ``otel_spans`` counts both ends. The
+  reader does not collect during the cases: every contender's calls share the
+  per-thread aggregates, so a collection inside one batch would feed other
+  contenders' calls too. What a collection costs per call fed to the
   SDK histogram is measured on its own (``measure_feed``) and reported.
 """
 
