@@ -575,6 +575,23 @@ def run(args: argparse.Namespace, servers: list[Any], warm_servers: list[Any]) -
                 f"the span queue dropped {spans['dropped']:,} of "
                 f"{spans['dropped'] + spans['exported']:,} sampled spans (queue full)"
             )
+    if any(s.name == "otel+spans" for s in specs):
+        from bench import telemetry_setup
+
+        otel_spans = telemetry_setup.otel_spans()
+        if otel_spans is not None:
+            report["otel_spans"] = otel_spans
+            if otel_spans["exported"] != otel_spans["started"]:
+                notes.append(
+                    f"OpenTelemetry: {otel_spans['exported']:,} spans reached the "
+                    f"exporter of {otel_spans['started']:,} started through the SDK"
+                )
+            if otel_spans["dropped"]:
+                notes.append(
+                    f"OpenTelemetry: the span queue dropped {otel_spans['dropped']:,}"
+                    f" of {otel_spans['dropped'] + otel_spans['started']:,} sampled "
+                    "spans (queue full)"
+                )
     if not args.cases or re.search(args.cases, "warm-cache"):
         with_command = contenders.warmup_available()
         if not with_command:

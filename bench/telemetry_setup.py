@@ -18,11 +18,16 @@ under its own ``override_settings`` (see ``contenders.resolve`` and
 - ``otel+metrics`` / ``otel+spans``: the same two on
   ``OCMEMCACHE["TELEMETRY_API"] = "opentelemetry"``, with the real SDK as the
   global providers (``OtelBench``): a parent-based sampler whose root decision
-  each batch sets, a ``SimpleSpanProcessor`` into a counting exporter (behind
-  our span queue, so it runs on the queue's thread), and an in-memory metric
-  reader. The reader does not collect during the cases: every contender's
-  calls share the per-thread aggregates, so a collection inside one batch would
-  feed other contenders' calls too. What a collection costs per call fed to the
+  each batch sets, a ``BatchSpanProcessor`` with its default settings (what
+  OpenTelemetry's documentation recommends for production, and what
+  ``docs/opentelemetry.md`` shows) into a counting exporter, and an in-memory
+  metric reader. Every cache span is still started and ended through the SDK
+  on our span queue's thread and reaches the exporter: ``telemetry.flush`` at
+  the end of a batch drains our queue, then the provider's ``force_flush``
+  exports what the processor holds; ``otel_spans`` counts both ends. The
+  reader does not collect during the cases: every contender's calls share the
+  per-thread aggregates, so a collection inside one batch would feed other
+  contenders' calls too. What a collection costs per call fed to the
   SDK histogram is measured on its own (``measure_feed``) and reported.
 """
 
@@ -106,10 +111,35 @@ def sampled(package: str = PACKAGE) -> Iterator[None]:
 
 
 def dropped() -> int:
-    """Spans the telemetry's span queue dropped so far (queue full)."""
+    """Spans the OpenCensus span queues dropped so far (queue full)."""
     from django_ocmemcache import telemetry
 
-    return sum(q.dropped for q in telemetry.span_queues())
+    otel_sink = _otel_sink()
+    return sum(q.dropped for q in telemetry.span_queues() if q is not otel_sink)
+
+
+def _otel_sink() -> Any:
+    if _otel is None:
+        return None
+    from django_ocmemcache.telemetry import opentelemetry as otel_impl
+
+    return otel_impl.span_sink()
+
+
+def otel_spans() -> dict[str, int] | None:
+    """The OpenTelemetry contenders' sampled spans so far, or None if none ran:
+    ``started`` through the SDK by our span queue's thread (cache and request
+    spans) plus the bench's own batch spans, ``exported`` (reached the
+    exporter), ``dropped`` by our span queue (full)."""
+    sink = _otel_sink()
+    if sink is None:
+        return None
+    assert _otel is not None
+    return {
+        "started": sink.exported + _otel.roots,
+        "exported": _otel.exporter.count,
+        "dropped": sink.dropped,
+    }
 
 
 class OtelBench:
@@ -120,7 +150,7 @@ class OtelBench:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         from opentelemetry.sdk.trace import TracerProvider, sampling
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         outer = self
 
@@ -135,12 +165,15 @@ class OtelBench:
         self.sample = False
         self.exporter = OtelExporter()
         self.tracer_provider = TracerProvider(sampler=sampling.ParentBased(Root()))
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        # A site's production setup (not SimpleSpanProcessor, which exports
+        # inside every span's end with a context attach/detach around it).
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self.reader = InMemoryMetricReader()
         trace.set_tracer_provider(self.tracer_provider)
         metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
         self.tracer = self.tracer_provider.get_tracer("bench")
         self.collect_cpu = 0.0  # seconds of process CPU spent in reader.collect()
+        self.roots = 0  # sampled batch spans the bench itself ended
 
     def collect(self) -> None:
         import time
@@ -204,6 +237,7 @@ def otel_sampled() -> Iterator[None]:
     with trace.use_span(root, end_on_exit=False):
         yield
     root.end()
+    bench.roots += 1
     telemetry.flush(timeout=10.0)  # the export work belongs to this batch
 
 

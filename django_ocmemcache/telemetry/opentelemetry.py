@@ -87,6 +87,7 @@ logger = logging.getLogger("django_ocmemcache.telemetry")
 INSTRUMENTOR_SPAN_KEY = "opentelemetry-instrumentor-django.span_key"
 
 _EMPTY = otel_context.Context()
+_current_context = otel_context.get_current
 
 
 def _version() -> str:
@@ -199,10 +200,22 @@ class OpenTelemetryTracing(Tracing):
 
     parent_type = otel_context.Context
 
+    def __init__(self) -> None:
+        #: The last ``(Context, its span)`` ``current`` saw: a cache call
+        #: usually runs in the same Context as the previous one (a request's),
+        #: and a Context never changes, so its span is looked up once.
+        self._last: tuple[Any, Any] = (None, None)
+
     def current(self) -> Any:
         try:  # runs on every cache call, outside the hook's own guard
-            ctx = otel_context.get_current()
-            if trace.get_current_span(ctx).is_recording():
+            ctx = _current_context()
+            last = self._last
+            if last[0] is ctx:
+                span = last[1]
+            else:
+                span = trace.get_current_span(ctx)
+                self._last = (ctx, span)
+            if span.is_recording():  # asked every time: the span may have ended
                 return ctx
         except Exception:
             logger.debug("current span not read", exc_info=True)

@@ -45,3 +45,7 @@ def test_quick_bench_prints_table_and_writes_json(tmp_path):
         assert case["vs_django"]["django"] == 1.0
     assert report["warm_cache"]["copiers"]
     assert report["memory"]["rss"]["ours"]["maxrss_kib"] > 0
+    if "otel+spans" in report["contenders"]:
+        # every sampled span started through the SDK reached its exporter
+        spans = report["otel_spans"]
+        assert spans["exported"] == spans["started"] > 0, spans

@@ -226,6 +226,27 @@ def test_no_span_without_a_recording_parent(otel_site, otel):
     assert telemetry.METRICS.snapshot()[("default", "get", "")][0] == 2
 
 
+def test_each_call_s_parent_is_the_span_current_at_that_call(otel_site, otel):
+    """The parent is looked up call by call: a call under a new span is that
+    span's child, and a call after its parent ended makes no span (as with
+    no parent), even in the same Context as a call that made one."""
+    cache = caches["default"]
+    tracer = otel.tracer()
+    first = tracer.start_span("first")
+    with trace.use_span(first, end_on_exit=False):
+        cache.get("a")
+        first.end()
+        cache.get("b")  # the parent ended: no span
+    with tracer.start_as_current_span("second") as second:
+        cache.get("c")
+    cache.get("d")  # nothing current
+    spans = cache_spans(otel)
+    assert [s.parent.span_id for s in spans] == [
+        first.context.span_id,
+        second.context.span_id,
+    ]
+
+
 def test_nested_calls_make_one_span_and_batches_have_a_size(otel_site, otel):
     cache = caches["default"]
     cache.set_many({"a": 1, "b": 2})
