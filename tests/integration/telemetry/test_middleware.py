@@ -191,3 +191,17 @@ def test_unsampled_request_without_server_timing_keeps_no_summary(
     site.OCMEMCACHE = {"SERVER_TIMING": True}  # now something reads the summary
     assert Client().get("/own_tracer").content == b"1"
     assert tracer_is_clear()
+
+
+def test_unsampled_async_request_keeps_no_summary_and_a_clean_context(site, exporter):
+    site.OPENCENSUS["TRACE"]["SAMPLER"] = samplers.AlwaysOffSampler()
+    telemetry.METRICS.reset()
+
+    async def request():
+        response = await AsyncClient().get("/async")
+        return response, tracer_is_clear()
+
+    response, clear = asyncio.run(request())
+    assert response.content == b"1" and clear
+    assert exporter.collected() == []
+    assert {k[1] for k in telemetry.METRICS.snapshot()} >= {"get", "set"}
