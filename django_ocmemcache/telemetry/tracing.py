@@ -20,6 +20,10 @@ from .semconv import (
 )
 
 
+class _NoParent:
+    """The ``parent_type`` of a ``Tracing`` that never finds a parent."""
+
+
 class Tracing:
     """What a cache call needs from a tracing library (the internal interface).
 
@@ -35,11 +39,11 @@ class Tracing:
     """
 
     #: The class of every sampled parent ``current()`` returns.
-    parent_type: type = type(None)
+    parent_type: type = _NoParent
 
     def current(self) -> Any:
         """This context's sampled parent, or an object of another class."""
-        return self.parent()
+        return None  # never a parent: an implementation says how to find one
 
     def parent(self) -> Any:
         """The current *sampled* parent of this context, or None (no span then)."""
