@@ -193,14 +193,14 @@ def caches_setting(specs: list[Contender], locations: dict[int, str]) -> dict:
                 "BACKEND": backend,
                 "LOCATION": locations[n],
                 "TIMEOUT": 300,
-                "OPTIONS": dict(spec.options, **_socket_option(n)),
+                "OPTIONS": dict(spec.options, **_socket_option(locations[n])),
             }
     return caches
 
 
-def _socket_option(servers: int) -> dict[str, Any]:
+def _socket_option(location: str) -> dict[str, Any]:
     """pymemcache's ``socket_module`` option for the in-memory server."""
-    if servers != MEMORY:
+    if location != MEMORY_LOCATION:
         return {}
     from bench import memsock
 
@@ -219,7 +219,7 @@ def raw_client(location: str) -> Any:
         "allow_unicode_keys": True,
         "default_noreply": False,
         "serde": pickle_serde,
-        **_socket_option(MEMORY if location == MEMORY_LOCATION else 1),
+        **_socket_option(location),
     }
     hosts = [
         (s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in location.split(";")

@@ -572,12 +572,8 @@ class RequestSpanMiddleware:
         # close for a streaming body (the view's own code may make a tracer).
         if getattr(response, "streaming", False):
             _on_close(response, self._clean_context)
-        elif (  # context_dirty(), inlined: this runs on every such request
-            self.context_attrs(None)
-            or self.current_span(None) is not None
-            or type(self.current_tracer(None)) not in self.no_tracer
-        ):
-            clear_tracer_context()
+        else:
+            self._clean_context()
 
     def _fail(self, trace: Any, exc: BaseException) -> None:
         if trace is None:

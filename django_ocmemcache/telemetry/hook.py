@@ -190,7 +190,9 @@ class CacheTelemetry:
         #: ``tracing.current`` and ``tracing.parent_type`` (None without
         #: tracing): the backend's test for a sampled parent, on every call.
         self.current = self.tracing.current if self.tracing is not None else None
-        self.parent_type = self.tracing.parent_type if self.tracing else None
+        self.parent_type = (
+            self.tracing.parent_type if self.tracing is not None else None
+        )
         self.trace_keys = cache._options.trace_keys
         self._label = cache._options.label
         self._location = server
