@@ -8,13 +8,11 @@ pymemcache) and storing values byte for byte the same way, so a site can switch
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import pymemcache
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -24,7 +22,8 @@ from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from . import answers, herd, keys
 from .asyncapi import AsyncCacheMethods
-from .client.deadline import deadline_scope, end_deadline_scope
+from .calls import operation, per_thread
+from .client.deadline import deadline_scope
 from .client.pool import (
     ClientPool,
     UnconfiguredPool,
@@ -42,124 +41,9 @@ from .serializers import MISS, load_serde
 
 logger = logging.getLogger("django_ocmemcache")
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 #: What a lookup yields for an absent key; serializers return it for a value
 #: that cannot be trusted or decoded, so those read as misses too.
 _MISSING = MISS
-
-
-class _CallState:
-    """What the outermost cache call on this thread has seen so far."""
-
-    __slots__ = ("depth", "hits", "misses", "error", "herd")
-
-    def __init__(self) -> None:
-        self.depth = self.hits = self.misses = 0
-        self.error: BaseException | None = None
-        self.herd: tuple[str, float] | None = None
-
-
-class _PerThread(threading.local):  # one lookup a call, then plain slots
-    def __init__(self) -> None:
-        self.state = _CallState()
-
-
-_per_thread = _PerThread()
-
-
-def operation(
-    name: str,
-    on_failure: Callable[..., Any] | None = None,
-    on_skip: Callable[..., Any] | None = None,
-) -> Callable[[F], F]:
-    """Mark a public cache method: one telemetry span for the outermost call,
-    and the ``IGNORE_EXCEPTIONS`` policy at every depth.
-
-    ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
-    the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
-    return). The ignored failure is kept in the call state's ``error``; the
-    call state goes to the telemetry's ``finish`` with the start instant the
-    deadline read (one clock read for both). ``on_skip`` (default ``on_failure``)
-    gives the result of a call skipped because its server is marked down
-    (``policy.ErrorPolicy.absorb``).
-    """
-    handlers = (on_failure, on_skip or on_failure)
-
-    def decorate(fn: F) -> F:
-        def wrapper(self: OCMemcacheCache, *args: Any, **kwargs: Any) -> Any:
-            st = _per_thread.state
-            if st.depth:
-                st.depth += 1
-                try:
-                    return fn(self, *args, **kwargs)
-                except Exception as exc:
-                    return _failed(self, name, exc, handlers, args, kwargs)
-                finally:
-                    st.depth -= 1
-            st.depth = 1
-            started = deadline_scope(self._deadline)
-            tel = self._telemetry
-            if tel is None:  # hits, misses and the hook only feed telemetry
-                try:
-                    return fn(self, *args, **kwargs)
-                except Exception as exc:
-                    return _failed(self, name, exc, handlers, args, kwargs)
-                finally:
-                    st.depth = 0
-                    end_deadline_scope()
-            st.hits = st.misses = 0
-            st.error = st.herd = None
-            span = None  # the hook's frames run for a sampled parent only
-            current = tel.current
-            if current is not None:
-                parent = current()
-                if parent.__class__ is tel.parent_type:
-                    span = tel.start(parent, self, name, args, kwargs)
-            try:
-                try:
-                    result = fn(self, *args, **kwargs)
-                except Exception as exc:
-                    result = _failed(self, name, exc, handlers, args, kwargs)
-            except BaseException as exc:
-                tel.finish(name, span, started, st, exc)
-                raise
-            else:
-                tel.finish(name, span, started, st, None)
-                return result
-            finally:
-                st.depth = 0
-                end_deadline_scope()
-
-        _present_as(wrapper, fn)
-        wrapper.__wrapped_operation__ = name  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def _present_as(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> None:
-    """``fn``'s name, doc and signature; no ``__wrapped__`` to skip the policy."""
-    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
-        setattr(wrapper, attr, getattr(fn, attr))
-    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
-
-
-def _failed(
-    cache: OCMemcacheCache,
-    name: str,
-    exc: Exception,
-    handlers: tuple[Callable[..., Any] | None, Callable[..., Any] | None],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """The result of a call that failed with ``exc``: ``exc`` re-raised unless
-    the error policy ignores it, else ``handlers`` ``(on_failure, on_skip)``'s
-    (``None`` without one). It stays in the call state for the span."""
-    skipped = cache._errors.absorb(name, exc)
-    _per_thread.state.error = exc
-    handler = handlers[skipped]
-    return handler(cache, exc, *args, **kwargs) if handler else None
 
 
 def _drop_closed_connections(**kwargs: Any) -> None:
@@ -289,7 +173,7 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         pool.hits += hits
         pool.misses += misses
         if self._telemetry is not None:  # the call state only feeds telemetry
-            st = _per_thread.state
+            st = per_thread.state
             st.hits += hits
             st.misses += misses
 
@@ -479,11 +363,11 @@ class OCMemcacheCache(AsyncCacheMethods, BaseCache):
         request = herd.Request(self, key, default, timeout, version)
         value, outcome, waited = herd.get_or_set(request, opts)
         if outcome is not None and self._telemetry is not None:
-            _per_thread.state.herd = (outcome, waited)  # only feeds telemetry
+            per_thread.state.herd = (outcome, waited)  # only feeds telemetry
         return value
 
     def _run_outside_call(self, fn: Callable[[], Any]) -> Any:
-        st = _per_thread.state
+        st = per_thread.state
         saved = st.depth, st.hits, st.misses, st.error, st.herd
         st.depth = 0
         try:

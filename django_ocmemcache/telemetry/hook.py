@@ -3,9 +3,11 @@
 The backend calls ``for_cache(cache, server, params)`` once per backend
 instance; around the outermost call of each public method it tests the hook's
 ``current()`` for a sampled parent, calls ``start(parent, cache, method, args,
-kwargs) -> span`` only then, and ``finish(method, span, started, state,
-raised)`` at the end (``state``: the call's hits, misses, the failure
-``IGNORE_EXCEPTIONS`` turned into a miss, and the stampede outcome).
+kwargs) -> span`` only then, and at the end either records the common call
+itself (``CacheTelemetry.ok_rows``: one row appended in the backend's own
+frame) or calls ``finish(method, span, started, state, raised)`` (``state``:
+the call's hits, misses, the failure ``IGNORE_EXCEPTIONS`` turned into a miss,
+and the stampede outcome).
 
 What a call produces:
 
@@ -184,6 +186,14 @@ class CacheTelemetry:
     ) -> None:
         self.metrics = conf["METRICS"]
         self.ok_keys: dict[str, MetricKey] = {}
+        #: The common call, recorded by the backend in its own frame (no
+        #: Python frame of the hook per call): an outermost call of method
+        #: ``name`` that ended without an exception, an ignored failure, a
+        #: span or a stampede outcome appends its ``metrics.Row`` ``(seconds,
+        #: hits, misses, False)`` to ``ok_rows[name]`` and to the request's
+        #: ``current_summary`` (when set), then calls ``fold(name)`` once the
+        #: list holds ``metrics.FOLD_AT`` rows. No list (metrics off, or the
+        #: method's first call): ``finish`` instead.
         self.ok_rows: dict[str, list[Row]] = {}
         self._cache_type = type(cache)
         self.tracing = tracing(conf["TELEMETRY_API"]) if conf["TRACING"] else None
@@ -231,52 +241,40 @@ class CacheTelemetry:
         holds the keys found and not found, the failure ``IGNORE_EXCEPTIONS``
         turned into a miss and what stampede protection made of a
         ``get_or_set``; ``raised`` is the exception leaving the call, if any.
-        Never raises. Runs on every call: the common one (no error, no span,
-        no stampede outcome) is one row appended to a list or two.
+        Never raises.
+
+        The backend records the common call itself (see ``ok_rows``): this
+        runs for a call that failed (raised, or a failure ``IGNORE_EXCEPTIONS``
+        turned into a miss), has a span or a stampede outcome, is the first
+        of its method, or runs with metrics off.
         """
         try:
-            elapsed = _clock() - started
-            if raised is None and span is None and state.error is None:
-                # The common call: its row to the metrics and the summary.
-                row = (elapsed, state.hits, state.misses, False)  # metrics.Row
-                rows = self.ok_rows.get(name)  # None: metrics off, or a first call
-                if rows is not None:  # summed when collected (METRICS.rows)
-                    rows.append(row)
-                    if len(rows) >= FOLD_AT:
-                        METRICS.fold(self.ok_keys[name])
-                elif self.metrics:
-                    self.metric_rows(name, None).append(row)
-                summary = _summary()
-                if summary is not None:
-                    summary.append(row)
-                if state.herd is not None:
-                    self._herd(state.herd)
-                return
-            self._finish(name, span, elapsed, state, raised)
+            hits, misses, ignored = state.hits, state.misses, state.error
+            err = raised if raised is not None else ignored
+            row = (_clock() - started, hits, misses, err is not None)  # metrics.Row
+            if self.metrics:
+                rows = self.ok_rows.get(name) if err is None else None
+                if rows is None:
+                    rows = self.metric_rows(name, err)
+                rows.append(row)
+                if len(rows) >= FOLD_AT:
+                    METRICS.fold(self.metric_key(name, err))
+            summary = _summary()
+            if summary is not None:
+                summary.append(row)
+            if state.herd is not None:
+                self._herd(state.herd)
+            if span is not None:
+                self._close(name, span, hits, misses, err, err is ignored, state.herd)
         except Exception:
             logger.debug("cache telemetry failed", exc_info=True)
 
-    def _finish(self, name: str, span: Any, elapsed: float, state: CallState,
-                raised: BaseException | None) -> None:  # fmt: skip
-        # A call that failed (raised, or a failure IGNORE_EXCEPTIONS turned
-        # into a miss), or one with a span.
-        hits, misses, ignored = state.hits, state.misses, state.error
-        err = raised if raised is not None else ignored
-        row = (elapsed, hits, misses, err is not None)  # metrics.Row
-        if self.metrics:
-            rows = self.ok_rows.get(name) if err is None else None
-            if rows is None:
-                rows = self.metric_rows(name, err)
-            rows.append(row)
-            if len(rows) >= FOLD_AT:
-                METRICS.fold(self.metric_key(name, err))
-        summary = _summary()
-        if summary is not None:
-            summary.append(row)
-        if state.herd is not None:
-            self._herd(state.herd)
-        if span is not None:
-            self._close(name, span, hits, misses, err, err is ignored, state.herd)
+    def fold(self, name: str) -> None:
+        """Fold the ok rows of ``name`` (its list reached ``FOLD_AT`` rows)."""
+        try:
+            METRICS.fold(self.ok_keys[name])
+        except Exception:
+            logger.debug("cache telemetry failed", exc_info=True)
 
     def _herd(self, herd: tuple[str, float]) -> None:
         if self.metrics:  # stampede protection's outcome, counted (HERD)

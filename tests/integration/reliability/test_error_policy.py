@@ -9,7 +9,7 @@ import threading
 import pytest
 from django.core.cache.backends.base import InvalidCacheKey
 
-from django_ocmemcache import backend
+from django_ocmemcache import calls
 from django_ocmemcache.exceptions import ServerUnavailable
 
 from .conftest import dead_location
@@ -35,7 +35,7 @@ def test_io_failures_become_misses_and_are_counted(make_cache):
         cache.incr("k")
     with pytest.raises(ValueError):
         cache.decr("k")
-    assert isinstance(backend._per_thread.state.error, OSError)  # marked for the span
+    assert isinstance(calls.per_thread.state.error, OSError)  # marked for the span
     policy = cache._errors
     assert policy.ignored >= 12
     assert policy.ignored_by_server[location] == policy.ignored

@@ -10,7 +10,7 @@ import time
 import pytest
 from pymemcache.client.base import Client
 
-from django_ocmemcache import backend
+from django_ocmemcache import calls
 from django_ocmemcache.exceptions import ServerUnavailable
 from django_ocmemcache.policy import is_io_error
 from tests.conftest import DJANGO_BACKEND
@@ -88,7 +88,7 @@ def test_traffic_resumes_within_dead_timeout(fault_proxy, make_cache):
     probes, start = 0, time.monotonic()
     while probes < 2 and time.monotonic() - start < 5:  # two real probes fail
         assert cache.get("k", MISS) is MISS
-        probes += not isinstance(backend._per_thread.state.error, ServerUnavailable)
+        probes += not isinstance(calls.per_thread.state.error, ServerUnavailable)
         time.sleep(0.01)
     failed_probe = time.monotonic()  # the next probe is due dead_timeout from here
     proxy.mode = "pass"
