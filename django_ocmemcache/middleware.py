@@ -473,8 +473,12 @@ class RequestSpanMiddleware:
             raise
         if trace is not None:
             self._respond(trace, request, response)
-        elif not self.opentelemetry:
-            self._untraced_end(response)
+        elif self.opentelemetry:
+            pass
+        elif getattr(response, "streaming", False):  # _untraced_end, in this frame
+            _on_close(response, self._clean_context)
+        elif self.context_dirty():
+            clear_tracer_context()
         return response
 
     async def __acall__(self, request: Any) -> Any:
