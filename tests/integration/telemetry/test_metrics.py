@@ -97,6 +97,30 @@ def test_known_sequence(site, make_cache, memcached_factory):
     assert lookups[("seq", "get", "miss")] == 2
 
 
+def test_calls_past_fold_at_are_counted_once_and_not_kept(site, make_cache, memcached):
+    """The backend records a common call itself (``CacheTelemetry.ok_rows``):
+    past ``FOLD_AT`` calls of a method the rows are folded on the call path,
+    not kept until a scrape, and every call, hit and miss is counted once."""
+    cache = make_cache(memcached.location, OPTIONS={"LABEL": "folded"})
+    cache.set("k", 1)
+    n = 2 * metrics.FOLD_AT + 5
+    for _ in range(n):
+        cache.get("k")
+    for _ in range(3):
+        cache.get("absent")
+    held = metrics.METRICS._pending[("folded", "get", "")]
+    assert len(held) < metrics.FOLD_AT  # no scrape yet: folded as they came
+
+    m = scrape(Client())
+    ok = dict(cache="folded", method="get", status="ok", error="")
+    assert m[("pymemcache_calls_total", labels(**ok))] == n + 3
+    assert m[("pymemcache_latency_ms_bucket", labels(**ok, le="+Inf"))] == n + 3
+    hit = dict(cache="folded", method="get", result="hit")
+    assert m[("pymemcache_lookups_total", labels(**hit))] == n
+    assert m[("pymemcache_lookups_total", labels(**{**hit, "result": "miss"}))] == 3
+    assert m[("pymemcache_calls_total", labels(**{**ok, "method": "set"}))] == 1
+
+
 def test_metrics_off(site, make_cache, memcached):
     site.OCMEMCACHE = {"METRICS": False, "TRACING": False}
     cache = make_cache(memcached.location, OPTIONS={"LABEL": "off"})
