@@ -21,7 +21,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CallState:
-    """What the outermost cache call on this thread has seen so far."""
+    """What the outermost cache call on this thread has seen so far (what
+    ``telemetry.hook.CallState`` describes to the hook)."""
 
     __slots__ = ("depth", "hits", "misses", "error", "herd")
 
@@ -50,11 +51,14 @@ def operation(
 
     ``on_failure(self, exc, *args, **kwargs)`` gives the method's result when
     the I/O failure ``exc`` is ignored (``None`` when the method has nothing to
-    return). The ignored failure is kept in the call state's ``error``; the
-    call state goes to the telemetry's ``finish`` with the start instant the
-    deadline read (one clock read for both). ``on_skip`` (default ``on_failure``)
-    gives the result of a call skipped because its server is marked down
-    (``policy.ErrorPolicy.absorb``).
+    return). The ignored failure is kept in the call state's ``error``. With
+    telemetry on, a common outermost call (no exception, ignored failure, span
+    or stampede outcome) appends its metrics row here, to the hook's
+    ``ok_rows`` (``telemetry.hook.CacheTelemetry``); any other goes to the
+    hook's ``finish`` with the call state. Both time the call from the start
+    instant the deadline read (one clock read for both). ``on_skip`` (default
+    ``on_failure``) gives the result of a call skipped because its server is
+    marked down (``policy.ErrorPolicy.absorb``).
     """
     handlers = (on_failure, on_skip or on_failure)
 

@@ -474,7 +474,7 @@ class RequestSpanMiddleware:
         if trace is not None:
             self._respond(trace, request, response)
         elif self.opentelemetry:
-            pass
+            pass  # nothing of OpenCensus' context to check
         elif getattr(response, "streaming", False):  # _untraced_end, in this frame
             _on_close(response, self._clean_context)
         elif self.context_dirty():
