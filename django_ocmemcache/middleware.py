@@ -273,10 +273,6 @@ class _OtelRequestTrace:
     """One request under OpenTelemetry: the summary, Server-Timing and the
     response's close here; the span in ``opentelemetry.RequestSpan``."""
 
-    @classmethod
-    def begin(cls, mw: RequestSpanMiddleware, request: Any) -> _OtelRequestTrace:
-        return cls(mw, request)
-
     def __init__(self, mw: RequestSpanMiddleware, request: Any) -> None:
         from .telemetry.opentelemetry import RequestSpan
 
